@@ -1,0 +1,118 @@
+"""Layer 0: engine configuration, validated once.
+
+`EngineArgs` is what a user passes (strings, "auto"); `EngineArgs.resolve()` checks every field and returns a
+frozen `EngineConfig` in which nothing is "auto" any more. Device and dtype are resolved by device.py, which the
+engine calls; this module never imports torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20, "mi": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "gi": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40, "ti": 1 << 40,
+}
+
+
+def parse_size_bytes(value: str | int, field_name: str = "size") -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, 1024 -> 1024."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{field_name} must be > 0 bytes, got {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise ValueError(f"{field_name}: cannot parse {value!r} as a size (examples: 2GiB, 512MiB, 1GB)")
+    num_bytes = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if num_bytes <= 0:
+        raise ValueError(f"{field_name} must be > 0 bytes, got {value!r}")
+    return num_bytes
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # resolved local path (HF directory or .gguf file)
+    device: str  # "cpu" | "cuda"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    max_model_len: int  # prompt + output tokens per sequence
+    block_size: int  # tokens per KV block
+    kv_cache_memory_bytes: int | None  # None on CUDA = use gpu_memory_utilization of free memory
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
+    max_num_batched_tokens: int  # token budget of one step
+    max_num_seqs: int  # running sequences at most
+    seed: int
+    served_model_name: str
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: the model's context length, capped at 8192
+    block_size: int = 16
+    kv_cache_memory: str | int | None = None  # e.g. "2GiB"; None: 2GiB on CPU, a memory fraction on CUDA
+    gpu_memory_utilization: float = 0.85
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int | None = None  # None: 512 on CPU, 8192 on CUDA
+    max_num_seqs: int = 64
+    seed: int = 0
+    served_model_name: str | None = None
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def validate_static(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory is not None:
+            parse_size_bytes(self.kv_cache_memory, "kv_cache_memory")
+
+    def resolve(self, *, model_path: str, device: str, dtype: str, model_max_len: int) -> EngineConfig:
+        """Build the frozen config once the model path, device and dtype are known (see engine/llm_engine.py)."""
+        self.validate_static()
+        max_model_len = self.max_model_len or min(model_max_len, 8192)
+        if max_model_len > model_max_len:
+            raise ValueError(f"max_model_len ({max_model_len}) is larger than the model's context length ({model_max_len})")
+        if self.kv_cache_memory is not None:
+            kv_bytes: int | None = parse_size_bytes(self.kv_cache_memory, "kv_cache_memory")
+        else:
+            kv_bytes = 2 << 30 if device == "cpu" else None
+        budget = self.max_num_batched_tokens or (512 if device == "cpu" else 8192)
+        return EngineConfig(
+            model=model_path,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            kv_cache_memory_bytes=kv_bytes,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_num_batched_tokens=budget,
+            max_num_seqs=self.max_num_seqs,
+            seed=self.seed,
+            served_model_name=self.served_model_name or (self.model or model_path),
+        )
