@@ -1,0 +1,5 @@
+"""Layer 1: token-budget continuous batching over the KV-cache manager. No torch."""
+
+from inferd.scheduler.scheduler import Scheduler, SchedulerOutput, request_needs_sample
+
+__all__ = ["Scheduler", "SchedulerOutput", "request_needs_sample"]

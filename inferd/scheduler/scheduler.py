@@ -1,0 +1,263 @@
+"""Layer 1: continuous batching that hands out TOKENS under a per-step budget.
+
+There are no prefill and decode phases here, only numbers: a step gives each request some k tokens to compute,
+all_token_ids[num_computed_tokens : num_computed_tokens + k]. A decode is k = 1, a prompt chunk is k <= budget,
+a prefix-cache hit simply moves num_computed_tokens forward before the first step.
+
+One step's policy:
+  1. RUNNING requests, in arrival order, each get min(tokens left, budget left). A request that cannot get a
+     block preempts the most recently arrived running request (recompute: its blocks are freed and it returns
+     to the front of the waiting queue), possibly itself.
+  2. If nobody was preempted: WAITING requests, first come first served, while budget and max_num_seqs allow.
+     Each starts from its prefix-cache hit; a prompt larger than the budget left gets a chunk of it.
+     A request whose sibling (same group_id, n > 1) is still computing the prompt's full blocks waits, so it
+     then finds them in the prefix cache instead of computing them again (prefix caching on only).
+So decodes always go first and a long prompt never stalls running streams.
+
+Precondition (the engine's job): every request fits the cache alone, num_tokens <= num_blocks * block_size,
+and is finished before num_tokens exceeds max_model_len.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from inferd.kv_cache.manager import KVCacheManager
+from inferd.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work. The runner lays tokens out in the order of `scheduled_requests`."""
+
+    scheduled_requests: list[Request]
+    num_scheduled_tokens: dict[str, int]  # request_id -> tokens to compute this step
+    total_num_scheduled_tokens: int
+    # request_id -> the request's whole block table after this step's allocation (a copy).
+    block_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Requests that left RUNNING for the waiting queue this step (their K/V is gone; they recompute later).
+    preempted_request_ids: list[str] = field(default_factory=list)
+    # Requests scheduled from the waiting queue this step (new, or resumed after preemption), with the number of
+    # their tokens served by the prefix cache (already counted in request.num_computed_tokens).
+    new_request_ids: list[str] = field(default_factory=list)
+    num_prefix_hit_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled_requests
+
+
+def request_needs_sample(request: Request, num_scheduled_tokens: int) -> bool:
+    """True when this step's chunk reaches the end of all_token_ids, so the runner samples a token.
+    Call before `Scheduler.update` (which advances num_computed_tokens)."""
+    return request.num_computed_tokens + num_scheduled_tokens == request.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        if block_size != kv_manager.block_size:
+            raise ValueError(f"block_size {block_size} differs from the KV cache manager's {kv_manager.block_size}")
+        if max_num_batched_tokens < 1 or max_num_seqs < 1 or max_model_len < 1:
+            raise ValueError("max_num_batched_tokens, max_num_seqs and max_model_len must all be >= 1")
+        self.kv_manager = kv_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # sorted by arrival (add_request order)
+        self._arrival_seq: dict[str, int] = {}
+        self._next_arrival_seq = 0
+        self.num_preemptions = 0  # since start, all requests
+
+    # ------------------------------------------------------------------ request lifecycle
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already scheduled")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self._arrival_seq[request.request_id] = self._next_arrival_seq
+        self._next_arrival_seq += 1
+        self.waiting.append(request)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Remove an unfinished request in any state, free its blocks at once, and set its finished status.
+        Returns the request, or None if it is unknown or already finished."""
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a finished status, got {status}")
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._arrival_seq.pop(request_id, None)
+        self.kv_manager.free(request)
+        request.status = status
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[Request] = []
+        num_scheduled_tokens: dict[str, int] = {}
+        preempted_ids: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new_tokens = self._num_tokens_to_compute(request, budget)
+            if num_new_tokens <= 0:
+                i += 1
+                continue
+            while not self.kv_manager.allocate_slots(request, num_new_tokens):
+                # Victims come from the tail, which was not scheduled yet this step (it is at index >= i).
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(request)
+                num_scheduled_tokens[request.request_id] = num_new_tokens
+                budget -= num_new_tokens
+                i += 1
+
+        new_request_ids: list[str] = []
+        num_prefix_hit_tokens: dict[str, int] = {}
+        if not preempted_ids:
+            budget = self._schedule_waiting(budget, scheduled, num_scheduled_tokens, new_request_ids,
+                                            num_prefix_hit_tokens)
+
+        return SchedulerOutput(
+            scheduled_requests=scheduled,
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            block_ids={r.request_id: self.kv_manager.get_block_ids(r.request_id) for r in scheduled},
+            preempted_request_ids=preempted_ids,
+            new_request_ids=new_request_ids,
+            num_prefix_hit_tokens=num_prefix_hit_tokens,
+        )
+
+    def _schedule_waiting(
+        self,
+        budget: int,
+        scheduled: list[Request],
+        num_scheduled_tokens: dict[str, int],
+        new_request_ids: list[str],
+        num_prefix_hit_tokens: dict[str, int],
+    ) -> int:
+        kv = self.kv_manager
+        prefilling_group_ids = {r.group_id for r in self.running if self._is_computing_shareable_prompt(r)}
+        held_back: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if request.group_id in prefilling_group_ids:
+                held_back.append(self.waiting.popleft())
+                continue
+            hit_block_ids, num_hit_tokens = kv.get_computed_blocks(request)
+            num_new_tokens = self._num_tokens_to_compute(request, budget, num_computed_tokens=num_hit_tokens)
+            if num_new_tokens <= 0:
+                break
+            if not kv.allocate_slots(request, num_new_tokens, hit_block_ids):
+                break  # first come first served: nobody behind it jumps the queue for blocks
+            self.waiting.popleft()
+            kv.record_prefix_cache_stats(request.num_tokens, num_hit_tokens)
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self._insert_running(request)
+            if self._is_computing_shareable_prompt(request):
+                prefilling_group_ids.add(request.group_id)
+            scheduled.append(request)
+            num_scheduled_tokens[request.request_id] = num_new_tokens
+            new_request_ids.append(request.request_id)
+            num_prefix_hit_tokens[request.request_id] = num_hit_tokens
+            budget -= num_new_tokens
+        self.waiting.extendleft(reversed(held_back))
+        return budget
+
+    def _num_tokens_to_compute(self, request: Request, budget: int, num_computed_tokens: int | None = None) -> int:
+        """Tokens this request computes this step; 0 when it must wait (whole-prompt mode and over budget)."""
+        if num_computed_tokens is None:
+            num_computed_tokens = request.num_computed_tokens
+        num_left = min(request.num_tokens, self.max_model_len) - num_computed_tokens
+        if num_left > budget and not self.enable_chunked_prefill and num_left <= self.max_num_batched_tokens:
+            # Whole prompts only; one larger than the whole budget is still chunked, or it would never run.
+            return 0
+        return min(num_left, budget)
+
+    def _is_computing_shareable_prompt(self, request: Request) -> bool:
+        """Whether the request still computes prompt blocks a sibling could take from the prefix cache: the full
+        prompt blocks below the last prompt token (a lookup never returns the block holding the last token)."""
+        if not self.kv_manager.enable_prefix_caching:
+            return False
+        num_shareable_tokens = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
+        return request.num_computed_tokens < num_shareable_tokens
+
+    def _insert_running(self, request: Request) -> None:
+        seq = self._arrival_seq[request.request_id]
+        keys = [self._arrival_seq[r.request_id] for r in self.running]
+        self.running.insert(bisect.bisect(keys, seq), request)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ------------------------------------------------------------------ after the step
+    def update(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> None:
+        """Advance num_computed_tokens by what was scheduled, cache blocks now full of computed tokens, and append
+        the sampled token of each request whose chunk reached the end of its tokens. Stop checks are the engine's.
+
+        Raises ValueError when a request that had to sample got no token, or one that did not got one.
+        """
+        for request in scheduler_output.scheduled_requests:
+            rid = request.request_id
+            if request.is_finished or self.requests.get(rid) is not request:
+                continue  # finished or aborted between schedule() and update()
+            num_tokens = scheduler_output.num_scheduled_tokens[rid]
+            is_sampling = request_needs_sample(request, num_tokens)
+            if is_sampling != (rid in sampled_token_ids):
+                raise ValueError(
+                    f"request {rid!r}: {'no token sampled' if is_sampling else 'a token sampled'} but its chunk "
+                    f"{'reaches' if is_sampling else 'does not reach'} the end of its tokens"
+                )
+            request.num_computed_tokens += num_tokens
+            self.kv_manager.cache_full_blocks(request)
+            if is_sampling:
+                request.append_output_token(sampled_token_ids[rid])
