@@ -1,0 +1,62 @@
+"""Layer 2: decoder LLM classes, their registry, and the weight loaders (Hugging Face directory, GGUF file)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from inferd.models.arch_config import ModelArchConfig, RopeScaling
+from inferd.models.registry import create_model, get_model_class, supported_architectures
+
+__all__ = [
+    "ModelArchConfig",
+    "RopeScaling",
+    "create_model",
+    "get_model_class",
+    "load_model",
+    "read_model_arch_config",
+    "supported_architectures",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _is_gguf_file(path: str) -> bool:
+    return os.path.isfile(path) and path.lower().endswith(".gguf")
+
+
+def read_model_arch_config(path: str) -> ModelArchConfig:
+    """The architecture of a model (HF directory or .gguf file) without loading its weights."""
+    from inferd.models.gguf_loader import read_gguf_arch_config
+    from inferd.models.hf_loader import is_hf_model_dir, read_hf_arch_config
+
+    if _is_gguf_file(path):
+        return read_gguf_arch_config(path)
+    if is_hf_model_dir(path):
+        return read_hf_arch_config(path)
+    raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model directory with config.json")
+
+
+def load_model(
+    path: str, device: torch.device | str, dtype: torch.dtype | str
+) -> tuple[torch.nn.Module, ModelArchConfig]:
+    """(model in eval mode on `device` in `dtype`, its arch config) from a HF directory (config.json +
+    *.safetensors) or a .gguf file (dequantized)."""
+    from inferd.models.gguf_loader import load_gguf_model
+    from inferd.models.hf_loader import is_hf_model_dir, load_hf_model
+
+    torch_dtype = _as_dtype(dtype)
+    if _is_gguf_file(path):
+        return load_gguf_model(path, device, torch_dtype)
+    if is_hf_model_dir(path):
+        return load_hf_model(path, device, torch_dtype)
+    raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model directory with config.json")

@@ -1,0 +1,192 @@
+"""Layer 2: the Llama family of decoder LLMs (Llama, Mistral, Qwen2, Qwen3) as one model class.
+
+Differences are flags on ModelArchConfig: q/k/v bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3),
+sliding-window layers (Mistral v0.1). q/k/v are one Linear and gate/up one Linear (fewer, larger matmuls: CPU
+decode is overhead-bound); `load_weights` stacks the Hugging Face tensors into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferd.layers.attention import AttentionMetadata, paged_attention
+from inferd.layers.norm import RMSNorm
+from inferd.layers.rotary import RotaryEmbedding, apply_rotary
+from inferd.models.arch_config import ModelArchConfig
+
+# HF checkpoint tensors we have no use for.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, layer_id: int) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window_of(layer_id)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        md: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        num_tokens = x.shape[0]
+        h, hkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(num_tokens, h + 2 * hkv, self.head_dim)
+        if self.q_norm is not None:
+            q = apply_rotary(self.q_norm(qkv[:, :h]), cos, signed_sin)
+            k = apply_rotary(self.k_norm(qkv[:, h : h + hkv]), cos, signed_sin)
+        else:
+            qk = apply_rotary(qkv[:, : h + hkv], cos, signed_sin)  # q and k heads rotated in one pass
+            q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, h + hkv :]
+        out = paged_attention(q, k, v, kv_cache, md, self.scale, self.sliding_window)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, h * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelArchConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelArchConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_id)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        md: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, residual stream before it); the next norm adds the two."""
+        x, residual = self.input_layernorm.forward_with_residual(hidden, residual)
+        x = self.self_attn(x, cos, signed_sin, md, kv_cache)
+        x, residual = self.post_attention_layernorm.forward_with_residual(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelArchConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """model.forward(input_ids [T], positions [T], attn_metadata, kv_caches) -> hidden [T, hidden];
+    model.compute_logits(hidden [B, hidden]) -> logits [B, vocab] float32."""
+
+    def __init__(self, arch_config: ModelArchConfig) -> None:
+        super().__init__()
+        self.arch_config = arch_config
+        self.model = DecoderModel(arch_config)
+        self.lm_head = (
+            None
+            if arch_config.tie_word_embeddings
+            else nn.Linear(arch_config.hidden_size, arch_config.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(arch_config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        hidden = self.model.embed_tokens(input_ids)  # [T, hidden]
+        cos, signed_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos, signed_sin, attn_metadata, kv_cache)
+        hidden, _ = self.model.norm.forward_with_residual(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights -----------------------------------------------------------------------------------------
+
+    def _stacked_shards(self) -> dict[str, tuple[str, int, int]]:
+        """HF projection name -> (our stacked projection, row offset, row count)."""
+        cfg = self.arch_config
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        return {
+            "q_proj": ("qkv_proj", 0, q),
+            "k_proj": ("qkv_proj", q, kv),
+            "v_proj": ("qkv_proj", q + kv, kv),
+            "gate_proj": ("gate_up_proj", 0, inter),
+            "up_proj": ("gate_up_proj", inter, inter),
+        }
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the parameters (casting to the parameter's dtype and device).
+        Raises if a tensor has no home, a shape differs, or a parameter row is left unloaded."""
+        params = dict(self.named_parameters())
+        stacked = self._stacked_shards()
+        # Rows still to be written, per parameter: a stacked parameter is complete once all its shards arrive.
+        rows_missing = {name: p.shape[0] if p.dim() > 0 else 1 for name, p in params.items()}
+        for hf_name, tensor in weights:
+            if hf_name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if hf_name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the output projection is the embedding
+            prefix, _, leaf = hf_name.rpartition(".")  # leaf: "weight" | "bias"
+            parent, _, proj = prefix.rpartition(".")
+            if proj in stacked:
+                target, row_offset, num_rows = stacked[proj]
+                name = f"{parent}.{target}.{leaf}"
+                param = params.get(name)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {hf_name} has no matching parameter {name}")
+                dest = param.narrow(0, row_offset, num_rows)
+            else:
+                name = hf_name
+                param = params.get(name)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {hf_name} has no matching parameter in {type(self).__name__}")
+                dest = param
+                num_rows = param.shape[0] if param.dim() > 0 else 1
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            rows_missing[name] -= num_rows
+        incomplete = sorted(name for name, n in rows_missing.items() if n != 0)
+        if incomplete:
+            shown = ", ".join(incomplete[:8]) + (" ..." if len(incomplete) > 8 else "")
+            raise ValueError(f"{len(incomplete)} parameters were not (fully) loaded: {shown}")
