@@ -1,0 +1,153 @@
+"""Offline decode speed: inferd vs Hugging Face transformers `generate()`, same model, prompts and machine, one run.
+
+    .venv/bin/python benchmarks/offline.py [--model smollm2-135m-instruct] [--new-tokens 128] [--batch 16] [--repeats 3]
+
+Both sides: greedy, fixed output length (transformers min_new_tokens = max_new_tokens, inferd ignore_eos),
+fp32 on CPU. Runs alternate (inferd, transformers, inferd, ...) and the median of `--repeats` is reported,
+because these 2-core machines are noisy. Also prints achieved weight-read bandwidth (weight bytes x decode
+steps/s) next to the machine's measured copy bandwidth, so each speed is read against the hardware limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+PROMPTS = [
+    "Explain how a bicycle stays upright while moving.",
+    "Write a short poem about the sea at night.",
+    "What are the main causes of inflation?",
+    "Give three tips for learning a new language.",
+    "Describe the water cycle to a ten year old.",
+    "What is the difference between a list and a tuple in Python?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do vaccines train the immune system?",
+    "Why is the sky blue?",
+    "List some healthy breakfast ideas.",
+    "What does a compiler do?",
+    "Tell me a fun fact about octopuses.",
+    "How does a refrigerator keep food cold?",
+    "What is photosynthesis?",
+    "Suggest a name for a friendly robot.",
+    "How do I make a good cup of tea?",
+]
+
+
+def measure_copy_bandwidth_gbps(num_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Read+write bandwidth of a large tensor copy, GB/s (the ceiling a weight-streaming decode runs against)."""
+    src = torch.empty(num_bytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * num_bytes / best / 1e9
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+
+
+def run_inferd(llm, prompt_ids: list[list[int]], new_tokens: int) -> float:
+    from inferd import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_ids, params)
+    dt = time.perf_counter() - t0
+    num_generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert num_generated == new_tokens * len(prompt_ids), num_generated
+    return num_generated / dt
+
+
+def run_hf(model, prompt_ids: list[list[int]], new_tokens: int, pad_id: int) -> float:
+    max_len = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), max_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompt_ids):  # left padding, as batched generation needs
+        input_ids[i, max_len - len(p):] = torch.tensor(p)
+        attention_mask[i, max_len - len(p):] = 1
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id,
+        )
+    dt = time.perf_counter() - t0
+    num_generated = (out.shape[1] - max_len) * out.shape[0]
+    return num_generated / dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    from inferd import LLM
+    from inferd.store import resolve_model
+
+    resolved = resolve_model(args.model)
+    llm = LLM(model=args.model, dtype="float32", device="cpu")
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+    prompts = [chat_prompt_ids(llm.tokenizer, p) for p in PROMPTS[: args.batch]]
+
+    hf_model = None
+    if not args.skip_hf:
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM
+
+        path = Path(resolved.path)
+        if resolved.format == "gguf":
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        else:
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        hf_model.eval()
+    pad_id = llm.tokenizer.eos_token_id
+
+    bw = measure_copy_bandwidth_gbps()
+    print(f"machine: {torch.get_num_threads()} torch threads, measured copy bandwidth {bw:.1f} GB/s", file=sys.stderr)
+    print(f"model: {args.model}, fp32 weights {weight_bytes / 1e6:.0f} MB; ceiling for one stream "
+          f"~{bw * 1e9 / weight_bytes:.1f} tok/s", file=sys.stderr)
+
+    # Warm up both (first calls allocate and page in weights).
+    run_inferd(llm, prompts[:1], 8)
+    if hf_model is not None:
+        run_hf(hf_model, prompts[:1], 8, pad_id)
+
+    results: dict[str, list[float]] = {"inferd-1": [], "hf-1": [], f"inferd-{args.batch}": [], f"hf-{args.batch}": []}
+    for rep in range(args.repeats):
+        results["inferd-1"].append(run_inferd(llm, prompts[:1], args.new_tokens))
+        if hf_model is not None:
+            results["hf-1"].append(run_hf(hf_model, prompts[:1], args.new_tokens, pad_id))
+        results[f"inferd-{args.batch}"].append(run_inferd(llm, prompts, args.new_tokens))
+        if hf_model is not None:
+            results[f"hf-{args.batch}"].append(run_hf(hf_model, prompts, args.new_tokens, pad_id))
+        print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items() if v), file=sys.stderr)
+
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    print(f"\n| case | inferd tok/s | transformers tok/s | ratio | inferd weight-read GB/s (of {bw:.1f}) |")
+    print("|---|---|---|---|---|")
+    for n in (1, args.batch):
+        ours = med[f"inferd-{n}"]
+        theirs = med.get(f"hf-{n}")
+        steps_per_s = ours / n
+        achieved = weight_bytes * steps_per_s / 1e9
+        ratio = f"{ours / theirs:.2f}x" if theirs else "-"
+        theirs_s = f"{theirs:.1f}" if theirs else "-"
+        print(f"| {n} request{'s' if n > 1 else ''}, {args.new_tokens} new tokens | {ours:.1f} | {theirs_s} | {ratio} | {achieved:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Layer 6: the `inferd` command.
+
+  inferd pull NAME | list | rm NAME              model store
+  inferd generate --model M --prompt P [...]     one completion on stdout (only the completion)
+  inferd chat --model M                          interactive terminal chat, streamed
+  inferd serve [...]                             OpenAI-compatible HTTP server
+  inferd bench serve|plot [...]                  serving benchmark for any OpenAI-compatible server
+
+Imports are lazy per command: `inferd bench` must run without torch installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags shared by generate, chat and serve (mirror inferd.config.EngineArgs)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="catalog name (see `inferd list`), a Hugging Face directory or a .gguf file")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default 2GiB on CPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from inferd.config import EngineArgs
+
+    return EngineArgs(
+        model=ns.model,
+        device=ns.device,
+        dtype=ns.dtype,
+        max_model_len=ns.max_model_len,
+        block_size=ns.block_size,
+        kv_cache_memory=ns.kv_cache_memory,
+        gpu_memory_utilization=ns.gpu_memory_utilization,
+        enable_prefix_caching=not ns.no_prefix_caching,
+        max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        seed=ns.seed,
+        served_model_name=getattr(ns, "served_model_name", None),
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=default_max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed-sampling", dest="sampling_seed", type=int, default=None,
+                   help="per-request sampling seed (reproducible output)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params_from(ns: argparse.Namespace):
+    from inferd.request import SamplingParams
+
+    return SamplingParams(
+        max_tokens=ns.max_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        min_p=ns.min_p,
+        repetition_penalty=ns.repetition_penalty,
+        presence_penalty=ns.presence_penalty,
+        frequency_penalty=ns.frequency_penalty,
+        seed=ns.sampling_seed,
+        stop=ns.stop,
+    )
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_pull(ns: argparse.Namespace) -> int:
+    from inferd.store import pull
+
+    path = pull(ns.name)
+    print(path)
+    return 0
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from inferd.store import list_models
+
+    rows = list_models()
+    if not rows:
+        print("no models pulled yet; try: inferd pull smollm2-135m-instruct")
+        return 0
+    print(f"{'NAME':<28} {'FORMAT':<6} {'SIZE':>10}  PATH")
+    for row in rows:
+        print(f"{row.name:<28} {row.format:<6} {row.size_bytes / 1e6:>8.1f}MB  {row.path}")
+    return 0
+
+
+def cmd_rm(ns: argparse.Namespace) -> int:
+    from inferd.store import remove
+
+    remove(ns.name)
+    print(f"removed {ns.name}")
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from inferd.engine.llm import LLM
+
+    params = sampling_params_from(ns)
+    llm = LLM(**vars(engine_args_from(ns)))
+    if ns.chat_template:
+        outs = llm.chat([{"role": "user", "content": ns.prompt}], params)
+    else:
+        outs = llm.generate(ns.prompt, params)
+    sys.stdout.write(outs[0].outputs[0].text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from inferd.engine.llm import LLM
+
+    llm = LLM(**vars(engine_args_from(ns)))
+    engine = llm.engine
+    messages: list[dict] = []
+    if ns.system:
+        messages.append({"role": "system", "content": ns.system})
+    print(f"inferd chat — model {ns.model}. Empty line or Ctrl-D to quit; /reset clears the history.",
+          file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            user = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not user.strip():
+            return 0
+        if user.strip() == "/reset":
+            messages = messages[:1] if ns.system else []
+            continue
+        messages.append({"role": "user", "content": user})
+        prompt_ids = engine.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        rid = f"chat-{turn}"
+        turn += 1
+        try:
+            engine.add_request(rid, prompt_ids, sampling_params_from(ns))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        text = ""
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    delta = out.delta_texts[0]
+                    if delta:
+                        sys.stdout.write(delta)
+                        sys.stdout.flush()
+                    text = out.outputs[0].text
+        except KeyboardInterrupt:
+            engine.abort_request(rid)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": text})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferd", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="fetch a catalog model into the store ($INFERD_HOME)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("list", help="list pulled models")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("rm", help="remove a pulled model")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user chat message")
+    add_engine_args(p)
+    add_sampling_args(p, default_max_tokens=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive terminal chat, streamed")
+    p.add_argument("--system", default=None, help="system message")
+    add_engine_args(p)
+    add_sampling_args(p, default_max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    try:
+        from inferd.server.app import add_serve_parser
+    except ImportError:
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub, add_engine_args)
+    try:
+        from inferd.bench.serve import add_bench_parser
+    except ImportError:
+        add_bench_parser = None
+    if add_bench_parser is not None:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except ValueError as e:
+        print(f"inferd: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # StoreError and friends: the message says what to do
+        if type(e).__name__ != "StoreError":
+            raise
+        print(f"inferd: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Layer 4: the synchronous LLM engine. Its step loop is three literal lines:
+
+    scheduler_output = scheduler.schedule()
+    step_result = runner.execute(...)
+    scheduler.update(scheduler_output, step_result.sampled_token_ids)
+
+around which it tokenizes, checks stop conditions (EOS, stop ids, stop strings, max_tokens, max_model_len),
+detokenizes incrementally and builds RequestOutputs. It is not thread-safe: async_engine.py owns one from a
+single thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from inferd.config import EngineArgs, EngineConfig
+from inferd.device import resolve_device, resolve_dtype, torch_dtype
+from inferd.engine.detokenizer import IncrementalDetokenizer
+from inferd.engine.tokenizer import Tokenizer
+from inferd.kv_cache.manager import KVCacheManager
+from inferd.layers.attention import kv_cache_bytes_per_block
+from inferd.models import load_model
+from inferd.request import (
+    CompletionOutput,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
+from inferd.runner.model_runner import ModelRunner
+from inferd.scheduler.scheduler import Scheduler
+from inferd.store import resolve_model
+
+logger = logging.getLogger("inferd.engine")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    num_free_blocks: int
+    num_total_blocks: int
+    num_prefix_cache_queries_tokens: int  # cumulative
+    num_prefix_cache_hits_tokens: int  # cumulative
+    num_preemptions: int  # cumulative
+    num_prompt_tokens: int  # cumulative, computed (not cached) and cached
+    num_generation_tokens: int  # cumulative
+
+
+class _Group:
+    """A user request: n sequences (Request objects) that share a prompt."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], children: list[Request],
+                 detokenizers: list[IncrementalDetokenizer], arrival_time: float) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.children = children
+        self.detokenizers = detokenizers
+        self.num_sent_token_ids = [0] * len(children)
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model, arch_config, tokenizer: Tokenizer, num_blocks: int) -> None:
+        self.config = config
+        self.model = model
+        self.arch_config = arch_config
+        self.tokenizer = tokenizer
+        self.num_blocks = num_blocks
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv_manager,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+        )
+        self.runner = ModelRunner(config, model, arch_config, num_blocks)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+        self._groups: dict[str, _Group] = {}
+        self._group_of_child: dict[str, _Group] = {}
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        args.validate_static()
+        resolved = resolve_model(args.model or "smollm2-135m-instruct")
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        model, arch_config = load_model(str(resolved.path), device=device, dtype=torch_dtype(dtype))
+        tokenizer = Tokenizer.from_pretrained(str(resolved.path))
+        if args.served_model_name is None:
+            args.served_model_name = args.model or resolved.name
+        config = args.resolve(
+            model_path=str(resolved.path), device=device, dtype=dtype,
+            model_max_len=arch_config.max_position_embeddings,
+        )
+        bytes_per_block = kv_cache_bytes_per_block(arch_config, config.block_size, torch_dtype(dtype))
+        if config.kv_cache_memory_bytes is not None:
+            kv_bytes = config.kv_cache_memory_bytes
+        else:  # CUDA: a fraction of what is free once the weights are loaded
+            from inferd.device import free_device_memory_bytes
+
+            kv_bytes = int(free_device_memory_bytes(device) * config.gpu_memory_utilization)
+        num_blocks = kv_bytes // bytes_per_block
+        min_blocks = (config.max_model_len + config.block_size - 1) // config.block_size
+        if num_blocks < 2:
+            raise ValueError(
+                f"kv_cache_memory ({kv_bytes} bytes) holds {num_blocks} blocks of {bytes_per_block} bytes; need at least 2"
+            )
+        if num_blocks < min_blocks:
+            print(
+                f"inferd: the KV cache holds {num_blocks * config.block_size} tokens, fewer than max_model_len "
+                f"({config.max_model_len}); longer requests are refused",
+                file=sys.stderr,
+            )
+        return cls(config, model, arch_config, tokenizer, num_blocks)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def max_tokens_per_sequence(self) -> int:
+        """The most tokens (prompt + output) one sequence may hold: model length and KV capacity."""
+        return min(self.config.max_model_len, self.num_blocks * self.config.block_size)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = _copy_params(params)  # defaults resolved below must not leak into the caller's object
+        if isinstance(prompt, str):
+            prompt_text: str | None = prompt
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+        else:
+            prompt_text = None
+            prompt_token_ids = list(prompt)
+            vocab_size = self.arch_config.vocab_size
+            for tid in prompt_token_ids:
+                if not isinstance(tid, int) or not (0 <= tid < vocab_size):
+                    raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {tid!r}")
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        limit = self.max_tokens_per_sequence
+        num_prompt = len(prompt_token_ids)
+        if num_prompt >= limit:
+            raise ValueError(
+                f"prompt is {num_prompt} tokens; this model's maximum context length is {limit} tokens "
+                f"(prompt plus at least 1 generated token)"
+            )
+        if params.max_tokens is None:
+            params.max_tokens = limit - num_prompt
+        elif num_prompt + params.max_tokens > limit:
+            raise ValueError(
+                f"max_tokens ({params.max_tokens}) plus the prompt ({num_prompt} tokens) is over this model's "
+                f"maximum context length of {limit} tokens"
+            )
+        if params.min_tokens > params.max_tokens:
+            raise ValueError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        children: list[Request] = []
+        detoks: list[IncrementalDetokenizer] = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            child_params = params
+            if params.seed is not None and params.n > 1:
+                # Each of the n completions draws its own numbers, reproducibly.
+                child_params = _copy_params(params, seed=params.seed + i)
+            child = Request(child_id, prompt_token_ids, child_params, eos_token_ids=self.eos_token_ids,
+                            arrival_time=now, group_id=request_id, index=i, prompt=prompt_text)
+            children.append(child)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params))
+        group = _Group(request_id, prompt_text, prompt_token_ids, children, detoks, now)
+        self._groups[request_id] = group
+        for child in children:
+            self._group_of_child[child.request_id] = group
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for child in group.children:
+            if not child.is_finished:
+                self.scheduler.abort_request(child.request_id)
+                child.status = RequestStatus.FINISHED_ABORTED
+            self._forget_child(child.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.scheduled_requests:
+            return []
+        now = time.monotonic()
+        block_ids_of = scheduler_output.block_ids
+        for r in scheduler_output.scheduled_requests:
+            if r.first_scheduled_time is None:
+                r.first_scheduled_time = now
+                group = self._group_of_child[r.request_id]
+                if group.metrics.first_scheduled_time is None:
+                    group.metrics.first_scheduled_time = now
+                    self._num_prompt_tokens += r.num_prompt_tokens
+        step_result = self.runner.execute(
+            scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens, block_ids_of
+        )
+        self.scheduler.update(scheduler_output, step_result.sampled_token_ids)
+
+        now = time.monotonic()
+        touched: dict[str, _Group] = {}
+        for request_id, token_id in step_result.sampled_token_ids.items():
+            req = self.scheduler.get_request(request_id)
+            group = self._group_of_child[request_id]
+            self._num_generation_tokens += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+                if group.metrics.first_token_time is None:
+                    group.metrics.first_token_time = now
+            req.last_token_time = now
+            lp = step_result.sampled_logprobs[request_id]
+            req.cumulative_logprob += lp
+            if req.logprobs is not None:
+                req.logprobs.append(step_result.logprobs[request_id])
+            detok = group.detokenizers[req.index]
+            params = req.sampling_params
+            is_stop_token = req.num_output_tokens >= params.min_tokens and (
+                (not params.ignore_eos and token_id in req.eos_token_ids) or token_id in params.stop_token_ids
+            )
+            stop_str = detok.update([token_id], stop_terminated=is_stop_token)
+            status = self._check_stop(req, token_id, stop_str)
+            if status is not None:
+                self.scheduler.finish_request(request_id, status)
+                req.status = status
+                self.runner.remove_request(request_id)
+            touched[group.request_id] = group
+
+        outputs = []
+        for group in touched.values():
+            out = self._make_output(group, now)
+            outputs.append(out)
+            if out.finished:
+                self._groups.pop(group.request_id, None)
+                for child in group.children:
+                    self._forget_child(child.request_id)
+        return outputs
+
+    def _check_stop(self, req: Request, token_id: int, stop_str: str | None) -> RequestStatus | None:
+        params = req.sampling_params
+        num_out = req.num_output_tokens
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token_id in req.eos_token_ids:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                req.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+            if stop_str is not None:
+                req.stop_reason = stop_str
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= params.max_tokens or req.num_tokens >= self.max_tokens_per_sequence:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _make_output(self, group: _Group, now: float) -> RequestOutput:
+        completions: list[CompletionOutput] = []
+        delta_texts: list[str] = []
+        delta_token_ids: list[list[int]] = []
+        for i, (child, detok) in enumerate(zip(group.children, group.detokenizers)):
+            finished = child.is_finished
+            delta_texts.append(detok.get_next_output_text(finished, delta=True))
+            sent = group.num_sent_token_ids[i]
+            delta_token_ids.append(child.output_token_ids[sent:])
+            group.num_sent_token_ids[i] = child.num_output_tokens
+            completions.append(CompletionOutput(
+                index=i,
+                text=detok.output_text,
+                token_ids=list(child.output_token_ids),
+                finish_reason=child.status.value if finished else None,
+                stop_reason=child.stop_reason,
+                logprobs=child.logprobs,
+                cumulative_logprob=child.cumulative_logprob,
+            ))
+        finished = group.is_finished
+        if finished:
+            group.metrics.finished_time = now
+        group.metrics.last_token_time = now
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=max(0, group.children[0].num_cached_tokens),
+            metrics=group.metrics,
+            delta_texts=delta_texts,
+            delta_token_ids=delta_token_ids,
+        )
+
+    def _forget_child(self, child_id: str) -> None:
+        self._group_of_child.pop(child_id, None)
+        self.runner.remove_request(child_id)
+
+    # ------------------------------------------------------------------ stats
+    def get_stats(self) -> EngineStats:
+        kv = self.kv_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=kv.usage,
+            num_free_blocks=kv.num_free_blocks,
+            num_total_blocks=self.num_blocks,
+            num_prefix_cache_queries_tokens=kv.num_prefix_cache_queries_tokens,
+            num_prefix_cache_hits_tokens=kv.num_prefix_cache_hits_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens,
+        )
+
+
+def _copy_params(params: SamplingParams, **changes) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)

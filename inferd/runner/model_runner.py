@@ -1,0 +1,147 @@
+"""Layer 3: turns a scheduler output into tensors, runs the model, samples.
+
+One step lays the scheduled tokens of every request end to end (T tokens in all, no padding):
+  input_ids[T], positions[T], slot_mapping[T]  (slot = block_id * block_size + offset inside the block)
+  query_start_loc[B+1], seq_lens[B], block_tables[B, max_blocks]
+and samples one token for each request whose scheduled chunk reaches the end of its known tokens.
+Step inputs live in persistent host buffers sized once (max_num_batched_tokens, max_num_seqs) so a later
+CUDA-graph path can replay on fixed addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inferd.config import EngineConfig
+from inferd.layers.attention import AttentionMetadata, allocate_kv_caches
+from inferd.layers.sampler import Sampler, build_sampling_metadata
+from inferd.request import Request
+
+
+@dataclass
+class StepResult:
+    """What one step produced for each request that sampled."""
+
+    sampled_token_ids: dict[str, int]
+    sampled_logprobs: dict[str, float]
+    logprobs: dict[str, dict[int, float]]  # only for requests that asked for logprobs
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, arch_config, num_blocks: int) -> None:
+        self.config = config
+        self.model = model
+        self.arch_config = arch_config
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(
+            arch_config, num_blocks, config.block_size, model_dtype(model), self.device
+        )
+        self.sampler = Sampler()
+        self.max_blocks_per_seq = (config.max_model_len + config.block_size - 1) // config.block_size
+        # Persistent host-side step buffers (int64). Sized for the largest step the scheduler can produce.
+        max_tokens = config.max_num_batched_tokens
+        max_seqs = config.max_num_seqs
+        self._input_ids_np = np.zeros(max_tokens, dtype=np.int64)
+        self._positions_np = np.zeros(max_tokens, dtype=np.int64)
+        self._slot_mapping_np = np.zeros(max_tokens, dtype=np.int64)
+        self._block_tables_np = np.zeros((max_seqs, self.max_blocks_per_seq), dtype=np.int64)
+        # Per-request sampling generators, seeded once so a seeded request draws the same numbers
+        # whatever else shares its batch.
+        self._generators: dict[str, torch.Generator] = {}
+
+    def remove_request(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator_for(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return None
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self._generators[request.request_id] = gen
+        return gen
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        scheduled_requests: list[Request],
+        num_scheduled_tokens: dict[str, int],
+        block_ids_of: dict[str, list[int]],
+    ) -> StepResult:
+        bs = self.block_size
+        num_seqs = len(scheduled_requests)
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        num_computed: list[int] = []
+        sample_rows: list[int] = []  # index into scheduled_requests of requests that sample this step
+        logits_token_indices: list[int] = []
+        t = 0
+        for i, req in enumerate(scheduled_requests):
+            n = num_scheduled_tokens[req.request_id]
+            start = req.num_computed_tokens
+            end = start + n
+            block_ids = block_ids_of[req.request_id]
+            self._input_ids_np[t : t + n] = req.all_token_ids[start:end]
+            pos = np.arange(start, end, dtype=np.int64)
+            self._positions_np[t : t + n] = pos
+            table = np.asarray(block_ids, dtype=np.int64)
+            self._slot_mapping_np[t : t + n] = table[pos // bs] * bs + pos % bs
+            self._block_tables_np[i, : len(block_ids)] = table
+            t += n
+            query_start_loc.append(t)
+            seq_lens.append(end)
+            num_computed.append(start)
+            if end == req.num_tokens:
+                sample_rows.append(i)
+                logits_token_indices.append(t - 1)
+        num_tokens = t
+        max_blocks = max((seq_len + bs - 1) // bs for seq_len in seq_lens)
+
+        dev = self.device
+        input_ids = torch.from_numpy(self._input_ids_np[:num_tokens]).to(dev, non_blocking=True)
+        positions = torch.from_numpy(self._positions_np[:num_tokens]).to(dev, non_blocking=True)
+        attn_metadata = AttentionMetadata.build(
+            slot_mapping=torch.from_numpy(self._slot_mapping_np[:num_tokens]).to(dev, non_blocking=True),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            num_computed_tokens=num_computed,
+            block_tables=torch.from_numpy(self._block_tables_np[:num_seqs, :max_blocks]).to(dev, non_blocking=True),
+            block_size=bs,
+            device=dev,
+        )
+        hidden = self.model(input_ids, positions, attn_metadata, self.kv_caches)
+        if not sample_rows:
+            return StepResult({}, {}, {})
+        idx = torch.tensor(logits_token_indices, dtype=torch.long, device=dev)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
+
+        reqs = [scheduled_requests[i] for i in sample_rows]
+        md = build_sampling_metadata(
+            params=[r.sampling_params for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            generators=[self._generator_for(r) for r in reqs],
+            eos_token_ids=[r.eos_token_ids for r in reqs],
+            vocab_size=logits.shape[-1],
+            device=dev,
+        )
+        out = self.sampler(logits, md)
+        result = StepResult({}, {}, {})
+        for row, req in enumerate(reqs):
+            rid = req.request_id
+            result.sampled_token_ids[rid] = out.sampled_token_ids[row]
+            result.sampled_logprobs[rid] = out.sampled_logprobs[row]
+            if out.logprobs[row] is not None:
+                result.logprobs[rid] = out.logprobs[row]
+        return result
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with inferd installed (editable).
+#   scripts/setup.sh           runtime only
+#   scripts/setup.sh test      plus the test references (transformers, openai client, scipy, matplotlib)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.inferd-installed${extra:+-$extra}"
+# Reinstall only when the project's dependency list changed since the last install.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+  # torch first, pinned to the CPU wheel these machines carry; the project's range admits it.
+  .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>/dev/null || .venv/bin/python -m pip install --quiet "torch>=2.4,<2.14"
+  if [ -n "$extra" ]; then
+    .venv/bin/python -m pip install --quiet -e ".[$extra]"
+  else
+    .venv/bin/python -m pip install --quiet -e .
+  fi
+  touch "$stamp"
+fi
