@@ -259,3 +259,8 @@ def write_tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return path
 
     return write
+
+
+# The session-scoped `inferd serve` subprocess shared by the server, error and bench smoke tests: imported here,
+# once, so every module gets the same server instead of starting its own.
+from server_fixtures import inferd_server  # noqa: E402,F401

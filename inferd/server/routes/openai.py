@@ -1,0 +1,644 @@
+"""Layer 5: POST /v1/chat/completions and POST /v1/completions, OpenAI's wire format (SSE when streaming).
+
+A request's path: validate the body (protocol.py) -> tokenize (chat template for chat) -> SamplingParams ->
+AsyncEngine.add_request (waits until the engine accepted it, so invalid input is a 400, never a broken stream)
+-> stream chunks or collect the final output. A client that goes away (streaming or not) aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from operator import itemgetter
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from inferd.engine.async_engine import AsyncEngine, RequestError, RequestStream
+from inferd.request import CompletionOutput, RequestOutput, SamplingParams
+from inferd.server.errors import bad_request, error_body, from_value_error
+from inferd.server.metrics import FinishedRequestStats
+from inferd.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    SamplingRequestFields,
+)
+from inferd.server.state import ARRIVAL_TIME_SCOPE_KEY, MIN_LOGPROB, ServerState
+
+router = APIRouter(tags=["OpenAI-compatible"])
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
+}
+# Prompts longer than this (characters) are tokenized off the event loop.
+_TOKENIZE_IN_THREAD_MIN_CHARS = 32 * 1024
+# HTTP 499 (nginx's "client closed request"): logged for a request whose client left; nobody receives it.
+_CLIENT_CLOSED_STATUS = 499
+
+T = TypeVar("T")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.inferd
+
+
+def _arrival_time(request: Request) -> float:
+    return request.scope.get(ARRIVAL_TIME_SCOPE_KEY) or time.monotonic()
+
+
+async def _call_maybe_in_thread(num_chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    if num_chars >= _TOKENIZE_IN_THREAD_MIN_CHARS:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- request -> engine
+
+
+def _parse_logit_bias(logit_bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    if not logit_bias:
+        return None
+    parsed: dict[int, float] = {}
+    for key, bias in logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids (integers as strings), got {key!r}", "logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})", "logit_bias")
+        parsed[token_id] = bias
+    return parsed
+
+
+def _sampling_params(
+    body: SamplingRequestFields,
+    engine: AsyncEngine,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    param_names: dict[str, str],
+) -> SamplingParams:
+    logit_bias = _parse_logit_bias(body.logit_bias, engine.tokenizer.vocab_size)
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=0 if body.top_k is None else body.top_k,
+            min_p=0.0 if body.min_p is None else body.min_p,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            seed=body.seed,
+            stop=body.stop,
+            stop_token_ids=body.stop_token_ids,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            logit_bias=logit_bias,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+    except ValueError as exc:
+        raise from_value_error(exc, param_names) from None
+
+
+async def _add_request(
+    engine: AsyncEngine,
+    request_id: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    arrival_time: float,
+    param_names: dict[str, str],
+) -> RequestStream:
+    try:
+        return await engine.add_request(request_id, prompt_token_ids, params, arrival_time)
+    except ValueError as exc:
+        raise from_value_error(exc, param_names) from None
+
+
+def _finished_stats(output: RequestOutput | None, num_prompt_tokens: int) -> FinishedRequestStats:
+    if output is None:
+        return FinishedRequestStats(num_prompt_tokens, 0, 0, ["abort"], None, None, None, None)
+    m = output.metrics
+    now = time.monotonic()
+    ttft = queue = e2e = tpot = None
+    num_max_output_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
+    if m is not None:
+        if m.first_token_time is not None:
+            ttft = m.first_token_time - m.arrival_time
+        if m.first_scheduled_time is not None:
+            queue = m.first_scheduled_time - m.arrival_time
+        end_time = m.finished_time if m.finished_time is not None else now
+        e2e = end_time - m.arrival_time
+        if m.finished_time is not None and m.first_token_time is not None and num_max_output_tokens > 1:
+            tpot = (m.finished_time - m.first_token_time) / (num_max_output_tokens - 1)
+    return FinishedRequestStats(
+        num_prompt_tokens=num_prompt_tokens,
+        num_generation_tokens=sum(len(c.token_ids) for c in output.outputs),
+        num_cached_tokens=output.num_cached_tokens,
+        finish_reasons=[c.finish_reason or "abort" for c in output.outputs],
+        time_to_first_token_s=ttft,
+        queue_time_s=queue,
+        e2e_latency_s=e2e,
+        time_per_output_token_s=tpot,
+    )
+
+
+class _TrackedRequest:
+    """One engine request as the server sees it: its outputs feed the inter-token histogram, and when it ends
+    (finished, aborted by a disconnect, or failed) its metrics and its JSON log line are recorded once."""
+
+    def __init__(self, state: ServerState, stream: RequestStream, arrival_time: float, num_prompt_tokens: int) -> None:
+        self.state = state
+        self.stream = stream
+        self.arrival_time = arrival_time
+        self.num_prompt_tokens = num_prompt_tokens
+        self._last: RequestOutput | None = None
+        self._status = "aborted"
+        self._is_closed = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        previous_output_time: float | None = None
+        observe_itl = self.state.metrics.observe_inter_token_latency
+        try:
+            async for output in self.stream:
+                now = time.monotonic()
+                if previous_output_time is not None:
+                    observe_itl(now - previous_output_time)
+                previous_output_time = now
+                self._last = output
+                yield output
+            if self._last is not None and self._last.finished:
+                self._status = "ok"
+        except RequestError:
+            self._status = "error"
+            raise
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Abort the engine request if it still runs, and record it; safe to call more than once."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        await self.stream.aclose()
+        stats = _finished_stats(self._last, self.num_prompt_tokens)
+        self.state.record_request(self.stream.request_id, stats, self._status, time.monotonic() - self.arrival_time)
+
+
+async def _collect(tracked: _TrackedRequest) -> RequestOutput:
+    last: RequestOutput | None = None
+    async with aclosing(tracked.outputs()) as outputs:
+        async for output in outputs:
+            last = output
+    assert last is not None and last.finished
+    return last
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _collect_unless_disconnected(request: Request, tracked: Sequence[_TrackedRequest]) -> list[RequestOutput] | None:
+    """Final outputs of every request, or None if the client disconnected first (then all are aborted)."""
+    work = asyncio.ensure_future(asyncio.gather(*(_collect(t) for t in tracked)))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    is_done = False
+    try:
+        done, _ = await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+        is_done = work in done
+    finally:
+        for task in (work, watcher):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(work, watcher, return_exceptions=True)
+        for t in tracked:  # a collector cancelled before it started never closed its request
+            await t.close()
+    return work.result() if is_done else None
+
+
+async def _merge(tracked: Sequence[_TrackedRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from several requests in arrival order."""
+    if len(tracked) == 1:
+        async with aclosing(tracked[0].outputs()) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
+    generators = [t.outputs() for t in tracked]
+    pending = {asyncio.ensure_future(anext(g)): i for i, g in enumerate(generators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                index = pending.pop(future)
+                try:
+                    output = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(generators[index]))] = index
+                yield index, output
+    finally:
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for generator in generators:
+            await generator.aclose()
+
+
+class _EventStreamResponse(StreamingResponse):
+    """Server-sent events. When the response ends (a disconnect included) its generator is closed and its engine
+    requests are aborted at once, even if the generator never started, rather than when garbage is collected."""
+
+    def __init__(self, content: AsyncIterator[str], tracked: Sequence[_TrackedRequest]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._generator = content
+        self._tracked = tracked
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._generator.aclose()  # type: ignore[attr-defined]
+            for t in self._tracked:
+                await t.close()
+
+
+def _usage(outputs: Sequence[RequestOutput]) -> dict[str, Any]:
+    num_prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    num_completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)},
+    }
+
+
+def _json_logprob(value: float | None) -> float:
+    if value is None or math.isnan(value) or value == -math.inf:
+        return MIN_LOGPROB
+    return max(value, MIN_LOGPROB)
+
+
+def _top(candidates: dict[int, float], num_top: int) -> list[tuple[int, float]]:
+    if num_top <= 0:
+        return []
+    return heapq.nlargest(num_top, candidates.items(), key=itemgetter(1))
+
+
+def _chat_logprobs(
+    state: ServerState, completion: CompletionOutput, token_ids: Sequence[int], start: int, num_top: int
+) -> list[dict[str, Any]]:
+    """OpenAI chat `logprobs.content` entries for completion.token_ids[start : start + len(token_ids)].
+
+    `completion.logprobs` is the engine's live list (it only grows), so entries are indexed from the start.
+    """
+    entries = []
+    all_candidates = completion.logprobs or []
+    for offset, token_id in enumerate(token_ids):
+        candidates = all_candidates[start + offset] if start + offset < len(all_candidates) else {}
+        text = state.token_text(token_id)
+        top = []
+        for top_id, top_logprob in _top(candidates, num_top):
+            top_text = state.token_text(top_id)
+            top.append({"token": top_text, "logprob": _json_logprob(top_logprob), "bytes": list(top_text.encode())})
+        entries.append(
+            {"token": text, "logprob": _json_logprob(candidates.get(token_id)), "bytes": list(text.encode()), "top_logprobs": top}
+        )
+    return entries
+
+
+def _completion_logprobs(
+    state: ServerState,
+    completion: CompletionOutput,
+    token_ids: Sequence[int],
+    start: int,
+    num_top: int,
+    text_offset: int,
+) -> tuple[dict[str, Any], int]:
+    """OpenAI completions `logprobs` for token_ids (as `_chat_logprobs`), and the text offset after them."""
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offsets: list[int] = []
+    all_candidates = completion.logprobs or []
+    for offset, token_id in enumerate(token_ids):
+        candidates = all_candidates[start + offset] if start + offset < len(all_candidates) else {}
+        text = state.token_text(token_id)
+        tokens.append(text)
+        token_logprobs.append(_json_logprob(candidates.get(token_id)))
+        top_logprobs.append({state.token_text(i): _json_logprob(lp) for i, lp in _top(candidates, num_top)})
+        text_offsets.append(text_offset)
+        text_offset += len(text)
+    logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offsets}
+    return logprobs, text_offset
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+_DONE = "data: [DONE]\n\n"
+
+
+def _error_event(exc: BaseException) -> str:
+    return _sse(error_body(500, f"generation failed: {exc}"))
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    summary="Chat completion (streams server-sent events when stream=true)",
+)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
+    state = _state(request)
+    arrival_time = _arrival_time(request)
+    engine = state.require_engine()
+    state.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+    messages = []
+    for message in body.messages:
+        entry = {"role": message.role, "content": message.text()}
+        if message.name is not None:
+            entry["name"] = message.name
+        messages.append(entry)
+    num_chars = sum(len(m["content"]) for m in messages)
+    try:
+        prompt_token_ids = await _call_maybe_in_thread(
+            num_chars, engine.tokenizer.encode_chat, messages, add_generation_prompt=body.add_generation_prompt
+        )
+    except Exception as exc:  # the template rejects the conversation (e.g. roles that must alternate)
+        raise bad_request(f"messages: the chat template failed: {exc}", "messages") from None
+
+    max_tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    param_names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": max_tokens_name}
+    num_top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling_params(
+        body,
+        engine,
+        max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
+        logprobs=num_top_logprobs,
+        param_names=param_names,
+    )
+    state.check_queue(engine, 1)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = await _add_request(engine, request_id, prompt_token_ids, params, arrival_time, param_names)
+    tracked = _TrackedRequest(state, stream, arrival_time, len(prompt_token_ids))
+    created = int(time.time())
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return _EventStreamResponse(
+            _chat_stream(state, tracked, request_id, created, body.n, include_usage, num_top_logprobs), [tracked]
+        )
+
+    outputs = await _collect_unless_disconnected(request, [tracked])
+    if outputs is None:
+        return Response(status_code=_CLIENT_CLOSED_STATUS)
+    output = outputs[0]
+    choices = []
+    for completion in output.outputs:
+        logprobs = None
+        if num_top_logprobs is not None:
+            logprobs = {"content": _chat_logprobs(state, completion, completion.token_ids, 0, num_top_logprobs)}
+        choices.append(
+            {
+                "index": completion.index,
+                "message": {"role": "assistant", "content": completion.text},
+                "logprobs": logprobs,
+                "finish_reason": completion.finish_reason,
+            }
+        )
+    return ChatCompletionResponse(
+        id=request_id, created=created, model=state.served_model_name, choices=choices, usage=_usage(outputs)
+    )
+
+
+async def _chat_stream(
+    state: ServerState,
+    tracked: _TrackedRequest,
+    request_id: str,
+    created: int,
+    n: int,
+    include_usage: bool,
+    num_top_logprobs: int | None,
+) -> AsyncIterator[str]:
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.served_model_name}
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        payload = {**base, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return _sse(payload)
+
+    async with aclosing(tracked.outputs()) as outputs:
+        try:
+            role_delta = {"role": "assistant", "content": ""}
+            yield chunk([{"index": i, "delta": role_delta, "logprobs": None, "finish_reason": None} for i in range(n)])
+            finished_indices: set[int] = set()
+            last: RequestOutput | None = None
+            async for output in outputs:
+                last = output
+                choices = []
+                for position, completion in enumerate(output.outputs):
+                    if completion.index in finished_indices:
+                        continue
+                    delta_text = output.delta_texts[position]
+                    delta_ids = output.delta_token_ids[position]
+                    if not delta_text and not delta_ids and completion.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if num_top_logprobs is not None and delta_ids:
+                        start = len(completion.token_ids) - len(delta_ids)
+                        logprobs = {"content": _chat_logprobs(state, completion, delta_ids, start, num_top_logprobs)}
+                    choices.append(
+                        {
+                            "index": completion.index,
+                            "delta": {"content": delta_text} if (delta_text or delta_ids) else {},
+                            "logprobs": logprobs,
+                            "finish_reason": completion.finish_reason,
+                        }
+                    )
+                    if completion.finish_reason is not None:
+                        finished_indices.add(completion.index)
+                if choices:
+                    yield chunk(choices)
+            if include_usage and last is not None:
+                yield chunk([], _usage([last]))
+        except RequestError as exc:
+            yield _error_event(exc)
+        yield _DONE
+
+
+# ---------------------------------------------------------------------------------------------- completions
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    summary="Text completion of one or several prompts (streams server-sent events when stream=true)",
+)
+async def create_completion(body: CompletionRequest, request: Request) -> Any:
+    state = _state(request)
+    arrival_time = _arrival_time(request)
+    engine = state.require_engine()
+    state.check_model(body.model)
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request(f"best_of must equal n ({body.n}) when given; choosing among samples is not supported", "best_of")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo together with logprobs is not supported (prompt logprobs are not computed)", "echo")
+
+    prompts = _prompts(body.prompt)
+    prompt_token_ids_list: list[list[int]] = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise bad_request("prompt must not be empty", "prompt")
+            ids = await _call_maybe_in_thread(len(prompt), engine.tokenizer.encode, prompt, add_special_tokens=True)
+            prompt_token_ids_list.append(ids)
+        else:
+            prompt_token_ids_list.append(list(prompt))
+    param_names = {"prompt": "prompt", "logprobs": "logprobs", "max_tokens": "max_tokens"}
+    params = _sampling_params(body, engine, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names=param_names)
+    state.check_queue(engine, len(prompts))
+
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    tracked: list[_TrackedRequest] = []
+    try:
+        for i, prompt_token_ids in enumerate(prompt_token_ids_list):
+            engine_request_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            stream = await _add_request(engine, engine_request_id, prompt_token_ids, params, arrival_time, param_names)
+            tracked.append(_TrackedRequest(state, stream, arrival_time, len(prompt_token_ids)))
+    except BaseException:
+        for t in tracked:
+            await t.close()
+        raise
+    echo_texts = None
+    if body.echo:
+        echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+    created = int(time.time())
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return _EventStreamResponse(
+            _completion_stream(state, tracked, request_id, created, body.n, include_usage, body.logprobs, echo_texts),
+            tracked,
+        )
+
+    outputs = await _collect_unless_disconnected(request, tracked)
+    if outputs is None:
+        return Response(status_code=_CLIENT_CLOSED_STATUS)
+    choices = []
+    for prompt_index, output in enumerate(outputs):
+        for completion in output.outputs:
+            prefix = echo_texts[prompt_index] if echo_texts is not None else ""
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs, _ = _completion_logprobs(state, completion, completion.token_ids, 0, body.logprobs, 0)
+            choices.append(
+                {
+                    "index": prompt_index * body.n + completion.index,
+                    "text": prefix + completion.text,
+                    "logprobs": logprobs,
+                    "finish_reason": completion.finish_reason,
+                }
+            )
+    return CompletionResponse(
+        id=request_id, created=created, model=state.served_model_name, choices=choices, usage=_usage(outputs)
+    )
+
+
+async def _completion_stream(
+    state: ServerState,
+    tracked: list[_TrackedRequest],
+    request_id: str,
+    created: int,
+    n: int,
+    include_usage: bool,
+    num_top_logprobs: int | None,
+    echo_texts: list[str] | None,
+) -> AsyncIterator[str]:
+    base = {"id": request_id, "object": "text_completion", "created": created, "model": state.served_model_name}
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        payload = {**base, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return _sse(payload)
+
+    text_offsets: dict[int, int] = {}
+    async with aclosing(_merge(tracked)) as outputs:
+        try:
+            if echo_texts is not None:
+                yield chunk(
+                    [
+                        {"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}
+                        for p, text in enumerate(echo_texts)
+                        for i in range(n)
+                    ]
+                )
+            finished_indices: set[int] = set()
+            last_outputs: dict[int, RequestOutput] = {}
+            async for prompt_index, output in outputs:
+                last_outputs[prompt_index] = output
+                choices = []
+                for position, completion in enumerate(output.outputs):
+                    index = prompt_index * n + completion.index
+                    if index in finished_indices:
+                        continue
+                    delta_text = output.delta_texts[position]
+                    delta_ids = output.delta_token_ids[position]
+                    if not delta_text and not delta_ids and completion.finish_reason is None:
+                        continue
+                    logprobs = None
+                    if num_top_logprobs is not None and delta_ids:
+                        start = len(completion.token_ids) - len(delta_ids)
+                        logprobs, text_offsets[index] = _completion_logprobs(
+                            state, completion, delta_ids, start, num_top_logprobs, text_offsets.get(index, 0)
+                        )
+                    choices.append(
+                        {"index": index, "text": delta_text, "logprobs": logprobs, "finish_reason": completion.finish_reason}
+                    )
+                    if completion.finish_reason is not None:
+                        finished_indices.add(index)
+                if choices:
+                    yield chunk(choices)
+            if include_usage and last_outputs:
+                yield chunk([], _usage([last_outputs[i] for i in sorted(last_outputs)]))
+        except RequestError as exc:
+            yield _error_event(exc)
+        yield _DONE
+
