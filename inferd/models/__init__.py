@@ -47,10 +47,11 @@ def read_model_arch_config(path: str) -> ModelArchConfig:
 
 
 def load_model(
-    path: str, device: torch.device | str, dtype: torch.dtype | str
+    path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype | str
 ) -> tuple[torch.nn.Module, ModelArchConfig]:
     """(model in eval mode on `device` in `dtype`, its arch config) from a HF directory (config.json +
     *.safetensors) or a .gguf file (dequantized)."""
+    path = os.fspath(path)
     from inferd.models.gguf_loader import load_gguf_model
     from inferd.models.hf_loader import is_hf_model_dir, load_hf_model
 
