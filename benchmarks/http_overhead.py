@@ -29,24 +29,8 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [
-    "Explain how a bicycle stays upright while moving.",
-    "Write a short poem about the sea at night.",
-    "What are the main causes of inflation?",
-    "Give three tips for learning a new language.",
-    "Describe the water cycle to a ten year old.",
-    "What is the difference between a list and a tuple in Python?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do vaccines train the immune system?",
-    "Why is the sky blue?",
-    "List some healthy breakfast ideas.",
-    "What does a compiler do?",
-    "Tell me a fun fact about octopuses.",
-    "How does a refrigerator keep food cold?",
-    "What is photosynthesis?",
-    "Suggest a name for a friendly robot.",
-    "How do I make a good cup of tea?",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline import PROMPTS  # noqa: E402  the same chat prompts as the offline benchmark
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
