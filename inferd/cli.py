@@ -14,44 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags shared by generate, chat and serve (mirror inferd.config.EngineArgs)."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="catalog name (see `inferd list`), a Hugging Face directory or a .gguf file")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default 2GiB on CPU)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
-
-
-def engine_args_from(ns: argparse.Namespace):
-    from inferd.config import EngineArgs
-
-    return EngineArgs(
-        model=ns.model,
-        device=ns.device,
-        dtype=ns.dtype,
-        max_model_len=ns.max_model_len,
-        block_size=ns.block_size,
-        kv_cache_memory=ns.kv_cache_memory,
-        gpu_memory_utilization=ns.gpu_memory_utilization,
-        enable_prefix_caching=not ns.no_prefix_caching,
-        max_num_seqs=ns.max_num_seqs,
-        max_num_batched_tokens=ns.max_num_batched_tokens,
-        seed=ns.seed,
-        served_model_name=getattr(ns, "served_model_name", None),
-    )
-
+from inferd.config import EngineArgs
 
 def add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
@@ -119,7 +82,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from inferd.engine.llm import LLM
 
     params = sampling_params_from(ns)
-    llm = LLM(**vars(engine_args_from(ns)))
+    llm = LLM(**vars(EngineArgs.from_cli(ns)))
     if ns.chat_template:
         outs = llm.chat([{"role": "user", "content": ns.prompt}], params)
     else:
@@ -132,7 +95,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 def cmd_chat(ns: argparse.Namespace) -> int:
     from inferd.engine.llm import LLM
 
-    llm = LLM(**vars(engine_args_from(ns)))
+    llm = LLM(**vars(EngineArgs.from_cli(ns)))
     engine = llm.engine
     messages: list[dict] = []
     if ns.system:
@@ -192,13 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete one prompt; prints only the completion")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user chat message")
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     add_sampling_args(p, default_max_tokens=64)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive terminal chat, streamed")
     p.add_argument("--system", default=None, help="system message")
-    add_engine_args(p)
+    EngineArgs.add_cli_args(p)
     add_sampling_args(p, default_max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
@@ -207,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         add_serve_parser = None
     if add_serve_parser is not None:
-        add_serve_parser(sub, add_engine_args)
+        add_serve_parser(sub)
     try:
         from inferd.bench.serve import add_bench_parser
     except ImportError:

@@ -7,8 +7,11 @@ engine calls; this module never imports torch.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, fields
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the catalog entry every command uses when --model is not given
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,6 +75,42 @@ class EngineArgs:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """The engine flags shared by `inferd generate`, `chat` and `serve` (one per field above)."""
+        d = cls()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--model", default=DEFAULT_MODEL,
+                       help="catalog name (see `inferd list`), a Hugging Face directory or a .gguf file")
+        g.add_argument("--device", default=d.device, choices=DEVICES)
+        g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+        g.add_argument("--max-model-len", type=int, default=d.max_model_len)
+        g.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
+                       help="KV cache size, e.g. 2GiB (default 2GiB on CPU, a memory fraction on CUDA)")
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+        g.add_argument("--block-size", type=int, default=d.block_size)
+        g.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+        g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+        g.add_argument("--seed", type=int, default=d.seed)
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> "EngineArgs":
+        return cls(
+            model=ns.model,
+            device=ns.device,
+            dtype=ns.dtype,
+            max_model_len=ns.max_model_len,
+            block_size=ns.block_size,
+            kv_cache_memory=ns.kv_cache_memory,
+            gpu_memory_utilization=ns.gpu_memory_utilization,
+            enable_prefix_caching=not ns.no_prefix_caching,
+            max_num_seqs=ns.max_num_seqs,
+            max_num_batched_tokens=ns.max_num_batched_tokens,
+            seed=ns.seed,
+            served_model_name=getattr(ns, "served_model_name", None),
+        )
 
     def validate_static(self) -> None:
         if self.device not in DEVICES:

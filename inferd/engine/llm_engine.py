@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from inferd.config import EngineArgs, EngineConfig
+from inferd.config import DEFAULT_MODEL, EngineArgs, EngineConfig
 from inferd.device import resolve_device, resolve_dtype, torch_dtype
 from inferd.engine.detokenizer import IncrementalDetokenizer
 from inferd.engine.tokenizer import Tokenizer
@@ -96,7 +96,7 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
         args.validate_static()
-        resolved = resolve_model(args.model or "smollm2-135m-instruct")
+        resolved = resolve_model(args.model or DEFAULT_MODEL)
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         model, arch_config = load_model(str(resolved.path), device=device, dtype=torch_dtype(dtype))
@@ -333,6 +333,4 @@ class LLMEngine:
 
 
 def _copy_params(params: SamplingParams, **changes) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **changes)
+    return replace(params, **changes)  # re-runs SamplingParams validation

@@ -32,7 +32,7 @@ import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferd.config import EngineArgs, parse_size_bytes
+from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
 from inferd.engine.async_engine import AsyncEngine
 from inferd.server.errors import error_response, install_error_handlers
 from inferd.server.routes.openai import router as openai_router
@@ -48,7 +48,6 @@ from inferd.server.state import (
 
 logger = logging.getLogger("inferd.server")
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 API_KEY_ENV = "INFERD_API_KEY"
 # Paths served without an API key and while draining (probes, scrapers, docs).
 _OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -302,25 +301,10 @@ def _configure_logging(level: str) -> None:
     request_logger.propagate = False
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory", default=None)
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
-
-
-def add_serve_parser(
-    subparsers: Any, add_engine_args: Callable[[argparse.ArgumentParser], None] | None = None
-) -> argparse.ArgumentParser:
-    """Add `serve` to the CLI; `add_engine_args` adds the engine flags shared with other commands."""
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `serve` to the CLI: the engine flags shared with other commands, then the server's own."""
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
-    (add_engine_args or _add_engine_args)(p)
+    EngineArgs.add_cli_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
@@ -336,28 +320,10 @@ def add_serve_parser(
     return p
 
 
-def _engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    defaults = EngineArgs()
-    return EngineArgs(
-        model=ns.model,
-        device=getattr(ns, "device", defaults.device),
-        dtype=getattr(ns, "dtype", defaults.dtype),
-        max_model_len=getattr(ns, "max_model_len", defaults.max_model_len),
-        block_size=getattr(ns, "block_size", defaults.block_size),
-        kv_cache_memory=getattr(ns, "kv_cache_memory", defaults.kv_cache_memory),
-        gpu_memory_utilization=getattr(ns, "gpu_memory_utilization", defaults.gpu_memory_utilization),
-        enable_prefix_caching=not getattr(ns, "no_prefix_caching", False),
-        max_num_seqs=getattr(ns, "max_num_seqs", defaults.max_num_seqs),
-        max_num_batched_tokens=getattr(ns, "max_num_batched_tokens", defaults.max_num_batched_tokens),
-        seed=getattr(ns, "seed", defaults.seed),
-        served_model_name=getattr(ns, "served_model_name", None),
-    )
-
-
 def serve_main(args: argparse.Namespace) -> int:
     """Serve until stopped; 0 after a clean stop (SIGTERM drain included), 1 if the model failed to load."""
     _configure_logging(args.log_level)
-    engine_args = _engine_args_from(args)
+    engine_args = EngineArgs.from_cli(args)
     engine_args.validate_static()
     if args.max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {args.max_queue}")
