@@ -1,11 +1,15 @@
 """Offline decode speed: inferd vs Hugging Face transformers `generate()`, same model, prompts and machine, one run.
 
-    .venv/bin/python benchmarks/offline.py [--model smollm2-135m-instruct] [--new-tokens 128] [--batch 16] [--repeats 3]
+    .venv/bin/python benchmarks/offline.py [--model smollm2-135m-instruct] [--new-tokens 128] [--batch 16]
+        [--repeats 3] [--quantization auto,none]
 
 Both sides: greedy, fixed output length (transformers min_new_tokens = max_new_tokens, inferd ignore_eos),
-fp32 on CPU. Runs alternate (inferd, transformers, inferd, ...) and the median of `--repeats` is reported,
-because these 2-core machines are noisy. Also prints achieved weight-read bandwidth (weight bytes x decode
-steps/s) next to the machine's measured copy bandwidth, so each speed is read against the hardware limit.
+float32 activations on CPU. inferd runs once per `--quantization` scheme: `auto` keeps the GGUF file's own
+Q4_1 / Q8_0 blocks (the same weights transformers dequantizes to float32; greedy tokens are checked equal in
+tests/test_engine.py), `none` dequantizes them to float32 as transformers does. Runs alternate (each inferd
+scheme, transformers, ...) and the median of `--repeats` is reported, because these 2-core machines are noisy.
+Also prints achieved weight-read bandwidth (weight bytes read per decode step x steps/s) next to the machine's
+measured copy bandwidth, so each speed is read against the hardware limit.
 """
 
 from __future__ import annotations
@@ -54,6 +58,23 @@ def chat_prompt_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
 
 
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every linear layer (packed bytes when block-quantized) and the
+    output projection; the embedding table only when it is the (float, tied) output projection."""
+    from inferd.quant import QuantLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.weight_bytes()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    if model.lm_head is None and model.quant_lm_head is None:
+        embed = model.model.embed_tokens.weight
+        total += embed.numel() * embed.element_size()
+    return total
+
+
 def run_inferd(llm, prompt_ids: list[list[int]], new_tokens: int) -> float:
     from inferd import SamplingParams
 
@@ -90,6 +111,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", default="auto,none",
+                    help="comma-separated inferd weight schemes to run (auto, none, gguf, int8, int4)")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
 
@@ -97,8 +120,12 @@ def main() -> int:
     from inferd.store import resolve_model
 
     resolved = resolve_model(args.model)
-    llm = LLM(model=args.model, dtype="float32", device="cpu")
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+    llms, weight_bytes = {}, {}
+    for scheme in args.quantization.split(","):
+        llm = LLM(model=args.model, dtype="float32", device="cpu", quantization=scheme)
+        name = f"inferd[{llm.engine.config.quantization}]"
+        llms[name] = llm
+        weight_bytes[name] = weight_bytes_per_step(llm.engine.model)
     prompts = [chat_prompt_ids(llm.tokenizer, p) for p in PROMPTS[: args.batch]]
 
     hf_model = None
@@ -117,35 +144,41 @@ def main() -> int:
 
     bw = measure_copy_bandwidth_gbps()
     print(f"machine: {torch.get_num_threads()} torch threads, measured copy bandwidth {bw:.1f} GB/s", file=sys.stderr)
-    print(f"model: {args.model}, fp32 weights {weight_bytes / 1e6:.0f} MB; ceiling for one stream "
-          f"~{bw * 1e9 / weight_bytes:.1f} tok/s", file=sys.stderr)
+    for name, num_bytes in weight_bytes.items():
+        print(f"model: {args.model} as {name}: {num_bytes / 1e6:.0f} MB of weights per decode step; ceiling for "
+              f"one stream ~{bw * 1e9 / num_bytes:.1f} tok/s at copy bandwidth", file=sys.stderr)
 
-    # Warm up both (first calls allocate and page in weights).
-    run_inferd(llm, prompts[:1], 8)
+    # Warm up every engine (first calls allocate and page in weights).
+    for llm in llms.values():
+        run_inferd(llm, prompts[:1], 8)
     if hf_model is not None:
         run_hf(hf_model, prompts[:1], 8, pad_id)
 
-    results: dict[str, list[float]] = {"inferd-1": [], "hf-1": [], f"inferd-{args.batch}": [], f"hf-{args.batch}": []}
+    engines = [*llms, "transformers"] if hf_model is not None else [*llms]
+    results: dict[tuple[str, int], list[float]] = {(e, n): [] for e in engines for n in (1, args.batch)}
     for rep in range(args.repeats):
-        results["inferd-1"].append(run_inferd(llm, prompts[:1], args.new_tokens))
-        if hf_model is not None:
-            results["hf-1"].append(run_hf(hf_model, prompts[:1], args.new_tokens, pad_id))
-        results[f"inferd-{args.batch}"].append(run_inferd(llm, prompts, args.new_tokens))
-        if hf_model is not None:
-            results[f"hf-{args.batch}"].append(run_hf(hf_model, prompts, args.new_tokens, pad_id))
-        print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items() if v), file=sys.stderr)
+        for n in (1, args.batch):
+            for name, llm in llms.items():
+                results[(name, n)].append(run_inferd(llm, prompts[:n], args.new_tokens))
+            if hf_model is not None:
+                results[("transformers", n)].append(run_hf(hf_model, prompts[:n], args.new_tokens, pad_id))
+        print(f"repeat {rep + 1}: " + ", ".join(f"{e}x{n} {v[-1]:.1f}" for (e, n), v in results.items()),
+              file=sys.stderr)
 
-    med = {k: statistics.median(v) for k, v in results.items() if v}
-    print(f"\n| case | inferd tok/s | transformers tok/s | ratio | inferd weight-read GB/s (of {bw:.1f}) |")
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\n| case | engine | tok/s (median of {args.repeats}) | vs transformers | weight-read GB/s (of {bw:.1f}) |")
     print("|---|---|---|---|---|")
     for n in (1, args.batch):
-        ours = med[f"inferd-{n}"]
-        theirs = med.get(f"hf-{n}")
-        steps_per_s = ours / n
-        achieved = weight_bytes * steps_per_s / 1e9
-        ratio = f"{ours / theirs:.2f}x" if theirs else "-"
-        theirs_s = f"{theirs:.1f}" if theirs else "-"
-        print(f"| {n} request{'s' if n > 1 else ''}, {args.new_tokens} new tokens | {ours:.1f} | {theirs_s} | {ratio} | {achieved:.1f} |")
+        case = f"{n} request{'s' if n > 1 else ''}, {args.new_tokens} new tokens"
+        theirs = med.get(("transformers", n))
+        for name in engines:
+            tok_s = med[(name, n)]
+            ratio = f"{tok_s / theirs:.2f}x" if theirs else "-"
+            num_bytes = weight_bytes.get(name)
+            if num_bytes is None:  # transformers: float32 linear weights, tied head included
+                num_bytes = sum(m.weight.numel() * 4 for m in hf_model.modules() if isinstance(m, torch.nn.Linear))
+            achieved = num_bytes * tok_s / n / 1e9
+            print(f"| {case} | {name} | {tok_s:.1f} | {ratio} | {achieved:.1f} |")
     return 0
 
 

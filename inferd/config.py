@@ -15,6 +15,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"  # the catalog entry every command uses 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+# Weight quantization schemes; inferd/quant/__init__.py says what each does and resolves "auto".
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -46,6 +48,7 @@ class EngineConfig:
     model: str  # resolved local path (HF directory or .gguf file)
     device: str  # "cpu" | "cuda"
     dtype: str  # "float32" | "bfloat16" | "float16"
+    quantization: str  # "none" | "gguf" | "int8" | "int4"
     max_model_len: int  # prompt + output tokens per sequence
     block_size: int  # tokens per KV block
     kv_cache_memory_bytes: int | None  # None on CUDA = use gpu_memory_utilization of free memory
@@ -62,6 +65,7 @@ class EngineArgs:
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "auto"  # auto: a GGUF file's Q4/Q8 blocks are kept on CPU, else none
     max_model_len: int | None = None  # None: the model's context length, capped at 8192
     block_size: int = 16
     kv_cache_memory: str | int | None = None  # e.g. "2GiB"; None: 2GiB on CPU, a memory fraction on CUDA
@@ -85,6 +89,9 @@ class EngineArgs:
                        help="catalog name (see `inferd list`), a Hugging Face directory or a .gguf file")
         g.add_argument("--device", default=d.device, choices=DEVICES)
         g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+        g.add_argument("--quantization", "-q", default=d.quantization, choices=QUANTIZATIONS,
+                       help="weights: auto (keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks on CPU), none (float), "
+                            "gguf, int8 or int4 (quantize at load; CPU float32)")
         g.add_argument("--max-model-len", type=int, default=d.max_model_len)
         g.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
                        help="KV cache size, e.g. 2GiB (default 2GiB on CPU, a memory fraction on CUDA)")
@@ -101,6 +108,7 @@ class EngineArgs:
             model=ns.model,
             device=ns.device,
             dtype=ns.dtype,
+            quantization=ns.quantization,
             max_model_len=ns.max_model_len,
             block_size=ns.block_size,
             kv_cache_memory=ns.kv_cache_memory,
@@ -117,6 +125,8 @@ class EngineArgs:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -130,7 +140,9 @@ class EngineArgs:
         if self.kv_cache_memory is not None:
             parse_size_bytes(self.kv_cache_memory, "kv_cache_memory")
 
-    def resolve(self, *, model_path: str, device: str, dtype: str, model_max_len: int) -> EngineConfig:
+    def resolve(
+        self, *, model_path: str, device: str, dtype: str, quantization: str, model_max_len: int
+    ) -> EngineConfig:
         """Build the frozen config once the model path, device and dtype are known (see engine/llm_engine.py)."""
         self.validate_static()
         max_model_len = self.max_model_len or min(model_max_len, 8192)
@@ -145,6 +157,7 @@ class EngineArgs:
             model=model_path,
             device=device,
             dtype=dtype,
+            quantization=quantization,
             max_model_len=max_model_len,
             block_size=self.block_size,
             kv_cache_memory_bytes=kv_bytes,

@@ -22,7 +22,8 @@ from inferd.engine.detokenizer import IncrementalDetokenizer
 from inferd.engine.tokenizer import Tokenizer
 from inferd.kv_cache.manager import KVCacheManager
 from inferd.layers.attention import kv_cache_bytes_per_block
-from inferd.models import load_model
+from inferd.models import is_gguf_file, load_model
+from inferd.quant import resolve_quantization
 from inferd.request import (
     CompletionOutput,
     Request,
@@ -99,12 +100,15 @@ class LLMEngine:
         resolved = resolve_model(args.model or DEFAULT_MODEL)
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        model, arch_config = load_model(str(resolved.path), device=device, dtype=torch_dtype(dtype))
+        quantization = resolve_quantization(
+            args.quantization, is_gguf=is_gguf_file(str(resolved.path)), device=device, dtype=dtype)
+        model, arch_config = load_model(str(resolved.path), device=device, dtype=torch_dtype(dtype),
+                                        quantization=quantization)
         tokenizer = Tokenizer.from_pretrained(str(resolved.path))
         if args.served_model_name is None:
             args.served_model_name = args.model or resolved.name
         config = args.resolve(
-            model_path=str(resolved.path), device=device, dtype=dtype,
+            model_path=str(resolved.path), device=device, dtype=dtype, quantization=quantization,
             model_max_len=arch_config.max_position_embeddings,
         )
         bytes_per_block = kv_cache_bytes_per_block(arch_config, config.block_size, torch_dtype(dtype))

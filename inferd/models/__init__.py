@@ -14,6 +14,7 @@ __all__ = [
     "RopeScaling",
     "create_model",
     "get_model_class",
+    "is_gguf_file",
     "load_model",
     "read_model_arch_config",
     "supported_architectures",
@@ -30,7 +31,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _is_gguf_file(path: str) -> bool:
+def is_gguf_file(path: str) -> bool:
     return os.path.isfile(path) and path.lower().endswith(".gguf")
 
 
@@ -39,7 +40,7 @@ def read_model_arch_config(path: str) -> ModelArchConfig:
     from inferd.models.gguf_loader import read_gguf_arch_config
     from inferd.models.hf_loader import is_hf_model_dir, read_hf_arch_config
 
-    if _is_gguf_file(path):
+    if is_gguf_file(path):
         return read_gguf_arch_config(path)
     if is_hf_model_dir(path):
         return read_hf_arch_config(path)
@@ -47,17 +48,20 @@ def read_model_arch_config(path: str) -> ModelArchConfig:
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype | str
+    path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype | str, quantization: str = "none"
 ) -> tuple[torch.nn.Module, ModelArchConfig]:
     """(model in eval mode on `device` in `dtype`, its arch config) from a HF directory (config.json +
-    *.safetensors) or a .gguf file (dequantized)."""
+    *.safetensors) or a .gguf file. quantization: a resolved scheme of inferd.quant (none: GGUF blocks are
+    dequantized; gguf: they are kept; int8 / int4: float weights are quantized as they load)."""
     path = os.fspath(path)
     from inferd.models.gguf_loader import load_gguf_model
     from inferd.models.hf_loader import is_hf_model_dir, load_hf_model
 
     torch_dtype = _as_dtype(dtype)
-    if _is_gguf_file(path):
-        return load_gguf_model(path, device, torch_dtype)
+    if is_gguf_file(path):
+        return load_gguf_model(path, device, torch_dtype, quantization)
     if is_hf_model_dir(path):
-        return load_hf_model(path, device, torch_dtype)
+        if quantization == "gguf":
+            raise ValueError("quantization 'gguf' needs a .gguf model file; use int8 or int4 for other checkpoints")
+        return load_hf_model(path, device, torch_dtype, quantization)
     raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model directory with config.json")

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from inferd.models.arch_config import SUPPORTED_ROPE_TYPES, ModelArchConfig, RopeScaling
 from inferd.models.registry import create_model
+from inferd.quant import GGUF_KIND, BlockQuantized, plan_quantization
+from inferd.quant.formats import from_gguf
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_TENSOR_TYPES = (
@@ -182,13 +184,28 @@ def _dequantized(tensor: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
-def iter_gguf_tensors(reader: GGUFReader, arch_config: ModelArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 CPU tensor) for every weight tensor, with a progress bar on stderr."""
+def _tensor_shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def iter_gguf_tensors(
+    reader: GGUFReader, arch_config: ModelArchConfig, keep_blocks: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | BlockQuantized]]:
+    """(HF name, float32 CPU tensor) for every weight tensor, with a progress bar on stderr. Tensors named in
+    keep_blocks (HF names; Q4_0 / Q4_1 / Q8_0 only) come as BlockQuantized, their exact blocks."""
     is_permuted = arch_config.arch == "llama"
     for tensor in tqdm(reader.tensors, desc="Loading GGUF tensors", unit="tensor", file=sys.stderr):
         if tensor.name == ROPE_FREQS_TENSOR:
             continue  # folded into arch_config.rope_freq_factors
         hf_name = hf_name_of(tensor.name)
+        if hf_name in keep_blocks:
+            shape = _tensor_shape(tensor)
+            blocks = from_gguf(tensor.tensor_type.name, tensor.data, shape)
+            if is_permuted and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
+                num_heads = arch_config.num_heads if ".attn_q." in tensor.name else arch_config.num_kv_heads
+                blocks = blocks.permute_rows(torch.from_numpy(unpermute_qk_rows(np.arange(shape[0]), num_heads)))
+            yield hf_name, blocks
+            continue
         values = _dequantized(tensor)
         if is_permuted and ".attn_q." in tensor.name:
             values = unpermute_qk_rows(values, arch_config.num_heads)
@@ -213,10 +230,20 @@ def read_gguf_arch_config(path: str) -> ModelArchConfig:
 
 
 def load_gguf_model(
-    path: str, device: torch.device | str, dtype: torch.dtype
+    path: str, device: torch.device | str, dtype: torch.dtype, quantization: str = "none"
 ) -> tuple[torch.nn.Module, ModelArchConfig]:
+    """quantization: a resolved scheme of inferd.quant ("none", "gguf", "int8", "int4")."""
     reader = GGUFReader(path)
     arch_config = _read_arch_config(reader)
     model = create_model(arch_config, device, dtype)
-    model.load_weights(iter_gguf_tensors(reader, arch_config))
+    source_kinds = {
+        hf_name_of(t.name): GGUF_KIND.get(t.tensor_type.name) for t in reader.tensors if t.name != ROPE_FREQS_TENSOR
+    }
+    plan = plan_quantization(model.quantizable_linears(), quantization, source_kinds)
+    model.quantize_linears(plan)
+    keep_blocks = frozenset()
+    if quantization == "gguf":  # the planned layers take the file's own blocks
+        linears = model.quantizable_linears()
+        keep_blocks = frozenset(name for path in plan for name in linears[path][1])
+    model.load_weights(iter_gguf_tensors(reader, arch_config, keep_blocks))
     return model, arch_config

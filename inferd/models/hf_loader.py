@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from inferd.models.arch_config import ModelArchConfig, arch_config_from_hf
 from inferd.models.registry import create_model
+from inferd.quant import plan_quantization
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -68,9 +69,12 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def load_hf_model(
-    model_dir: str, device: torch.device | str, dtype: torch.dtype
+    model_dir: str, device: torch.device | str, dtype: torch.dtype, quantization: str = "none"
 ) -> tuple[torch.nn.Module, ModelArchConfig]:
+    """quantization: a resolved scheme of inferd.quant ("none", "int8", "int4": float weights quantized as
+    they load)."""
     arch_config = read_hf_arch_config(model_dir)
     model = create_model(arch_config, device, dtype)
+    model.quantize_linears(plan_quantization(model.quantizable_linears(), quantization))
     model.load_weights(iter_safetensors(model_dir))
     return model, arch_config

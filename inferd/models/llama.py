@@ -17,6 +17,7 @@ from inferd.layers.attention import AttentionMetadata, paged_attention
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, apply_rotary
 from inferd.models.arch_config import ModelArchConfig
+from inferd.quant import BlockQuantized, QuantLinear
 
 # HF checkpoint tensors we have no use for.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -119,6 +120,9 @@ class LlamaForCausalLM(nn.Module):
             else nn.Linear(arch_config.hidden_size, arch_config.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(arch_config)
+        # Set by quantize_linears when the output projection is block-quantized (the embedding itself stays
+        # float: a lookup reads one row per token).
+        self.quant_lm_head: QuantLinear | None = None
 
     def forward(
         self,
@@ -136,10 +140,49 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.quant_lm_head is not None:
+            return self.quant_lm_head(hidden).float()
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
     # ---- weights -----------------------------------------------------------------------------------------
+
+    @property
+    def _head_source(self) -> str:
+        """The checkpoint tensor the output projection is made of."""
+        return "model.embed_tokens.weight" if self.arch_config.tie_word_embeddings else "lm_head.weight"
+
+    def quantizable_linears(self) -> dict[str, tuple[tuple[int, int], list[str]]]:
+        """Module path -> ([out_features, in_features], checkpoint tensors that fill it); "lm_head" is the output
+        projection, tied or not."""
+        cfg = self.arch_config
+        linears: dict[str, tuple[tuple[int, int], list[str]]] = {}
+        for i in range(cfg.num_layers):
+            attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            linears[f"{attn}.qkv_proj"] = (
+                (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size), [f"{attn}.{n}_proj.weight" for n in "qkv"])
+            linears[f"{attn}.o_proj"] = ((cfg.hidden_size, cfg.q_size), [f"{attn}.o_proj.weight"])
+            linears[f"{mlp}.gate_up_proj"] = (
+                (2 * cfg.intermediate_size, cfg.hidden_size), [f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"])
+            linears[f"{mlp}.down_proj"] = ((cfg.hidden_size, cfg.intermediate_size), [f"{mlp}.down_proj.weight"])
+        linears["lm_head"] = ((cfg.vocab_size, cfg.hidden_size), [self._head_source])
+        return linears
+
+    def quantize_linears(self, plan: dict[str, str]) -> None:
+        """Swap the planned linear layers (path -> "q4" | "q8", see inferd.quant.plan_quantization) for
+        QuantLinear, before load_weights fills them."""
+        cfg = self.arch_config
+        for path, kind in plan.items():
+            if path == "lm_head":
+                self.quant_lm_head = QuantLinear(cfg.hidden_size, cfg.vocab_size, kind, bias=False)
+                self.lm_head = None
+                continue
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.get_submodule(parent_path)
+            old = getattr(parent, attr)
+            if not isinstance(old, nn.Linear):
+                raise ValueError(f"{path} is not a Linear layer")
+            setattr(parent, attr, QuantLinear(old.in_features, old.out_features, kind, bias=old.bias is not None))
 
     def _stacked_shards(self) -> dict[str, tuple[str, int, int]]:
         """HF projection name -> (our stacked projection, row offset, row count)."""
@@ -154,20 +197,37 @@ class LlamaForCausalLM(nn.Module):
         }
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the parameters (casting to the parameter's dtype and device).
-        Raises if a tensor has no home, a shape differs, or a parameter row is left unloaded."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | BlockQuantized]]) -> None:
+        """Copy HF-named tensors into the parameters (casting to the parameter's dtype and device) and into the
+        QuantLinear layers (which quantize float tensors, or take BlockQuantized ones as they are); a
+        BlockQuantized tensor bound for a float parameter is dequantized. Raises if a tensor has no home, a
+        shape differs, or a row is left unloaded."""
         params = dict(self.named_parameters())
+        quant = {name: m for name, m in self.named_modules() if isinstance(m, QuantLinear)}
         stacked = self._stacked_shards()
         # Rows still to be written, per parameter: a stacked parameter is complete once all its shards arrive.
         rows_missing = {name: p.shape[0] if p.dim() > 0 else 1 for name, p in params.items()}
+        rows_missing.update({f"{name}.weight": m.out_features for name, m in quant.items()})
         for hf_name, tensor in weights:
             if hf_name.endswith(_IGNORED_SUFFIXES):
                 continue
+            if hf_name == self._head_source and self.quant_lm_head is not None:
+                self.quant_lm_head.load_rows(0, tensor)
+                rows_missing["quant_lm_head.weight"] -= self.arch_config.vocab_size
+                if hf_name == "lm_head.weight":
+                    continue  # otherwise (tied) the embedding is loaded from it below as well
             if hf_name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the output projection is the embedding
             prefix, _, leaf = hf_name.rpartition(".")  # leaf: "weight" | "bias"
             parent, _, proj = prefix.rpartition(".")
+            target_module = f"{parent}.{stacked[proj][0]}" if proj in stacked else prefix
+            if leaf == "weight" and target_module in quant:
+                row_offset = stacked[proj][1] if proj in stacked else 0
+                quant[target_module].load_rows(row_offset, tensor)
+                rows_missing[f"{target_module}.weight"] -= tensor.shape[0]
+                continue
+            if isinstance(tensor, BlockQuantized):
+                tensor = tensor.dequantize()
             if proj in stacked:
                 target, row_offset, num_rows = stacked[proj]
                 name = f"{parent}.{target}.{leaf}"
@@ -190,3 +250,5 @@ class LlamaForCausalLM(nn.Module):
         if incomplete:
             shown = ", ".join(incomplete[:8]) + (" ..." if len(incomplete) > 8 else "")
             raise ValueError(f"{len(incomplete)} parameters were not (fully) loaded: {shown}")
+        for module in quant.values():
+            module.finalize()

@@ -1,0 +1,78 @@
+"""Layer 2: weight quantization schemes, their registry, and which layers each one quantizes.
+
+Schemes (`--quantization`):
+- none:  weights in the model dtype (GGUF blocks are dequantized at load).
+- gguf:  keep a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors in their own blocks (bit-exact weights, 0.75 / 1.125
+         bytes per weight) and run them through the CPU kernels; other tensor types are dequantized.
+- int8:  quantize float weights at load to 8 bits per weight, a float16 scale per 32 (Q8_0-like).
+- int4:  quantize float weights at load to 4 bits, a float16 scale and min per 32 (Q4_1-like); the output
+         projection (lm_head) gets int8, as llama.cpp's Q4 mixes keep it at higher precision.
+- auto:  gguf for a GGUF file when the kernels run here (CPU, float32), else none.
+The kernels are CPU float32 only for now: the quantized schemes on CUDA or in 16-bit dtypes raise a clear error.
+"""
+
+from __future__ import annotations
+
+from inferd.config import QUANTIZATIONS
+from inferd.quant.formats import GGUF_KIND, BlockQuantized, can_quantize
+from inferd.quant.kernels import cpu_kernels_available, kernel_build_error
+from inferd.quant.linear import QuantLinear
+
+QUANTIZATION_METHODS = QUANTIZATIONS
+
+__all__ = [
+    "GGUF_KIND",
+    "QUANTIZATION_METHODS",
+    "BlockQuantized",
+    "QuantLinear",
+    "plan_quantization",
+    "resolve_quantization",
+]
+
+
+def resolve_quantization(method: str, *, is_gguf: bool, device: str, dtype: str) -> str:
+    """'auto' -> a concrete scheme; a concrete scheme is checked against the model, device and dtype."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
+    if method == "none":
+        return method
+    runs_here = device == "cpu" and dtype == "float32"
+    if method == "auto":
+        return "gguf" if is_gguf and runs_here and cpu_kernels_available() else "none"
+    if method == "gguf" and not is_gguf:
+        raise ValueError("quantization 'gguf' needs a .gguf model file; use int8 or int4 for other checkpoints")
+    if not runs_here:
+        raise ValueError(f"quantization {method!r} runs on CPU in float32 only (got device {device}, dtype {dtype})")
+    if not cpu_kernels_available():
+        raise ValueError(f"quantization {method!r} needs inferd's CPU kernels, which failed to build here: "
+                         f"{kernel_build_error()}")
+    return method
+
+
+def plan_quantization(
+    linears: dict[str, tuple[tuple[int, int], list[str]]],
+    method: str,
+    source_kinds: dict[str, str | None] | None = None,
+) -> dict[str, str]:
+    """Which linear layers to quantize, and to what kind ("q4" | "q8").
+
+    linears: module path -> ([out_features, in_features], the checkpoint tensor names that fill it); the output
+    projection's path is "lm_head". source_kinds (gguf): checkpoint tensor name -> its block kind or None.
+    A layer is quantized only when its shape fits the kernels and, for gguf, all its tensors share one kind."""
+    plan: dict[str, str] = {}
+    if method == "none":
+        return plan
+    for path, (shape, sources) in linears.items():
+        if not can_quantize(shape):
+            continue
+        if method == "gguf":
+            kinds = {(source_kinds or {}).get(name) for name in sources}
+            if len(kinds) == 1 and None not in kinds:
+                plan[path] = kinds.pop()
+        elif method == "int8":
+            plan[path] = "q8"
+        elif method == "int4":
+            plan[path] = "q8" if path == "lm_head" else "q4"
+        else:
+            raise ValueError(f"no quantization plan for method {method!r}")
+    return plan

@@ -1,0 +1,124 @@
+"""Layer 2: block-quantized weights (32 weights per scale along the input dimension) and their packed form.
+
+`BlockQuantized` is the canonical, row-major form every source maps to:
+- GGUF Q4_0 / Q4_1 / Q8_0 tensors, bit-exact (`from_gguf`): the file's own weights, not a re-quantization;
+- float weights quantized at load (`quantize`, for `--quantization int8|int4`): int8 as Q8_0 (symmetric,
+  scale = absmax / 127), int4 as Q4_1 (asymmetric, scale = (max - min) / 15, min kept).
+`pack` turns it into the tile-interleaved layout the CPU kernels read (see csrc/cpu_quant_linear.cpp).
+`dequantize` is the float32 reference both the kernels and the tests compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK_SIZE = 32  # weights per scale, along K
+TILE_ROWS = 16  # output rows interleaved in one packed tile
+
+# GGUF block layouts (bytes per 32 weights): Q8_0 = f16 d + 32 x int8; Q4_0 = f16 d + 16 bytes of nibbles
+# (w = d * (q - 8)); Q4_1 = f16 d + f16 m + 16 bytes (w = d * q + m). Nibbles: byte j holds element j in its low
+# half and element j + 16 in its high half.
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+GGUF_KIND = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4"}
+
+
+@dataclass
+class BlockQuantized:
+    """kind "q4": q uint8 [N, K] in 0..15, w = scales * q + mins; kind "q8": q int8 [N, K], w = scales * q.
+    scales, mins: float32 [N, K / 32] (mins None for q8)."""
+
+    kind: str
+    q: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]. scale * q is exact in float32, so this rounds once, like a fused multiply-add."""
+        n, k = self.q.shape
+        blocks = self.q.view(n, k // BLOCK_SIZE, BLOCK_SIZE).to(torch.float32) * self.scales[..., None]
+        if self.mins is not None:
+            blocks = blocks + self.mins[..., None]
+        return blocks.view(n, k)
+
+    def narrow_rows(self, start: int, length: int) -> "BlockQuantized":
+        mins = None if self.mins is None else self.mins[start : start + length]
+        return BlockQuantized(self.kind, self.q[start : start + length], self.scales[start : start + length], mins)
+
+    def permute_rows(self, order: torch.Tensor) -> "BlockQuantized":
+        mins = None if self.mins is None else self.mins[order]
+        return BlockQuantized(self.kind, self.q[order], self.scales[order], mins)
+
+
+def can_quantize(shape: tuple[int, ...]) -> bool:
+    """Whether a [N, K] weight fits the kernels: K a multiple of the block, N of the tile."""
+    return len(shape) == 2 and shape[1] % BLOCK_SIZE == 0 and shape[0] % TILE_ROWS == 0
+
+
+def _f16_rounded(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def quantize(weight: torch.Tensor, kind: str) -> BlockQuantized:
+    """float [N, K] -> BlockQuantized (Q8_0-style for "q8", Q4_1-style for "q4"), round to nearest."""
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    blocks = w.view(n, k // BLOCK_SIZE, BLOCK_SIZE)
+    # Scales and mins are rounded to float16, as GGUF stores them: then scale * q is exact in float32 and the
+    # kernels' fused dequantization matches `dequantize` bit for bit.
+    if kind == "q8":
+        scales = _f16_rounded(blocks.abs().amax(dim=-1) / 127.0)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(blocks / safe[..., None]).clamp(-127, 127).to(torch.int8)
+        return BlockQuantized("q8", q.view(n, k), scales.contiguous(), None)
+    if kind == "q4":
+        lo, hi = _f16_rounded(blocks.amin(dim=-1)), blocks.amax(dim=-1)
+        scales = _f16_rounded((hi - lo) / 15.0)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round((blocks - lo[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+        return BlockQuantized("q4", q.view(n, k), scales.contiguous(), lo.contiguous())
+    raise ValueError(f"unknown block quantization kind {kind!r}; supported: q4, q8")
+
+
+def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQuantized:
+    """The exact weights of a GGUF Q4_0 / Q4_1 / Q8_0 tensor. raw: its bytes (uint8, any shape), shape: [N, K]."""
+    if type_name not in GGUF_BLOCK_BYTES:
+        raise ValueError(f"GGUF type {type_name} has no block-quantized form; supported: {', '.join(GGUF_BLOCK_BYTES)}")
+    n, k = shape
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // BLOCK_SIZE, GGUF_BLOCK_BYTES[type_name])
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [N, K/32]
+    if type_name == "Q8_0":
+        q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
+        return BlockQuantized("q8", torch.from_numpy(q), torch.from_numpy(d), None)
+    if type_name == "Q4_0":
+        nibbles, mins = blocks[..., 2:], -8.0 * d  # d * (q - 8) == d * q + (-8 d), both exact in float32
+    else:
+        nibbles, mins = blocks[..., 4:], blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)  # elements 0..15, then 16..31
+    return BlockQuantized("q4", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(mins)))
+
+
+def pack(bq: BlockQuantized) -> dict[str, torch.Tensor]:
+    """Kernel layout: {"qs", "scales"[, "mins"]} with output rows interleaved in tiles of 16 (see the .cpp)."""
+    n, k = bq.shape
+    if not can_quantize((n, k)):
+        raise ValueError(f"weight [{n}, {k}] cannot be packed: N must be a multiple of {TILE_ROWS}, K of {BLOCK_SIZE}")
+    t = n // TILE_ROWS
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N/16, C, 16]
+        return x.reshape(t, TILE_ROWS, x.shape[-1]).transpose(1, 2).contiguous()
+
+    out = {"scales": tiles(bq.scales.to(torch.float32))}
+    if bq.kind == "q4":
+        pairs = bq.q.view(n, k // 2, 2)
+        out["qs"] = tiles((pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8))
+        out["mins"] = tiles(bq.mins.to(torch.float32))
+    else:
+        out["qs"] = tiles(bq.q.to(torch.int8))
+    return out

@@ -1,0 +1,75 @@
+"""Layer 2: the CPU kernels of csrc/ (block-quantized matmuls), compiled once per machine with the system C++
+compiler through torch.utils.cpp_extension and cached in torch's extension directory (~/.cache/torch_extensions).
+
+`-march=native` makes the build CPU-specific, so the CPU's feature flags and torch's version are part of the
+extension's name: a home directory shared between machines never loads a build made for another CPU.
+If the build fails (no compiler, no ninja), `cpu_kernels_available()` is False and `kernel_build_error()` says
+why; `--quantization auto` then falls back to float32 weights, an explicit scheme raises that error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+
+import torch
+
+_CSRC = os.path.join(os.path.dirname(__file__), "csrc", "cpu_quant_linear.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None, "error": None}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _extension_name() -> str:
+    with open(_CSRC, "rb") as f:
+        source = f.read()
+    tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
+    return f"inferd_cpu_kernels_{tag}"
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    name = _extension_name()
+    build_dir = os.path.join(cpp_extension._get_build_directory(name, verbose=False))
+    if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
+        print("inferd: compiling the CPU kernels once for this machine (about 15 s)...", file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name=name,
+        sources=[_CSRC],
+        # -fopenmp: at::parallel_for runs on the OpenMP pool torch already loaded (same libgomp soname).
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def cpu_kernels_available() -> bool:
+    """Compile (first call on a machine) and load the kernels; False if that is not possible here."""
+    with _lock:
+        if _state["loaded"] is None:
+            try:
+                _build()
+                _state["loaded"] = hasattr(torch.ops.inferd, "q4_linear")
+            except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason kept
+                _state["loaded"] = False
+                _state["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        return bool(_state["loaded"])
+
+
+def kernel_build_error() -> str | None:
+    return _state["error"]  # type: ignore[return-value]

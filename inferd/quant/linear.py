@@ -1,0 +1,95 @@
+"""Layer 2: QuantLinear, a Linear whose weight is block-quantized (q4 or q8, see formats.py).
+
+Loading fills a row-major staging copy shard by shard (stacked projections such as qkv arrive as three
+tensors); `finalize()` packs it into the kernels' tile layout and drops the staging copy.
+forward: up to `max_kernel_rows` activation rows go through the fused kernel (decode and small batches: the
+weights are read once in their compact form); more rows (prefill) dequantize the weight into a float32 scratch
+matrix and use torch's GEMM, which is compute-bound there and faster than the fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferd.quant.formats import BLOCK_SIZE, BlockQuantized, pack, quantize
+
+# Above this many rows, dequantize + GEMM beats the fused kernel (benchmarks/quant_kernels.py measures it).
+MAX_KERNEL_ROWS = 64
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, kind: str, bias: bool) -> None:
+        super().__init__()
+        if kind not in ("q4", "q8"):
+            raise ValueError(f"QuantLinear kind must be q4 or q8, got {kind!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kind = kind
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._staging: BlockQuantized | None = None
+        # Packed tensors (buffers, set by finalize): qs, scales and, for q4, mins.
+        self.qs: torch.Tensor | None
+        self.scales: torch.Tensor | None
+        self.mins: torch.Tensor | None
+        for name in ("qs", "scales", "mins"):
+            self.register_buffer(name, None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+    def load_rows(self, row_offset: int, weight: torch.Tensor | BlockQuantized) -> None:
+        """Rows [row_offset, row_offset + n) of the weight, given as float [n, K] (quantized here) or as a
+        BlockQuantized of this layer's kind (taken as is: e.g. a GGUF tensor's own blocks)."""
+        if isinstance(weight, BlockQuantized) and weight.kind != self.kind:
+            weight = weight.dequantize()
+        if not isinstance(weight, BlockQuantized):
+            weight = quantize(weight, self.kind)
+        n, k = weight.shape
+        if k != self.in_features or row_offset + n > self.out_features:
+            raise ValueError(f"rows [{row_offset}, {row_offset + n}) x {k} do not fit a "
+                             f"[{self.out_features}, {self.in_features}] weight")
+        if self._staging is None:
+            q_dtype = torch.uint8 if self.kind == "q4" else torch.int8
+            num_blocks = self.in_features // BLOCK_SIZE
+            self._staging = BlockQuantized(
+                self.kind,
+                torch.zeros(self.out_features, self.in_features, dtype=q_dtype),
+                torch.zeros(self.out_features, num_blocks),
+                torch.zeros(self.out_features, num_blocks) if self.kind == "q4" else None,
+            )
+        s = self._staging
+        s.q[row_offset : row_offset + n].copy_(weight.q)
+        s.scales[row_offset : row_offset + n].copy_(weight.scales)
+        if s.mins is not None:
+            s.mins[row_offset : row_offset + n].copy_(weight.mins)
+
+    def finalize(self) -> None:
+        if self._staging is None:
+            raise ValueError("QuantLinear.finalize before any weight rows were loaded")
+        for name, tensor in pack(self._staging).items():
+            setattr(self, name, tensor)
+        self._staging = None
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins) if t is not None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out_features, in_features], bit-exact to formats.BlockQuantized.dequantize."""
+        if self.kind == "q4":
+            return torch.ops.inferd.q4_dequantize(self.qs, self.scales, self.mins)
+        return torch.ops.inferd.q8_dequantize(self.qs, self.scales)
+
+    # ---- compute ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] float32 -> [..., out_features] float32."""
+        num_rows = x.numel() // self.in_features
+        if num_rows > MAX_KERNEL_ROWS:
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        if self.kind == "q4":
+            y = torch.ops.inferd.q4_linear(x, self.qs, self.scales, self.mins)
+        else:
+            y = torch.ops.inferd.q8_linear(x, self.qs, self.scales)
+        return y if self.bias is None else y.add_(self.bias)

@@ -1,0 +1,212 @@
+"""Block-quantized weights and the CPU kernels, against references:
+- GGUF blocks: gguf-py's own dequantizer (bit-exact), on random tensors and on the real default model;
+- kernels: a float32 matmul on the very same dequantized weights;
+- whole models: transformers running the same weights (a tiny model whose Linear weights are replaced by our
+  dequantized int8 / int4 weights; transformers' GGUF loader on a tiny GGUF file), logits within 1e-4 and
+  greedy tokens equal.
+The kernels are compiled on first use; every machine of ours (and CI) has g++, so a failed build fails here.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import test_gguf_loader as gguf_tests
+from inferd.config import EngineArgs
+from inferd.layers.paged_driver import PagedDriver
+from inferd.models import load_model
+from inferd.quant import QuantLinear, plan_quantization, resolve_quantization
+from inferd.quant.formats import from_gguf, quantize
+from inferd.quant.kernels import cpu_kernels_available, kernel_build_error
+from test_model_parity import LOGITS_ATOL, hf_logits, hf_next_logits, random_ids, save_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built():
+    assert cpu_kernels_available(), f"inferd's CPU kernels did not build: {kernel_build_error()}"
+
+
+# ---- formats --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q8_0])
+def test_gguf_blocks_are_bit_exact(qtype):
+    w = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    raw = gguf_quantize(w, qtype)
+    ref = gguf_dequantize(raw, qtype).reshape(48, 96)
+    ours = from_gguf(qtype.name, raw, (48, 96)).dequantize()
+    assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)))
+
+
+def test_default_model_blocks_are_bit_exact(default_gguf_path):
+    reader = GGUFReader(str(default_gguf_path))
+    seen = set()
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind in ("Q4_1", "Q8_0") and kind not in seen:
+            seen.add(kind)
+            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+            ref = gguf_dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            ours = from_gguf(kind, tensor.data, shape).dequantize()
+            assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))), tensor.name
+    assert seen == {"Q4_1", "Q8_0"}
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_quantize_rounds_to_the_nearest_step(kind):
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    w[3, :32] = 0.25  # a constant block (q4: scale 0, exact) ...
+    w[4, :32] = 0.0  # ... and a zero block (both: scale 0, no division by zero)
+    bq = quantize(w, kind)
+    err = (bq.dequantize() - w).abs().view(32, 4, 32).amax(dim=-1)
+    # Half a step, plus the float16 rounding of scale (and min) GGUF's formats share.
+    step = bq.scales
+    bound = 0.5 * step + (16 if kind == "q4" else 128) * step * 2**-11 + 1e-6
+    if kind == "q4":
+        bound = bound + bq.mins.abs() * 2**-11
+    assert bool((err <= bound).all())
+    assert torch.equal(bq.dequantize()[4, :32], torch.zeros(32))
+    if kind == "q4":
+        assert torch.equal(bq.dequantize()[3, :32], torch.full((32,), 0.25))
+
+
+# ---- kernels --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 8, 13, 16, 17, 40, 64, 65, 200])
+def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kind, num_rows):
+    """48 output rows = 3 tiles (an unpaired one too); row counts cover every register tiling and both the
+    fused kernel and the dequantize + GEMM path (> 64 rows)."""
+    gen = torch.Generator().manual_seed(num_rows)
+    out_features, in_features = 48, 96
+    w = torch.randn(out_features, in_features, generator=gen)
+    bias = torch.randn(out_features, generator=gen)
+    layer = QuantLinear(in_features, out_features, kind, bias=True)
+    layer.load_rows(0, w[:16])  # shards, as stacked projections load
+    layer.load_rows(16, w[16:])
+    with torch.no_grad():
+        layer.bias.copy_(bias)
+    layer.finalize()
+    ref_w = torch.cat([quantize(w[:16], kind).dequantize(), quantize(w[16:], kind).dequantize()])
+    assert torch.equal(layer.dequantized_weight(), ref_w)
+    x = torch.randn(num_rows, in_features, generator=gen)
+    torch.testing.assert_close(layer(x), x @ ref_w.T + bias, rtol=1e-5, atol=1e-5)
+    # Leading dimensions are kept.
+    assert layer(x.view(1, num_rows, in_features)).shape == (1, num_rows, out_features)
+
+
+def test_quant_linear_rejects_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="kind"):
+        QuantLinear(64, 64, "q3", bias=False)
+    layer = QuantLinear(64, 32, "q8", bias=False)
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.load_rows(16, torch.zeros(32, 64))
+
+
+# ---- plans and resolution ---------------------------------------------------------------------------------
+
+
+def test_plan_keeps_only_layers_with_one_block_kind_and_a_fitting_shape():
+    linears = {
+        "a": ((32, 64), ["a.q", "a.k"]),
+        "mixed": ((32, 64), ["m.q", "m.k"]),
+        "float": ((32, 64), ["f"]),
+        "odd": ((30, 64), ["o"]),
+        "lm_head": ((256, 64), ["head"]),
+    }
+    kinds = {"a.q": "q4", "a.k": "q4", "m.q": "q4", "m.k": "q8", "f": None, "o": "q8", "head": "q8"}
+    assert plan_quantization(linears, "gguf", kinds) == {"a": "q4", "lm_head": "q8"}
+    assert plan_quantization(linears, "int4") == {"a": "q4", "mixed": "q4", "float": "q4", "lm_head": "q8"}
+    assert plan_quantization(linears, "int8") == {"a": "q8", "mixed": "q8", "float": "q8", "lm_head": "q8"}
+    assert plan_quantization(linears, "none") == {}
+
+
+def test_resolve_quantization():
+    assert resolve_quantization("auto", is_gguf=True, device="cpu", dtype="float32") == "gguf"
+    assert resolve_quantization("auto", is_gguf=False, device="cpu", dtype="float32") == "none"
+    assert resolve_quantization("auto", is_gguf=True, device="cpu", dtype="bfloat16") == "none"
+    assert resolve_quantization("auto", is_gguf=True, device="cuda", dtype="bfloat16") == "none"
+    assert resolve_quantization("int4", is_gguf=False, device="cpu", dtype="float32") == "int4"
+    with pytest.raises(ValueError, match="'gguf' needs a .gguf"):
+        resolve_quantization("gguf", is_gguf=False, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="CPU in float32"):
+        resolve_quantization("int8", is_gguf=False, device="cpu", dtype="bfloat16")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        resolve_quantization("fp8", is_gguf=False, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        EngineArgs(quantization="fp8").validate_static()
+
+
+# ---- whole models against transformers ------------------------------------------------------------------
+
+
+def _assert_matches_transformers(model, arch_config, hf_model, num_decode_steps: int = 16) -> None:
+    driver = PagedDriver(model, arch_config, num_blocks=16, block_size=8)
+    prompt = random_ids(11, seed=1)
+    ours = driver.step([("s", prompt)])
+    assert (ours - hf_logits(hf_model, prompt)).abs().max().item() <= LOGITS_ATOL
+    cache = DynamicCache(config=hf_model.config)
+    ref_step = hf_next_logits(hf_model, prompt, cache)
+    next_id = int(ours[-1].argmax())
+    assert next_id == int(ref_step.argmax())
+    for _ in range(num_decode_steps):
+        ours_step = driver.step([("s", [next_id])])[0]
+        ref_step = hf_next_logits(hf_model, [next_id], cache)
+        assert (ours_step - ref_step).abs().max().item() <= LOGITS_ATOL
+        next_id = int(ours_step.argmax())
+        assert next_id == int(ref_step.argmax())
+
+
+@pytest.mark.parametrize("name", ["llama_bias", "qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_int_quantized_model_matches_transformers_on_the_same_weights(name, method, tmp_path):
+    hf_model, model_dir = save_tiny_model(name, tmp_path)
+    model, arch_config = load_model(model_dir, "cpu", "float32", quantization=method)
+    kinds = {n: m.kind for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layer_kind = "q8" if method == "int8" else "q4"
+    assert len(kinds) == 4 * arch_config.num_layers + 1
+    assert kinds.pop("quant_lm_head") == "q8" and set(kinds.values()) == {layer_kind}
+    with torch.no_grad():  # transformers, given exactly the weights our kernels use
+        for module_name, module in hf_model.named_modules():
+            if isinstance(module, nn.Linear):
+                kind = "q8" if module_name == "lm_head" else layer_kind
+                module.weight.copy_(quantize(module.weight, kind).dequantize())
+    _assert_matches_transformers(model, arch_config, hf_model)
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "llama", "qwen2"])
+def test_gguf_blocks_kept_match_transformers_gguf_loader(name, tmp_path, monkeypatch):
+    # Storage types where every stacked projection has one block kind (q/k/v Q8_0, gate/up Q4_1).
+    for part, qtype in {"self_attn.v_proj": QType.Q8_0, "mlp.up_proj": QType.Q4_1}.items():
+        monkeypatch.setitem(gguf_tests._BLOCK_TENSORS, part, (gguf_tests._BLOCK_TENSORS[part][0], qtype))
+    monkeypatch.setitem(gguf_tests._TOP_TENSORS, "model.embed_tokens", ("token_embd", QType.Q8_0))
+    config = gguf_tests.CONFIGS[name]()
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    gguf_tests.randomize_(original, seed=0)
+    path = str(tmp_path / "tiny.gguf")
+    gguf_tests.write_gguf(original, gguf_tests.GGUF_ARCH[name.split("_")[0]], path)
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
+
+    model, arch_config = load_model(path, "cpu", "float32", quantization="gguf")
+    kinds = {n.rsplit(".", 1)[-1]: m.kind for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert kinds == {"qkv_proj": "q8", "o_proj": "q4", "gate_up_proj": "q4", "down_proj": "q8", "quant_lm_head": "q8"}
+    _assert_matches_transformers(model, arch_config, reference)
+
+    # The same file with its blocks dequantized at load gives the same logits.
+    dense, _ = load_model(path, "cpu", "float32", quantization="none")
+    ids = [random.Random(2).randrange(config.vocab_size) for _ in range(20)]
+    quant_logits = PagedDriver(model, arch_config, num_blocks=8, block_size=8).step([("s", ids)])
+    dense_logits = PagedDriver(dense, arch_config, num_blocks=8, block_size=8).step([("s", ids)])
+    assert (quant_logits - dense_logits).abs().max().item() <= LOGITS_ATOL
