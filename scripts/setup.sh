@@ -23,4 +23,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 # Compile the CPU kernels (block-quantized matmuls) now rather than at the first model load; cached per machine.
-.venv/bin/python -c "from inferd.quant.kernels import cpu_kernels_available as ok, kernel_build_error as err; import sys; ok() or print('inferd: CPU kernels unavailable, float32 weights will be used:', err(), file=sys.stderr)"
+.venv/bin/python -c "from inferd.kernels import cpu_kernels_available as ok, kernel_build_error as err; import sys; ok() or print('inferd: CPU kernels unavailable, float32 weights will be used:', err(), file=sys.stderr)"

@@ -27,7 +27,7 @@ from inferd.layers.paged_driver import PagedDriver
 from inferd.models import load_model
 from inferd.quant import QuantLinear, plan_quantization, resolve_quantization
 from inferd.quant.formats import from_gguf, quantize
-from inferd.quant.kernels import cpu_kernels_available, kernel_build_error
+from inferd.kernels import cpu_kernels_available, kernel_build_error
 from test_model_parity import LOGITS_ATOL, hf_logits, hf_next_logits, random_ids, save_tiny_model
 
 

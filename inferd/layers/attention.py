@@ -1,4 +1,5 @@
-"""Layer 2: paged attention, torch reference (CPU and CUDA).
+"""Layer 2: paged attention: torch reference (CPU and CUDA), and on CPU in float32 the fused decode kernel of
+inferd/kernels (one query token per sequence, K/V read in place through the block table).
 
 KV cache, one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (index 0 = K, 1 = V).
 Token slot s lives at block s // block_size, offset s % block_size.
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from inferd.kernels import use_cpu_ops
 
 if TYPE_CHECKING:  # layers never import models at run time (models import layers)
     from inferd.models.arch_config import ModelArchConfig
@@ -211,10 +214,32 @@ def _gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Ten
     return F.embedding(k_and_v_rows, rows).view(2, block_ids.numel(), -1)
 
 
+def _decode_rows(md: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """For the query-length-1 sequences: (token indices [Bd] or None when they are all tokens, their block
+    tables [Bd, max_blocks], their seq_lens [Bd])."""
+    if md.is_decode_only:
+        return None, md.block_tables, md.seq_lens
+    cached = md.derived.get("decode_rows")
+    if cached is None:
+        seq_ids = _decode_seq_ids(md)
+        device = md.block_tables.device
+        token_indices = torch.tensor([md.query_start_loc_list[i] for i in seq_ids], dtype=torch.int64, device=device)
+        seq_index = torch.tensor(seq_ids, dtype=torch.int64, device=device)
+        cached = (token_indices, md.block_tables.index_select(0, seq_index), md.seq_lens.index_select(0, seq_index))
+        md.derived["decode_rows"] = cached
+    return cached
+
+
 def _decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float, sliding_window: int | None
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """q [T, H, D] -> (token indices or None, out [Bd, H, D]) for the query-length-1 sequences."""
+    if use_cpu_ops(q) and kv_cache.is_contiguous():
+        # Fused CPU kernel: K/V read in place through the block tables, no gathered copy, no mask.
+        token_indices, block_tables, seq_lens = _decode_rows(md)
+        q_dec = q if token_indices is None else q.index_select(0, token_indices)
+        out = torch.ops.inferd.paged_decode_attention(q_dec, kv_cache, block_tables, seq_lens, scale, sliding_window or 0)
+        return token_indices, out
     token_indices, block_ids, mask, first_key, num_keys = _decode_inputs(md, sliding_window, q.dtype)
     num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     q_dec = q if token_indices is None else q.index_select(0, token_indices)

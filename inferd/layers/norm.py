@@ -1,10 +1,13 @@
-"""Layer 2: RMSNorm, optionally fused with the residual add that precedes it."""
+"""Layer 2: RMSNorm, optionally fused with the residual add that precedes it (one fused CPU op for float32 on
+CPU, inferd/kernels; the torch code otherwise)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from inferd.kernels import use_cpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -16,6 +19,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., hidden] -> x / rms(x) * weight, statistics in float32 whatever x's dtype."""
+        if use_cpu_ops(x):
+            return torch.ops.inferd.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def forward_with_residual(
@@ -23,5 +28,7 @@ class RMSNorm(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); residual None means x is the first residual stream value."""
         if residual is not None:
+            if use_cpu_ops(x):
+                return torch.ops.inferd.add_rms_norm(x, residual, self.weight, self.eps)
             x = x + residual
         return self.forward(x), x

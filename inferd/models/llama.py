@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.kernels import use_cpu_ops
 from inferd.layers.attention import AttentionMetadata, paged_attention
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, apply_rotary
@@ -50,8 +51,12 @@ class Attention(nn.Module):
         """x [T, hidden] -> [T, hidden]."""
         num_tokens = x.shape[0]
         h, hkv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(num_tokens, h + 2 * hkv, self.head_dim)
-        if self.q_norm is not None:
+        qkv_rows = self.qkv_proj(x)  # [T, (h + 2 hkv) * D], a fresh tensor
+        qkv = qkv_rows.view(num_tokens, h + 2 * hkv, self.head_dim)
+        if self.q_norm is None and use_cpu_ops(qkv_rows):
+            torch.ops.inferd.rotary_inplace(qkv_rows, cos, signed_sin, h + hkv, self.head_dim)
+            q, k = qkv[:, :h], qkv[:, h : h + hkv]
+        elif self.q_norm is not None:
             q = apply_rotary(self.q_norm(qkv[:, :h]), cos, signed_sin)
             k = apply_rotary(self.k_norm(qkv[:, h : h + hkv]), cos, signed_sin)
         else:
@@ -70,7 +75,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if use_cpu_ops(gate_up):
+            return self.down_proj(torch.ops.inferd.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

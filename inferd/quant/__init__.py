@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from inferd.config import QUANTIZATIONS
 from inferd.quant.formats import GGUF_KIND, BlockQuantized, can_quantize
-from inferd.quant.kernels import cpu_kernels_available, kernel_build_error
+from inferd.kernels import cpu_kernels_available, kernel_build_error
 from inferd.quant.linear import QuantLinear
 
 QUANTIZATION_METHODS = QUANTIZATIONS

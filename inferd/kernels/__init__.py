@@ -1,4 +1,4 @@
-"""Layer 2: the CPU kernels of csrc/ (block-quantized matmuls), compiled once per machine with the system C++
+"""Layer 2: inferd's CPU kernels (csrc/: block-quantized matmuls, fused decode ops), compiled once per machine with the system C++
 compiler through torch.utils.cpp_extension and cached in torch's extension directory (~/.cache/torch_extensions).
 
 `-march=native` makes the build CPU-specific, so the CPU's feature flags and torch's version are part of the
@@ -17,9 +17,10 @@ import threading
 
 import torch
 
-_CSRC = os.path.join(os.path.dirname(__file__), "csrc", "cpu_quant_linear.cpp")
+_CSRC_DIR = os.path.join(os.path.dirname(__file__), "csrc")
+_SOURCES = [os.path.join(_CSRC_DIR, name) for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp")]
 _lock = threading.Lock()
-_state: dict[str, object] = {"loaded": None, "error": None}
+_state: dict[str, object] = {"loaded": None, "error": None, "enabled": True}
 
 
 def _cpu_flags() -> str:
@@ -34,8 +35,10 @@ def _cpu_flags() -> str:
 
 
 def _extension_name() -> str:
-    with open(_CSRC, "rb") as f:
-        source = f.read()
+    source = b""
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            source += f.read()
     tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
     return f"inferd_cpu_kernels_{tag}"
 
@@ -49,7 +52,7 @@ def _build() -> None:
         print("inferd: compiling the CPU kernels once for this machine (about 15 s)...", file=sys.stderr, flush=True)
     cpp_extension.load(
         name=name,
-        sources=[_CSRC],
+        sources=_SOURCES,
         # -fopenmp: at::parallel_for runs on the OpenMP pool torch already loaded (same libgomp soname).
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
@@ -73,3 +76,20 @@ def cpu_kernels_available() -> bool:
 
 def kernel_build_error() -> str | None:
     return _state["error"]  # type: ignore[return-value]
+
+
+def use_cpu_ops(x: "torch.Tensor") -> bool:
+    """Whether the fused CPU ops take this tensor: CPU float32, kernels built, not switched off. Cheap: the
+    build result is cached after the first call."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not _state["enabled"]:
+        return False
+    loaded = _state["loaded"]
+    return cpu_kernels_available() if loaded is None else bool(loaded)
+
+
+def set_cpu_ops_enabled(enabled: bool) -> bool:
+    """Route the layers' fused ops (norm, rotary, decode attention) to the torch reference code instead, e.g. to
+    compare the two in tests; returns the previous setting. Quantized matmuls have no torch fallback."""
+    previous = bool(_state["enabled"])
+    _state["enabled"] = enabled
+    return previous

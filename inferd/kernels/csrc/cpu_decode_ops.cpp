@@ -1,0 +1,247 @@
+// inferd CPU kernels: the small per-layer ops of a decode step, fused. On a CPU a decode step is a few hundred
+// tiny tensor ops, and each torch op costs microseconds of dispatch and allocation; these replace chains of them:
+//   add_rms_norm     residual add + RMSNorm                   (torch: add, pow, mean, add, rsqrt, mul, mul)
+//   rotary_inplace   RoPE on the q and k heads of the fused qkv rows, in place (torch: roll, mul, addcmul, copy)
+//   silu_mul         silu(gate) * up of the fused gate_up rows (torch: split, silu, mul)
+//   paged_decode_attention  one query token per sequence against its paged K/V, read in place through the
+//                    block table (torch: gather the blocks into a copy, then SDPA)
+// All float32, accumulation in float32; results match the torch reference code to float32 rounding.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+void check_f32_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a CPU float32 tensor");
+}
+
+// ---- RMSNorm, with the residual add before it -----------------------------------------------------------------
+
+void rms_norm_row(const float* s, const float* w, float eps, int64_t n, float* out) {
+  float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+  for (int64_t i = 0; i < n; ++i) sum_sq += s[i] * s[i];
+  const float inv_rms = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = s[i] * inv_rms * w[i];
+}
+
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
+  check_f32_cpu(x_in, "x");
+  check_f32_cpu(weight, "weight");
+  const int64_t n = weight.numel();
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const int64_t rows = x.numel() / n;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(xp + r * n, wp, static_cast<float>(eps), n, op + r * n);
+  });
+  return out;
+}
+
+// (rms_norm(x + residual) * weight, x + residual)
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_in, const at::Tensor& residual_in,
+                                                const at::Tensor& weight, double eps) {
+  check_f32_cpu(x_in, "x");
+  check_f32_cpu(residual_in, "residual");
+  check_f32_cpu(weight, "weight");
+  TORCH_CHECK(x_in.sizes() == residual_in.sizes(), "x and residual must have the same shape");
+  const int64_t n = weight.numel();
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor res = residual_in.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty_like(x);
+  at::Tensor sum = at::empty_like(x);
+  const int64_t rows = x.numel() / n;
+  const float* xp = x.data_ptr<float>();
+  const float* rp = res.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* sp = sum.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* s = sp + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) s[i] = xp[r * n + i] + rp[r * n + i];
+      rms_norm_row(s, wp, static_cast<float>(eps), n, op + r * n);
+    }
+  });
+  return {out, sum};
+}
+
+// ---- RoPE, rotate-half convention, in place ---------------------------------------------------------------------
+
+// qkv [T, W] (row stride any, last dim contiguous): heads 0 .. num_heads-1 of width head_dim are rotated.
+// cos, signed_sin [T, 1, head_dim] as RotaryEmbedding.cos_sin gives them (signed_sin = cat(-sin, sin)):
+// out[j] = x[j] * cos[j] + x[(j + D/2) % D] * signed_sin[j].
+void rotary_inplace(at::Tensor& qkv, const at::Tensor& cos_in, const at::Tensor& signed_sin_in, int64_t num_heads,
+                    int64_t head_dim) {
+  check_f32_cpu(qkv, "qkv");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, W] with a contiguous last dimension");
+  TORCH_CHECK(num_heads * head_dim <= qkv.size(1) && head_dim % 2 == 0, "rotary: bad head count or head_dim");
+  const at::Tensor cos = cos_in.contiguous();
+  const at::Tensor ssin = signed_sin_in.contiguous();
+  const int64_t T = qkv.size(0);
+  TORCH_CHECK(cos.numel() == T * head_dim && ssin.numel() == T * head_dim, "cos/sin must be [T, 1, head_dim]");
+  float* base = qkv.data_ptr<float>();
+  const int64_t row_stride = qkv.stride(0);
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = ssin.data_ptr<float>();
+  const int64_t half = head_dim / 2;
+  at::parallel_for(0, T * num_heads, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / num_heads;
+      float* x = base + t * row_stride + (i % num_heads) * head_dim;
+      const float* c = cp + t * head_dim;
+      const float* s = sp + t * head_dim;
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        const float x1 = x[j];
+        const float x2 = x[j + half];
+        x[j] = x1 * c[j] + x2 * s[j];
+        x[j + half] = x2 * c[j + half] + x1 * s[j + half];
+      }
+    }
+  });
+}
+
+// ---- SiLU-gated MLP activation --------------------------------------------------------------------------------
+
+at::Tensor silu_mul(const at::Tensor& gate_up_in) {
+  check_f32_cpu(gate_up_in, "gate_up");
+  const at::Tensor gate_up = gate_up_in.contiguous();
+  const int64_t width = gate_up.size(-1);
+  TORCH_CHECK(width % 2 == 0, "gate_up's last dimension must be even");
+  const int64_t inter = width / 2;
+  const int64_t rows = gate_up.numel() / width;
+  std::vector<int64_t> shape(gate_up.sizes().begin(), gate_up.sizes().end());
+  shape.back() = inter;
+  at::Tensor out = at::empty(shape, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows * inter, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t r = e / inter, i = e % inter;
+      const float g = gp[r * width + i];
+      op[e] = g / (1.f + std::exp(-g)) * gp[r * width + inter + i];
+    }
+  });
+  return out;
+}
+
+// ---- paged decode attention -----------------------------------------------------------------------------------
+
+// q [B, H, D] (one new token per sequence, any strides), kv_cache [2, num_blocks, block_size, Hkv, D] contiguous,
+// block_tables [B, max_blocks] int64, seq_lens [B] int64 (keys in the cache, the new token's included).
+// sliding_window 0 = none, else only the last sliding_window keys are visible. -> out [B, H, D].
+// One work item per (sequence, kv head): each K/V row is read once for the H / Hkv query heads of its group.
+at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& kv_cache, const at::Tensor& block_tables_in,
+                                  const at::Tensor& seq_lens_in, double scale, int64_t sliding_window) {
+  check_f32_cpu(q_in, "q");
+  check_f32_cpu(kv_cache, "kv_cache");
+  TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 5 && kv_cache.size(0) == 2,
+              "kv_cache must be a contiguous [2, num_blocks, block_size, Hkv, D] tensor");
+  TORCH_CHECK(block_tables_in.scalar_type() == at::kLong && seq_lens_in.scalar_type() == at::kLong,
+              "block_tables and seq_lens must be int64");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor block_tables = block_tables_in.contiguous();
+  const at::Tensor seq_lens = seq_lens_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t num_blocks = kv_cache.size(1), block_size = kv_cache.size(2), Hkv = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D && H % Hkv == 0, "q and kv_cache head shapes disagree");
+  TORCH_CHECK(block_tables.size(0) >= B && seq_lens.numel() >= B, "block_tables / seq_lens have fewer rows than q");
+  const int64_t G = H / Hkv;
+  const int64_t max_blocks = block_tables.size(1);
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kv_cache.data_ptr<float>();
+  const float* vp = kp + num_blocks * block_size * Hkv * D;
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores;
+    std::vector<float> acc(G * D);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / Hkv, g = w % Hkv;
+      const int64_t len = lens[b];
+      TORCH_CHECK(len >= 1 && len <= max_blocks * block_size, "seq_len out of the block table's range");
+      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
+      const int64_t n = len - first;
+      scores.resize(G * n);
+      const float* qg = qp + (b * H + g * G) * D;
+      for (int64_t s = 0; s < n; ++s) {
+        const int64_t pos = first + s;
+        const int64_t block = bt[b * max_blocks + pos / block_size];
+        const float* k = kp + ((block * block_size + pos % block_size) * Hkv + g) * D;
+        for (int64_t h = 0; h < G; ++h) scores[h * n + s] = dot(qg + h * D, k, D) * fscale;
+      }
+      for (int64_t h = 0; h < G; ++h) {  // softmax over the n visible keys
+        float* sc = scores.data() + h * n;
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sc[s]);
+        float total = 0.f;
+        for (int64_t s = 0; s < n; ++s) {
+          sc[s] = std::exp(sc[s] - mx);
+          total += sc[s];
+        }
+        const float inv = 1.f / total;
+        for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < n; ++s) {
+        const int64_t pos = first + s;
+        const int64_t block = bt[b * max_blocks + pos / block_size];
+        const float* v = vp + ((block * block_size + pos % block_size) * Hkv + g) * D;
+        for (int64_t h = 0; h < G; ++h) {
+          const float p = scores[h * n + s];
+          float* a = acc.data() + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+        }
+      }
+      std::copy(acc.begin(), acc.end(), op + (b * H + g * G) * D);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(inferd, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rotary_inplace(Tensor(a!) qkv, Tensor cos, Tensor signed_sin, int num_heads, int head_dim) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
+        "int sliding_window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(inferd, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rotary_inplace", &rotary_inplace);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

@@ -1,0 +1,119 @@
+"""The fused CPU ops (inferd/kernels/csrc/cpu_decode_ops.cpp) against the torch code they replace, op by op and
+for a whole model (the torch path is what CUDA and 16-bit dtypes run; test_model_parity.py checks the fused
+path against transformers, since float32 on CPU takes it)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inferd.kernels import cpu_kernels_available, kernel_build_error, set_cpu_ops_enabled
+from inferd.layers.attention import AttentionMetadata, paged_attention
+from inferd.layers.paged_driver import PagedDriver
+from inferd.layers.rotary import apply_rotary
+from inferd.models import load_model
+from test_model_parity import random_ids, save_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built():
+    assert cpu_kernels_available(), f"inferd's CPU kernels did not build: {kernel_build_error()}"
+
+
+@pytest.fixture
+def torch_path():
+    """Inside a test: call torch_path(fn) to run fn with the fused ops switched off."""
+    def run(fn):
+        previous = set_cpu_ops_enabled(False)
+        try:
+            return fn()
+        finally:
+            set_cpu_ops_enabled(previous)
+    return run
+
+
+def test_rms_norm_ops_match_torch():
+    gen = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(5, 576, generator=gen), torch.randn(5, 576, generator=gen)
+    weight = 1 + 0.2 * torch.randn(576, generator=gen)
+    ref = F.rms_norm(x, (576,), weight, 1e-5)
+    torch.testing.assert_close(torch.ops.inferd.rms_norm(x, weight, 1e-5), ref, rtol=1e-5, atol=1e-6)
+    out, total = torch.ops.inferd.add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(total, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(out, F.rms_norm(x + residual, (576,), weight, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_inplace_matches_apply_rotary():
+    gen = torch.Generator().manual_seed(1)
+    num_tokens, heads, kv_heads, head_dim = 7, 4, 2, 32
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    angles = torch.rand(num_tokens, head_dim // 2, generator=gen) * 10
+    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, None]
+    signed_sin = torch.cat((-angles.sin(), angles.sin()), -1)[:, None]
+    view = qkv.view(num_tokens, heads + 2 * kv_heads, head_dim)
+    ref = apply_rotary(view[:, : heads + kv_heads], cos, signed_sin)
+    untouched = view[:, heads + kv_heads :].clone()
+    torch.ops.inferd.rotary_inplace(qkv, cos, signed_sin, heads + kv_heads, head_dim)
+    torch.testing.assert_close(view[:, : heads + kv_heads], ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(view[:, heads + kv_heads :], untouched)  # v heads are left alone
+
+
+def test_silu_mul_matches_torch():
+    gate_up = torch.randn(3, 2 * 96, generator=torch.Generator().manual_seed(2)) * 6
+    gate, up = gate_up.split(96, dim=-1)
+    torch.testing.assert_close(torch.ops.inferd.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_paged_decode_attention_matches_the_torch_path(sliding_window, mixed, torch_path):
+    """Decode rows (alone, or mixed with a prefill chunk) over scattered blocks, GQA 6:2, seq lens 1..37."""
+    gen = torch.Generator().manual_seed(3)
+    block_size, num_blocks, heads, kv_heads, head_dim = 4, 64, 6, 2, 16
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    seq_lens = [1, 9, 37, 16] + ([12] if mixed else [])
+    query_lens = [1, 1, 1, 1] + ([5] if mixed else [])
+    free = list(range(num_blocks))
+    random.Random(0).shuffle(free)
+    max_blocks = max((n + block_size - 1) // block_size for n in seq_lens)
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int64)
+    slots = []
+    for i, (n, ql) in enumerate(zip(seq_lens, query_lens)):
+        blocks = [free.pop() for _ in range((n + block_size - 1) // block_size)]
+        tables[i, : len(blocks)] = torch.tensor(blocks)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(n - ql, n)]
+    num_tokens = sum(query_lens)
+    q = torch.randn(num_tokens, heads, head_dim, generator=gen)
+    k = torch.randn(num_tokens, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_tokens, kv_heads, head_dim, generator=gen)
+    starts = [0]
+    for ql in query_lens:
+        starts.append(starts[-1] + ql)
+
+    def run():
+        md = AttentionMetadata.build(
+            slot_mapping=torch.tensor(slots), query_start_loc=starts, seq_lens=seq_lens,
+            num_computed_tokens=[n - ql for n, ql in zip(seq_lens, query_lens)], block_tables=tables,
+            block_size=block_size, device="cpu",
+        )
+        return paged_attention(q, k, v, kv_cache.clone(), md, head_dim**-0.5, sliding_window)
+
+    torch.testing.assert_close(run(), torch_path(run), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral_sliding_window"])
+def test_whole_model_fused_ops_match_the_torch_path(name, tmp_path, torch_path):
+    _, model_dir = save_tiny_model(name, tmp_path)
+    model, arch_config = load_model(model_dir, "cpu", "float32")
+
+    def run():
+        driver = PagedDriver(model, arch_config, num_blocks=32, block_size=8)
+        logits = [driver.step([("a", random_ids(13, seed=1)), ("b", random_ids(5, seed=2))])]
+        for step in range(6):
+            logits.append(driver.step([("a", [step + 3]), ("b", [step + 7])]))
+        return torch.cat(logits)
+
+    torch.testing.assert_close(run(), torch_path(run), rtol=1e-5, atol=1e-5)
