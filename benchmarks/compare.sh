@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The serving comparison: inferd vs llama.cpp's llama-server vs vLLM (CPU) vs transformers (offline generate), on
-# this machine, the same model, fp32 everywhere. Each server is measured with `inferd bench serve` at every
+# this machine, the same model. Two precisions, each with its peers: float32 weights (inferd-fp32, llama.cpp on
+# the F32 GGUF, vLLM, transformers) and the GGUF file's own Q4_1/Q8_0 blocks (inferd, whose default keeps them;
+# llamacpp-q4 on the same file). Each server is measured with `inferd bench serve` at every
 # concurrency of $CONCURRENCY; servers alternate across $REPEATS rounds, and each run waits for a quiet CPU first
 # (on a shared 2-core machine a busy neighbour slows timings many-fold: check the busy% column before trusting).
 # Prints a markdown table and appends it to benchmarks/RESULTS.md; raw JSON, server logs and a plot go to
 # benchmarks/.peers/results/<timestamp>/.
 #
-#   usage: benchmarks/compare.sh [SERVER...]     SERVER: inferd llamacpp vllm transformers
+#   usage: benchmarks/compare.sh [SERVER...]     SERVER: inferd inferd-fp32 llamacpp llamacpp-q4 vllm transformers
 #          (default: inferd plus every peer whose setup script has run)
 #   setup: benchmarks/peers/setup_llamacpp.sh; benchmarks/peers/setup_vllm.sh (also makes the HF dir transformers uses)
 #   env:   CONCURRENCY=1,4,16 NUM_PROMPTS=32 INPUT_LEN=256 OUTPUT_LEN=128 REPEATS=2 SEED=0 NUM_THREADS=2
@@ -29,7 +31,8 @@ mkdir -p "$RUN_DIR"
 if [ "$#" -gt 0 ]; then
     servers=("$@")
 else
-    servers=(inferd)
+    servers=(inferd inferd-fp32)
+    [ -x "$LLAMA_SERVER_BIN" ] && servers+=(llamacpp-q4)
     [ -x "$LLAMA_SERVER_BIN" ] && [ -f "$MODEL_F32_GGUF" ] && servers+=(llamacpp)
     [ -x "$VLLM_VENV/bin/python" ] && [ -f "$MODEL_HF_DIR/config.json" ] && servers+=(vllm)
     [ -f "$MODEL_HF_DIR/config.json" ] && servers+=(transformers)
@@ -41,7 +44,9 @@ port_of() {
         inferd) echo 8100 ;;
         llamacpp) echo 8101 ;;
         vllm) echo 8102 ;;
-        *) log "unknown server $1 (inferd llamacpp vllm transformers)"; return 1 ;;
+        inferd-fp32) echo 8103 ;;
+        llamacpp-q4) echo 8104 ;;
+        *) log "unknown server $1 (inferd inferd-fp32 llamacpp llamacpp-q4 vllm transformers)"; return 1 ;;
     esac
 }
 
@@ -59,7 +64,13 @@ trap stop_server EXIT
 
 start_server() {
     local server="$1" port="$2" waited_s=0
-    setsid bash "$BENCH_DIR/peers/run_$server.sh" "$port" > "$RUN_DIR/$server.server.log" 2>&1 &
+    # A variant runs its base server's script: inferd-fp32 with float32 weights, llamacpp-q4 on the Q4_1 GGUF.
+    local script="$BENCH_DIR/peers/run_${server%%-*}.sh" extra=()
+    case "$server" in
+        inferd-fp32) extra=(--quantization none) ;;
+        llamacpp-q4) extra=(--model "$MODEL_Q4_GGUF") ;;
+    esac
+    setsid bash "$script" "$port" "${extra[@]}" > "$RUN_DIR/$server.server.log" 2>&1 &
     SERVER_PID=$!
     until curl -sf -o /dev/null "http://$HOST:$port/health"; do
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then

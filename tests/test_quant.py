@@ -27,7 +27,7 @@ from inferd.layers.paged_driver import PagedDriver
 from inferd.models import load_model
 from inferd.quant import QuantLinear, plan_quantization, resolve_quantization
 from inferd.quant.formats import from_gguf, quantize
-from inferd.kernels import cpu_kernels_available, kernel_build_error
+from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_build_error
 from test_model_parity import LOGITS_ATOL, hf_logits, hf_next_logits, random_ids, save_tiny_model
 
 
@@ -84,12 +84,14 @@ def test_quantize_rounds_to_the_nearest_step(kind):
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
-@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 8, 13, 16, 17, 40, 64, 65, 200])
-def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kind, num_rows):
-    """48 output rows = 3 tiles (an unpaired one too); row counts cover every register tiling and both the
-    fused kernel and the dequantize + GEMM path (> 64 rows)."""
+@pytest.mark.parametrize("out_features", [48, 64])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 8, 13, 16, 17, 23, 24, 40, 97, 200])
+def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kind, out_features, num_rows):
+    """48 output rows = 3 tiles (an unpaired one: the in-register path at any row count), 64 = 2 tile pairs;
+    row counts cover every register tiling of the in-register path (< 24 rows) and of the unpack-once GEMM
+    path (>= 24 rows, in blocks of 96)."""
     gen = torch.Generator().manual_seed(num_rows)
-    out_features, in_features = 48, 96
+    in_features = 96
     w = torch.randn(out_features, in_features, generator=gen)
     bias = torch.randn(out_features, generator=gen)
     layer = QuantLinear(in_features, out_features, kind, bias=True)
@@ -133,7 +135,9 @@ def test_plan_keeps_only_layers_with_one_block_kind_and_a_fitting_shape():
 
 
 def test_resolve_quantization():
-    assert resolve_quantization("auto", is_gguf=True, device="cpu", dtype="float32") == "gguf"
+    # auto keeps GGUF blocks where the AVX-512 kernels are (they beat float32 there); elsewhere float32.
+    expected_auto = "gguf" if has_avx512_kernels() else "none"
+    assert resolve_quantization("auto", is_gguf=True, device="cpu", dtype="float32") == expected_auto
     assert resolve_quantization("auto", is_gguf=False, device="cpu", dtype="float32") == "none"
     assert resolve_quantization("auto", is_gguf=True, device="cpu", dtype="bfloat16") == "none"
     assert resolve_quantization("auto", is_gguf=True, device="cuda", dtype="bfloat16") == "none"
@@ -210,3 +214,46 @@ def test_gguf_blocks_kept_match_transformers_gguf_loader(name, tmp_path, monkeyp
     quant_logits = PagedDriver(model, arch_config, num_blocks=8, block_size=8).step([("s", ids)])
     dense_logits = PagedDriver(dense, arch_config, num_blocks=8, block_size=8).step([("s", ids)])
     assert (quant_logits - dense_logits).abs().max().item() <= LOGITS_ATOL
+
+
+_PORTABLE_CHECK = """
+import torch, torch.nn.functional as F
+from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_build_error
+assert cpu_kernels_available(), kernel_build_error()
+assert not torch.ops.inferd.has_avx512()
+from inferd.quant.linear import QuantLinear
+from inferd.quant.formats import quantize
+gen = torch.Generator().manual_seed(0)
+for kind in ("q4", "q8"):
+    for rows in (1, 5, 40):
+        w, x = torch.randn(64, 96, generator=gen), torch.randn(rows, 96, generator=gen)
+        layer = QuantLinear(96, 64, kind, bias=False)
+        layer.load_rows(0, w)
+        layer.finalize()
+        ref_w = quantize(w, kind).dequantize()
+        assert torch.equal(layer.dequantized_weight(), ref_w)
+        torch.testing.assert_close(layer(x), x @ ref_w.T, rtol=1e-5, atol=1e-5)
+x, r, wt = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen), torch.randn(64, generator=gen)
+out, total = torch.ops.inferd.add_rms_norm(x, r, wt, 1e-5)
+torch.testing.assert_close(out, F.rms_norm(x + r, (64,), wt, 1e-5), rtol=1e-5, atol=1e-6)
+gu = torch.randn(3, 128, generator=gen)
+torch.testing.assert_close(torch.ops.inferd.silu_mul(gu), F.silu(gu[:, :64]) * gu[:, 64:], rtol=1e-5, atol=1e-6)
+print("portable kernels ok")
+"""
+
+
+def test_portable_kernels_without_avx512(tmp_path):
+    """Laptops without AVX-512 get the portable C++ paths: build them here (-march=x86-64-v3, AVX2) in a child
+    process, in a scratch extension directory, and check them against the same references."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64-v3 is an x86 target; on other CPUs the native build is the portable path")
+    env = dict(os.environ, INFERD_CPU_MARCH="x86-64-v3", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    result = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "portable kernels ok" in result.stdout

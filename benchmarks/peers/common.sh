@@ -4,9 +4,9 @@
 PEERS_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PEERS_DIR="${PEERS_DIR:-$PEERS_REPO_ROOT/benchmarks/.peers}"
 
-# The project's default model arrives as a Q4_1 GGUF; inferd dequantizes it to fp32 at load, so the
-# matched-precision peers get an F32 GGUF (llama.cpp) or an fp32 Hugging Face directory (vLLM, transformers)
-# made from the same file.
+# The project's default model arrives as a Q4_1 GGUF. inferd runs its Q4_1/Q8_0 blocks as they are (llama.cpp's
+# peer: the same file) or dequantized to float32 (`--quantization none`), whose matched-precision peers get an
+# F32 GGUF (llama.cpp) or a float32 Hugging Face directory (vLLM, transformers) made from the same file.
 INFERD_PYTHON="${INFERD_PYTHON:-$PEERS_REPO_ROOT/.venv/bin/python}"
 # The default model's file in the model store (pulled if absent; prints its path).
 MODEL_Q4_GGUF="${MODEL_Q4_GGUF:-$("$INFERD_PYTHON" -m inferd.cli pull smollm2-135m-instruct 2>/dev/null | tail -n 1)}"

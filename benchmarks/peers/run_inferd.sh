@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Serve the default model with inferd (fp32, CPU) on $1 (default 8100), pinned to $CPU_LIST, in the foreground.
-# It loads the Q4_1 GGUF itself and dequantizes to fp32: the weights the F32 GGUF and the HF directory hold.
+# Serve the default model with inferd (CPU, float32 activations) on $1 (default 8100), pinned to $CPU_LIST, in the
+# foreground. It loads the Q4_1 GGUF and by default keeps its Q4_1/Q8_0 blocks (the weights llama.cpp runs from
+# that file); with `--quantization none` (compare.sh's inferd-fp32) it dequantizes them to float32: the weights
+# the F32 GGUF and the HF directory hold.
 #   usage: benchmarks/peers/run_inferd.sh [PORT] [extra `inferd serve` flags...]
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

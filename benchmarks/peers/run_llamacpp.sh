@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Serve the F32 GGUF with llama.cpp's llama-server on $1 (default 8101), pinned to $CPU_LIST, in the foreground.
+# A later --model in the extra flags (compare.sh's llamacpp-q4: the Q4_1 GGUF) overrides it.
 # 16 slots sharing one KV buffer (continuous batching), F32 KV cache: the same precision as inferd's fp32 run.
 #   usage: benchmarks/peers/run_llamacpp.sh [PORT] [extra llama-server flags...]
 set -euo pipefail

@@ -34,12 +34,18 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _march() -> str:
+    """-march for the build: native, or INFERD_CPU_MARCH (e.g. x86-64-v3 to build and test the non-AVX-512 path on
+    an AVX-512 machine)."""
+    return os.environ.get("INFERD_CPU_MARCH", "native")
+
+
 def _extension_name() -> str:
     source = b""
     for path in _SOURCES:
         with open(path, "rb") as f:
             source += f.read()
-    tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
+    tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + _march().encode()).hexdigest()[:12]
     return f"inferd_cpu_kernels_{tag}"
 
 
@@ -54,7 +60,7 @@ def _build() -> None:
         name=name,
         sources=_SOURCES,
         # -fopenmp: at::parallel_for runs on the OpenMP pool torch already loaded (same libgomp soname).
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", f"-march={_march()}", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
@@ -76,6 +82,12 @@ def cpu_kernels_available() -> bool:
 
 def kernel_build_error() -> str | None:
     return _state["error"]  # type: ignore[return-value]
+
+
+def has_avx512_kernels() -> bool:
+    """Whether the built kernels have their AVX-512 paths (the quantized matmuls beat float32 there; the portable
+    path is correct everywhere but slower than torch's float32 GEMM)."""
+    return cpu_kernels_available() and bool(torch.ops.inferd.has_avx512())
 
 
 def use_cpu_ops(x: "torch.Tensor") -> bool:

@@ -7,7 +7,9 @@ Schemes (`--quantization`):
 - int8:  quantize float weights at load to 8 bits per weight, a float16 scale per 32 (Q8_0-like).
 - int4:  quantize float weights at load to 4 bits, a float16 scale and min per 32 (Q4_1-like); the output
          projection (lm_head) gets int8, as llama.cpp's Q4 mixes keep it at higher precision.
-- auto:  gguf for a GGUF file when the kernels run here (CPU, float32), else none.
+- auto:  gguf for a GGUF file when the AVX-512 kernels run here (CPU, float32), else none (without AVX-512 the
+         portable kernels are correct but slower than float32 GEMMs; gguf / int8 / int4 can still be asked for, to
+         save memory).
 The kernels are CPU float32 only for now: the quantized schemes on CUDA or in 16-bit dtypes raise a clear error.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from inferd.config import QUANTIZATIONS
 from inferd.quant.formats import GGUF_KIND, BlockQuantized, can_quantize
-from inferd.kernels import cpu_kernels_available, kernel_build_error
+from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_build_error
 from inferd.quant.linear import QuantLinear
 
 QUANTIZATION_METHODS = QUANTIZATIONS
@@ -38,7 +40,7 @@ def resolve_quantization(method: str, *, is_gguf: bool, device: str, dtype: str)
         return method
     runs_here = device == "cpu" and dtype == "float32"
     if method == "auto":
-        return "gguf" if is_gguf and runs_here and cpu_kernels_available() else "none"
+        return "gguf" if is_gguf and runs_here and has_avx512_kernels() else "none"
     if method == "gguf" and not is_gguf:
         raise ValueError("quantization 'gguf' needs a .gguf model file; use int8 or int4 for other checkpoints")
     if not runs_here:

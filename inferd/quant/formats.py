@@ -104,8 +104,17 @@ def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQ
     return BlockQuantized("q4", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(mins)))
 
 
+def _as_f16_exactly(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The kernels keep scales and mins in float16 (GGUF's own precision); refuse any value that would round."""
+    half = x.to(torch.float16)
+    if not torch.equal(half.to(torch.float32), x.to(torch.float32)):
+        raise ValueError(f"block {name} must be float16 values (GGUF's and quantize()'s are)")
+    return half
+
+
 def pack(bq: BlockQuantized) -> dict[str, torch.Tensor]:
-    """Kernel layout: {"qs", "scales"[, "mins"]} with output rows interleaved in tiles of 16 (see the .cpp)."""
+    """Kernel layout: {"qs", "scales"[, "mins"]} with output rows interleaved in tiles of 16, scales and mins in
+    float16 (see the .cpp)."""
     n, k = bq.shape
     if not can_quantize((n, k)):
         raise ValueError(f"weight [{n}, {k}] cannot be packed: N must be a multiple of {TILE_ROWS}, K of {BLOCK_SIZE}")
@@ -114,11 +123,11 @@ def pack(bq: BlockQuantized) -> dict[str, torch.Tensor]:
     def tiles(x: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N/16, C, 16]
         return x.reshape(t, TILE_ROWS, x.shape[-1]).transpose(1, 2).contiguous()
 
-    out = {"scales": tiles(bq.scales.to(torch.float32))}
+    out = {"scales": tiles(_as_f16_exactly(bq.scales, "scales"))}
     if bq.kind == "q4":
         pairs = bq.q.view(n, k // 2, 2)
         out["qs"] = tiles((pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8))
-        out["mins"] = tiles(bq.mins.to(torch.float32))
+        out["mins"] = tiles(_as_f16_exactly(bq.mins, "mins"))
     else:
         out["qs"] = tiles(bq.q.to(torch.int8))
     return out

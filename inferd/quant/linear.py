@@ -2,21 +2,17 @@
 
 Loading fills a row-major staging copy shard by shard (stacked projections such as qkv arrive as three
 tensors); `finalize()` packs it into the kernels' tile layout and drops the staging copy.
-forward: up to `max_kernel_rows` activation rows go through the fused kernel (decode and small batches: the
-weights are read once in their compact form); more rows (prefill) dequantize the weight into a float32 scratch
-matrix and use torch's GEMM, which is compute-bound there and faster than the fused kernel.
+forward: one kernel call for any number of rows. Few rows (decode) dequantize in registers as the compact
+weights stream by; many rows (prefill) unpack each 32-row slice once into an L2 buffer and run a
+register-blocked GEMM on it, about as fast as torch's float32 GEMM (benchmarks/quant_kernels.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inferd.quant.formats import BLOCK_SIZE, BlockQuantized, pack, quantize
-
-# Above this many rows, dequantize + GEMM beats the fused kernel (benchmarks/quant_kernels.py measures it).
-MAX_KERNEL_ROWS = 64
 
 
 class QuantLinear(nn.Module):
@@ -77,17 +73,15 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins) if t is not None)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 [out_features, in_features], bit-exact to formats.BlockQuantized.dequantize."""
+        """float32 [out_features, in_features] (a transposed view of a contiguous [in, out] matrix, which GEMMs
+        take as is), bit-exact to formats.BlockQuantized.dequantize."""
         if self.kind == "q4":
-            return torch.ops.inferd.q4_dequantize(self.qs, self.scales, self.mins)
-        return torch.ops.inferd.q8_dequantize(self.qs, self.scales)
+            return torch.ops.inferd.q4_dequantize_t(self.qs, self.scales, self.mins).t()
+        return torch.ops.inferd.q8_dequantize_t(self.qs, self.scales).t()
 
     # ---- compute ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] float32 -> [..., out_features] float32."""
-        num_rows = x.numel() // self.in_features
-        if num_rows > MAX_KERNEL_ROWS:
-            return F.linear(x, self.dequantized_weight(), self.bias)
         if self.kind == "q4":
             y = torch.ops.inferd.q4_linear(x, self.qs, self.scales, self.mins)
         else:
