@@ -68,7 +68,9 @@ start_server() {
     local script="$BENCH_DIR/peers/run_${server%%-*}.sh" extra=()
     case "$server" in
         inferd-fp32) extra=(--quantization none) ;;
-        llamacpp-q4) extra=(--model "$MODEL_Q4_GGUF") ;;
+        # --no-repack: llama.cpp's weight repacking for Q4/Q8 dies with SIGILL on this VM (seen 2026-11-26:
+        # "Illegal instruction" at load, fine without it); it then runs its plain Q4_1 / Q8_0 kernels.
+        llamacpp-q4) extra=(--model "$MODEL_Q4_GGUF" --no-repack) ;;
     esac
     setsid bash "$script" "$port" "${extra[@]}" > "$RUN_DIR/$server.server.log" 2>&1 &
     SERVER_PID=$!

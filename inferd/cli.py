@@ -140,7 +140,12 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inferd", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="inferd",
+        description="inferd: serve LLMs on a laptop CPU or a GPU box, with an OpenAI-compatible API.",
+        epilog="Run `inferd COMMAND --help` for a command's flags. Models are stored in $INFERD_HOME "
+               "(default ~/.cache/inferd).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pull", help="fetch a catalog model into the store ($INFERD_HOME)")
@@ -165,19 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, default_max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
+    # serve needs the engine (torch); bench needs neither. A command whose imports fail stays listed and says why
+    # when run, instead of vanishing from --help.
     try:
         from inferd.server.app import add_serve_parser
-    except ImportError:
-        add_serve_parser = None
-    if add_serve_parser is not None:
+
         add_serve_parser(sub)
+    except ImportError as exc:
+        _add_unavailable(sub, "serve", exc)
     try:
         from inferd.bench.serve import add_bench_parser
-    except ImportError:
-        add_bench_parser = None
-    if add_bench_parser is not None:
+
         add_bench_parser(sub)
+    except ImportError as exc:
+        _add_unavailable(sub, "bench", exc)
     return parser
+
+
+def _add_unavailable(sub: argparse._SubParsersAction, name: str, exc: ImportError) -> None:
+    reason = f"{type(exc).__name__}: {exc}"
+    p = sub.add_parser(name, help=f"(unavailable here: {reason})", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    def fail(_ns: argparse.Namespace) -> int:
+        print(f"inferd: error: `inferd {name}` cannot run here: {reason}", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=fail)
 
 
 def main(argv: list[str] | None = None) -> int:

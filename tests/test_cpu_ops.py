@@ -61,9 +61,11 @@ def test_rotary_inplace_matches_apply_rotary():
     assert torch.equal(view[:, heads + kv_heads :], untouched)  # v heads are left alone
 
 
-def test_silu_mul_matches_torch():
-    gate_up = torch.randn(3, 2 * 96, generator=torch.Generator().manual_seed(2)) * 6
-    gate, up = gate_up.split(96, dim=-1)
+@pytest.mark.parametrize("width", [96, 40])  # 40: a vector tail
+def test_silu_mul_matches_torch(width):
+    gate_up = torch.randn(3, 2 * width, generator=torch.Generator().manual_seed(2)) * 6
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, -88.0, 0.0])  # saturated and zero gates
+    gate, up = gate_up.split(width, dim=-1)
     torch.testing.assert_close(torch.ops.inferd.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 

@@ -26,17 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Llam
 from inferd.layers.paged_driver import PagedDriver
 from inferd.models import load_model
 from inferd.models.gguf_loader import read_gguf_metadata
+from test_model_parity import _TINY as _PARITY_TINY
 
-_TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-5,
-)
+# The tiny shape of test_model_parity.py; GGUF files carry rms_norm_eps, so it is set explicitly.
+_TINY = dict(_PARITY_TINY, rms_norm_eps=1e-5)
 CONFIGS = {
     "llama_tied": lambda: LlamaConfig(**_TINY, tie_word_embeddings=True, rope_theta=10000.0),
     "llama": lambda: LlamaConfig(**_TINY, tie_word_embeddings=False, rope_theta=10000.0),

@@ -104,6 +104,9 @@ class LLMEngine:
             args.quantization, is_gguf=is_gguf_file(str(resolved.path)), device=device, dtype=dtype)
         model, arch_config = load_model(str(resolved.path), device=device, dtype=torch_dtype(dtype),
                                         quantization=quantization)
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        print(f"inferd: {resolved.name} on {device}, {dtype} activations, quantization {quantization}: "
+              f"{weight_bytes / 1e6:.0f} MB of weights", file=sys.stderr)
         tokenizer = Tokenizer.from_pretrained(str(resolved.path))
         if args.served_model_name is None:
             args.served_model_name = args.model or resolved.name

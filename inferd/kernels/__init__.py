@@ -93,7 +93,8 @@ def has_avx512_kernels() -> bool:
 def use_cpu_ops(x: "torch.Tensor") -> bool:
     """Whether the fused CPU ops take this tensor: CPU float32, kernels built, not switched off. Cheap: the
     build result is cached after the first call."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not _state["enabled"]:
+    # Called ~150 times a decode step: tensor attributes and dict lookups only.
+    if not x.is_cpu or x.dtype is not torch.float32 or not _state["enabled"]:
         return False
     loaded = _state["loaded"]
     return cpu_kernels_available() if loaded is None else bool(loaded)

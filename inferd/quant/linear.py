@@ -68,6 +68,19 @@ class QuantLinear(nn.Module):
         for name, tensor in pack(self._staging).items():
             setattr(self, name, tensor)
         self._staging = None
+        self._refresh_kernel_args()
+
+    def _refresh_kernel_args(self) -> None:
+        # The kernel's tensor arguments as one plain attribute: buffers go through nn.Module.__getattr__, about a
+        # microsecond each, ~500 times a decode step.
+        self._kernel_args = (self.qs, self.scales) if self.kind == "q8" else (self.qs, self.scales, self.mins)
+        self._kernel = torch.ops.inferd.q8_linear if self.kind == "q8" else torch.ops.inferd.q4_linear
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / ...: keep the plain attribute on the new buffers
+        result = super()._apply(fn, recurse)
+        if self.qs is not None:
+            self._refresh_kernel_args()
+        return result
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.scales, self.mins) if t is not None)
@@ -82,8 +95,6 @@ class QuantLinear(nn.Module):
     # ---- compute ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] float32 -> [..., out_features] float32."""
-        if self.kind == "q4":
-            y = torch.ops.inferd.q4_linear(x, self.qs, self.scales, self.mins)
-        else:
-            y = torch.ops.inferd.q8_linear(x, self.qs, self.scales)
-        return y if self.bias is None else y.add_(self.bias)
+        y = self._kernel(x, *self._kernel_args)
+        bias = self.bias
+        return y if bias is None else y.add_(bias)

@@ -18,12 +18,64 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
+#if defined(__AVX512F__)
+// e^x for 16 floats, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact
+// reduction), e^r by Cephes' degree-6 expf polynomial, then times 2^n by vscalefps. Inputs are clamped to
+// [-103, 88.38]: results underflow to 0 below, and e^88.38 is the largest finite float.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// v[i] = exp(v[i] - shift) for i < n; returns their sum.
+inline float exp_shifted_sum(float* v, int64_t n, float shift) {
+  float total = 0.f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(shift);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(v + i), sh));
+    _mm512_storeu_ps(v + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) {
+    v[i] = std::exp(v[i] - shift);
+    total += v[i];
+  }
+  return total;
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
   float acc = 0.f;
+#if defined(__AVX512F__)
+  __m512 v = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) v = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), v);
+  acc = _mm512_reduce_add_ps(v);
+#endif
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  for (int64_t j = i; j < n; ++j) acc += a[j] * b[j];
   return acc;
 }
 
@@ -139,11 +191,21 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
   at::Tensor out = at::empty(shape, gate_up.options());
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows * inter, 4096, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t r = e / inter, i = e % inter;
-      const float g = gp[r * width + i];
-      op[e] = g / (1.f + std::exp(-g)) * gp[r * width + inter + i];
+  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gp + r * width;
+      const float* u = g + inter;
+      float* o = op + r * inter;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= inter; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
   return out;
@@ -191,34 +253,35 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& kv_c
       const int64_t n = len - first;
       scores.resize(G * n);
       const float* qg = qp + (b * H + g * G) * D;
-      for (int64_t s = 0; s < n; ++s) {
-        const int64_t pos = first + s;
+      // Keys block by block (no division per key): slot = block * block_size + offset.
+      for (int64_t pos = first; pos < len;) {
         const int64_t block = bt[b * max_blocks + pos / block_size];
+        const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
         const float* k = kp + ((block * block_size + pos % block_size) * Hkv + g) * D;
-        for (int64_t h = 0; h < G; ++h) scores[h * n + s] = dot(qg + h * D, k, D) * fscale;
+        for (; pos < end; ++pos, k += Hkv * D) {
+          for (int64_t h = 0; h < G; ++h) scores[h * n + pos - first] = dot(qg + h * D, k, D) * fscale;
+        }
       }
       for (int64_t h = 0; h < G; ++h) {  // softmax over the n visible keys
         float* sc = scores.data() + h * n;
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sc[s]);
-        float total = 0.f;
-        for (int64_t s = 0; s < n; ++s) {
-          sc[s] = std::exp(sc[s] - mx);
-          total += sc[s];
-        }
-        const float inv = 1.f / total;
+        const float inv = 1.f / exp_shifted_sum(sc, n, mx);
+#pragma omp simd
         for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t s = 0; s < n; ++s) {
-        const int64_t pos = first + s;
+      for (int64_t pos = first; pos < len;) {
         const int64_t block = bt[b * max_blocks + pos / block_size];
+        const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
         const float* v = vp + ((block * block_size + pos % block_size) * Hkv + g) * D;
-        for (int64_t h = 0; h < G; ++h) {
-          const float p = scores[h * n + s];
-          float* a = acc.data() + h * D;
+        for (; pos < end; ++pos, v += Hkv * D) {
+          for (int64_t h = 0; h < G; ++h) {
+            const float p = scores[h * n + pos - first];
+            float* a = acc.data() + h * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+            for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+          }
         }
       }
       std::copy(acc.begin(), acc.end(), op + (b * H + g * G) * D);
