@@ -72,7 +72,8 @@ def build_table(run_dir: Path) -> str:
         f"{memory_gib()}, {platform.platform()}",
         f"- workload: random prompts of {args.get('input_len')} tokens, {args.get('output_len')} output tokens "
         f"(ignore_eos), {args.get('num_prompts')} requests per point, all sent at once, capped by concurrency; "
-        f"fp32 weights dequantized from the same Q4_1 GGUF",
+        "weights from the same Q4_1 GGUF: its own Q4_1/Q8_0 blocks for `inferd` and `llamacpp-q4`, dequantized "
+        "to fp32 for `inferd-fp32`, `llamacpp`, `vllm` and `transformers`",
         f"- medians over {max((len(v) for v in points_by_key.values()), default=0)} repeats "
         "(servers alternated); tok/s range = min..max over repeats",
     ]
