@@ -67,16 +67,20 @@ inline float exp_shifted_sum(float* v, int64_t n, float shift) {
 }
 
 inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float acc = 0.f;
 #if defined(__AVX512F__)
+  // No `omp simd reduction` here: its 16-lane epilogue (16 dependent scalar adds) would run on every call.
+  int64_t i = 0;
   __m512 v = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) v = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), v);
-  acc = _mm512_reduce_add_ps(v);
-#endif
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = i; j < n; ++j) acc += a[j] * b[j];
+  float acc = _mm512_reduce_add_ps(v);
+  for (; i < n; ++i) acc += a[i] * b[i];
   return acc;
+#else
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+#endif
 }
 
 void check_f32_cpu(const at::Tensor& t, const char* name) {
@@ -213,6 +217,32 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
 
 // ---- paged decode attention -----------------------------------------------------------------------------------
 
+#if defined(__AVX512F__)
+// out[h] = sum over visible keys s of p[h][s] * v_s, for the G query heads of one kv head, with the head's
+// DC x 16 output floats held in registers (V rows are read once per query head, from L1/L2).
+template <int DC>
+void weighted_values_avx512(const float* probs, int64_t n, int64_t G, int64_t first, int64_t len,
+                            const int64_t* block_table, int64_t block_size, const float* vp, int64_t Hkv, int64_t g,
+                            float* out) {
+  constexpr int64_t D = DC * 16;
+  for (int64_t h = 0; h < G; ++h) {
+    __m512 acc[DC];
+    for (int c = 0; c < DC; ++c) acc[c] = _mm512_setzero_ps();
+    const float* p = probs + h * n - first;
+    for (int64_t pos = first; pos < len;) {
+      const int64_t block = block_table[pos / block_size];
+      const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
+      const float* v = vp + ((block * block_size + pos % block_size) * Hkv + g) * D;
+      for (; pos < end; ++pos, v += Hkv * D) {
+        const __m512 pv = _mm512_set1_ps(p[pos]);
+        for (int c = 0; c < DC; ++c) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16 * c), acc[c]);
+      }
+    }
+    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + h * D + 16 * c, acc[c]);
+  }
+}
+#endif
+
 // q [B, H, D] (one new token per sequence, any strides), kv_cache [2, num_blocks, block_size, Hkv, D] contiguous,
 // block_tables [B, max_blocks] int64, seq_lens [B] int64 (keys in the cache, the new token's included).
 // sliding_window 0 = none, else only the last sliding_window keys are visible. -> out [B, H, D].
@@ -270,6 +300,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& kv_c
 #pragma omp simd
         for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
       }
+      float* out_g = op + (b * H + g * G) * D;
+#if defined(__AVX512F__)
+      if (D == 64) {
+        weighted_values_avx512<4>(scores.data(), n, G, first, len, bt + b * max_blocks, block_size, vp, Hkv, g, out_g);
+        continue;
+      }
+      if (D == 128) {
+        weighted_values_avx512<8>(scores.data(), n, G, first, len, bt + b * max_blocks, block_size, vp, Hkv, g, out_g);
+        continue;
+      }
+#endif
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = first; pos < len;) {
         const int64_t block = bt[b * max_blocks + pos / block_size];
@@ -284,7 +325,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& kv_c
           }
         }
       }
-      std::copy(acc.begin(), acc.end(), op + (b * H + g * G) * D);
+      std::copy(acc.begin(), acc.end(), out_g);
     }
   });
   return out;
