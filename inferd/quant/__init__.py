@@ -15,9 +15,11 @@ The kernels are CPU float32 only for now: the quantized schemes on CUDA or in 16
 
 from __future__ import annotations
 
+import sys
+
 from inferd.config import QUANTIZATIONS
-from inferd.quant.formats import GGUF_KIND, BlockQuantized, can_quantize
 from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_build_error
+from inferd.quant.formats import GGUF_KIND, BlockQuantized, can_quantize
 from inferd.quant.linear import QuantLinear
 
 QUANTIZATION_METHODS = QUANTIZATIONS
@@ -40,7 +42,13 @@ def resolve_quantization(method: str, *, is_gguf: bool, device: str, dtype: str)
         return method
     runs_here = device == "cpu" and dtype == "float32"
     if method == "auto":
-        return "gguf" if is_gguf and runs_here and has_avx512_kernels() else "none"
+        if is_gguf and runs_here:
+            if has_avx512_kernels():
+                return "gguf"
+            reason = kernel_build_error() or "no AVX-512 on this CPU (the portable kernels are slower than float32)"
+            print(f"inferd: keeping the GGUF's blocks needs inferd's AVX-512 kernels; using float32 weights: {reason}",
+                  file=sys.stderr)
+        return "none"
     if method == "gguf" and not is_gguf:
         raise ValueError("quantization 'gguf' needs a .gguf model file; use int8 or int4 for other checkpoints")
     if not runs_here:
