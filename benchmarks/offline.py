@@ -114,6 +114,8 @@ def main() -> int:
     ap.add_argument("--quantization", default="auto,none",
                     help="comma-separated inferd weight schemes to run (auto, none, gguf, int8, int4)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="then profile one request (64 new tokens) of the first inferd scheme: top ops by CPU time")
     args = ap.parse_args()
 
     from inferd import LLM
@@ -179,6 +181,15 @@ def main() -> int:
                 num_bytes = sum(m.weight.numel() * 4 for m in hf_model.modules() if isinstance(m, torch.nn.Linear))
             achieved = num_bytes * tok_s / n / 1e9
             print(f"| {case} | {name} | {tok_s:.1f} | {ratio} | {achieved:.1f} |")
+    if args.profile:
+        from torch.profiler import profile
+
+        name, llm = next(iter(llms.items()))
+        num_tokens = 64
+        with profile() as prof:
+            run_inferd(llm, prompts[:1], num_tokens)
+        print(f"\n{name}, 1 request x {num_tokens} tokens; ms per token = self CPU total / {num_tokens}:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     return 0
 
 

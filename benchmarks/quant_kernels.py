@@ -5,7 +5,7 @@
 Weights: the linear layers of SmolLM2-135M (30 layers of qkv 960x576, o 576x576, gate_up 3072x576,
 down 576x1536) plus the tied output projection 49152x576, random values, so a pass streams the whole model's
 weights as a decode step does. Per row count it prints the time of one pass (median of --repeats) for:
-float32 F.linear and the q4/q8 kernels (one call per layer, as QuantLinear makes it).
+float32 F.linear and QuantLinear (one q4/q8 kernel call per layer).
 """
 
 from __future__ import annotations
@@ -71,11 +71,7 @@ def main() -> int:
 
         def run_kernel():
             for layer, _ in layers:
-                x = xs[layer.in_features]
-                if layer.kind == "q4":
-                    torch.ops.inferd.q4_linear(x, layer.qs, layer.scales, layer.mins)
-                else:
-                    torch.ops.inferd.q8_linear(x, layer.qs, layer.scales)
+                layer(xs[layer.in_features])
 
         t_float = time_pass(run_float, args.repeats)
         t_kernel = time_pass(run_kernel, args.repeats)

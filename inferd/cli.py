@@ -190,18 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_unavailable(sub: argparse._SubParsersAction, name: str, exc: ImportError) -> None:
     reason = f"{type(exc).__name__}: {exc}"
     p = sub.add_parser(name, help=f"(unavailable here: {reason})", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
 
     def fail(_ns: argparse.Namespace) -> int:
         print(f"inferd: error: `inferd {name}` cannot run here: {reason}", file=sys.stderr)
         return 2
 
-    p.set_defaults(func=fail)
+    p.set_defaults(func=fail, takes_any_args=True)  # its real flags are unknown here; main() lets them through
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(ns, "takes_any_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(ns.func(ns) or 0)
     except ValueError as e:

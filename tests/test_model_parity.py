@@ -100,10 +100,11 @@ def load_ours(model_dir: str):
     return model, arch_config
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_prefill_then_greedy_decode_matches_transformers(name, tmp_path):
-    hf_model, model_dir = save_tiny_model(name, tmp_path)
-    model, arch_config = load_ours(model_dir)
+def assert_prefill_and_greedy_decode_match(
+    model, arch_config, hf_model: torch.nn.Module, num_decode_steps: int = 32
+) -> None:
+    """Our paged prefill + greedy decode vs transformers on an 11-token prompt: logits within LOGITS_ATOL at
+    every step, the same greedy token every step. (Also used by test_quant.py for quantized models.)"""
     driver = PagedDriver(model, arch_config, num_blocks=16, block_size=BLOCK_SIZE)
     prompt = random_ids(11, seed=1)
 
@@ -116,12 +117,19 @@ def test_prefill_then_greedy_decode_matches_transformers(name, tmp_path):
     ref_step = hf_next_logits(hf_model, prompt, cache)
     next_id = int(ours[-1].argmax())
     assert next_id == int(ref_step.argmax())
-    for _ in range(32):
+    for _ in range(num_decode_steps):
         ours_step = driver.step([("s", [next_id])])[0]
         ref_step = hf_next_logits(hf_model, [next_id], cache)
         assert (ours_step - ref_step).abs().max().item() <= LOGITS_ATOL
         next_id = int(ours_step.argmax())
         assert next_id == int(ref_step.argmax())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_then_greedy_decode_matches_transformers(name, tmp_path):
+    hf_model, model_dir = save_tiny_model(name, tmp_path)
+    model, arch_config = load_ours(model_dir)
+    assert_prefill_and_greedy_decode_match(model, arch_config, hf_model)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding_window"])

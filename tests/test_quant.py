@@ -19,7 +19,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 import test_gguf_loader as gguf_tests
 from inferd.config import EngineArgs
@@ -28,7 +28,7 @@ from inferd.models import load_model
 from inferd.quant import QuantLinear, plan_quantization, resolve_quantization
 from inferd.quant.formats import from_gguf, quantize
 from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_build_error
-from test_model_parity import LOGITS_ATOL, hf_logits, hf_next_logits, random_ids, save_tiny_model
+from test_model_parity import LOGITS_ATOL, assert_prefill_and_greedy_decode_match, save_tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,23 +155,6 @@ def test_resolve_quantization():
 # ---- whole models against transformers ------------------------------------------------------------------
 
 
-def _assert_matches_transformers(model, arch_config, hf_model, num_decode_steps: int = 16) -> None:
-    driver = PagedDriver(model, arch_config, num_blocks=16, block_size=8)
-    prompt = random_ids(11, seed=1)
-    ours = driver.step([("s", prompt)])
-    assert (ours - hf_logits(hf_model, prompt)).abs().max().item() <= LOGITS_ATOL
-    cache = DynamicCache(config=hf_model.config)
-    ref_step = hf_next_logits(hf_model, prompt, cache)
-    next_id = int(ours[-1].argmax())
-    assert next_id == int(ref_step.argmax())
-    for _ in range(num_decode_steps):
-        ours_step = driver.step([("s", [next_id])])[0]
-        ref_step = hf_next_logits(hf_model, [next_id], cache)
-        assert (ours_step - ref_step).abs().max().item() <= LOGITS_ATOL
-        next_id = int(ours_step.argmax())
-        assert next_id == int(ref_step.argmax())
-
-
 @pytest.mark.parametrize("name", ["llama_bias", "qwen2", "qwen3"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_int_quantized_model_matches_transformers_on_the_same_weights(name, method, tmp_path):
@@ -186,7 +169,7 @@ def test_int_quantized_model_matches_transformers_on_the_same_weights(name, meth
             if isinstance(module, nn.Linear):
                 kind = "q8" if module_name == "lm_head" else layer_kind
                 module.weight.copy_(quantize(module.weight, kind).dequantize())
-    _assert_matches_transformers(model, arch_config, hf_model)
+    assert_prefill_and_greedy_decode_match(model, arch_config, hf_model, num_decode_steps=16)
 
 
 @pytest.mark.parametrize("name", ["llama_tied", "llama", "qwen2"])
@@ -206,7 +189,7 @@ def test_gguf_blocks_kept_match_transformers_gguf_loader(name, tmp_path, monkeyp
     model, arch_config = load_model(path, "cpu", "float32", quantization="gguf")
     kinds = {n.rsplit(".", 1)[-1]: m.kind for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert kinds == {"qkv_proj": "q8", "o_proj": "q4", "gate_up_proj": "q4", "down_proj": "q8", "quant_lm_head": "q8"}
-    _assert_matches_transformers(model, arch_config, reference)
+    assert_prefill_and_greedy_decode_match(model, arch_config, reference, num_decode_steps=16)
 
     # The same file with its blocks dequantized at load gives the same logits.
     dense, _ = load_model(path, "cpu", "float32", quantization="none")
@@ -250,9 +233,9 @@ def test_portable_kernels_without_avx512(tmp_path):
     import subprocess
     import sys
 
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("x86-64-v3 is an x86 target; on other CPUs the native build is the portable path")
-    env = dict(os.environ, INFERD_CPU_MARCH="x86-64-v3", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    # On a non-x86 CPU the native build has no AVX-512 either, so it is the portable path.
+    march = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"
+    env = dict(os.environ, INFERD_CPU_MARCH=march, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     result = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -126,6 +126,22 @@ def _decode_seq_ids(md: AttentionMetadata) -> list[int]:
     return [i for i in range(md.num_seqs) if md.query_len(i) == 1]
 
 
+def _decode_rows(md: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """For the query-length-1 sequences: (token indices [Bd] or None when they are all tokens, their block
+    tables [Bd, max_blocks], their seq_lens [Bd])."""
+    if md.is_decode_only:
+        return None, md.block_tables, md.seq_lens
+    cached = md.derived.get("decode_rows")
+    if cached is None:
+        seq_ids = _decode_seq_ids(md)
+        device = md.block_tables.device
+        token_indices = torch.tensor([md.query_start_loc_list[i] for i in seq_ids], dtype=torch.int64, device=device)
+        seq_index = torch.tensor(seq_ids, dtype=torch.int64, device=device)
+        cached = (token_indices, md.block_tables.index_select(0, seq_index), md.seq_lens.index_select(0, seq_index))
+        md.derived["decode_rows"] = cached
+    return cached
+
+
 def _decode_inputs(
     md: AttentionMetadata, sliding_window: int | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, int, int]:
@@ -136,17 +152,8 @@ def _decode_inputs(
     if cached is not None:
         return cached
     device = md.block_tables.device
-    if md.is_decode_only:
-        seq_ids = list(range(md.num_seqs))
-        token_indices = None
-        block_tables = md.block_tables
-        seq_lens = md.seq_lens
-    else:
-        seq_ids = _decode_seq_ids(md)
-        token_indices = torch.tensor([md.query_start_loc_list[i] for i in seq_ids], dtype=torch.int64, device=device)
-        seq_index = torch.tensor(seq_ids, dtype=torch.int64, device=device)
-        block_tables = md.block_tables.index_select(0, seq_index)
-        seq_lens = md.seq_lens.index_select(0, seq_index)
+    token_indices, block_tables, seq_lens = _decode_rows(md)
+    seq_ids = list(range(md.num_seqs)) if md.is_decode_only else _decode_seq_ids(md)
     seq_lens_list = [md.seq_lens_list[i] for i in seq_ids]
     max_seq_len = max(seq_lens_list)
     num_blocks = (max_seq_len + md.block_size - 1) // md.block_size
@@ -212,22 +219,6 @@ def _gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Ten
     rows = kv_cache.view(2 * num_blocks, -1)
     k_and_v_rows = torch.cat((block_ids, block_ids + num_blocks))
     return F.embedding(k_and_v_rows, rows).view(2, block_ids.numel(), -1)
-
-
-def _decode_rows(md: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """For the query-length-1 sequences: (token indices [Bd] or None when they are all tokens, their block
-    tables [Bd, max_blocks], their seq_lens [Bd])."""
-    if md.is_decode_only:
-        return None, md.block_tables, md.seq_lens
-    cached = md.derived.get("decode_rows")
-    if cached is None:
-        seq_ids = _decode_seq_ids(md)
-        device = md.block_tables.device
-        token_indices = torch.tensor([md.query_start_loc_list[i] for i in seq_ids], dtype=torch.int64, device=device)
-        seq_index = torch.tensor(seq_ids, dtype=torch.int64, device=device)
-        cached = (token_indices, md.block_tables.index_select(0, seq_index), md.seq_lens.index_select(0, seq_index))
-        md.derived["decode_rows"] = cached
-    return cached
 
 
 def _decode_attention(

@@ -22,11 +22,9 @@ from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_bui
 from inferd.quant.formats import GGUF_KIND, BlockQuantized, can_quantize
 from inferd.quant.linear import QuantLinear
 
-QUANTIZATION_METHODS = QUANTIZATIONS
-
 __all__ = [
     "GGUF_KIND",
-    "QUANTIZATION_METHODS",
+    "QUANTIZATIONS",
     "BlockQuantized",
     "QuantLinear",
     "plan_quantization",
@@ -36,8 +34,8 @@ __all__ = [
 
 def resolve_quantization(method: str, *, is_gguf: bool, device: str, dtype: str) -> str:
     """'auto' -> a concrete scheme; a concrete scheme is checked against the model, device and dtype."""
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
     if method == "none":
         return method
     runs_here = device == "cpu" and dtype == "float32"

@@ -47,10 +47,6 @@ class BlockQuantized:
             blocks = blocks + self.mins[..., None]
         return blocks.view(n, k)
 
-    def narrow_rows(self, start: int, length: int) -> "BlockQuantized":
-        mins = None if self.mins is None else self.mins[start : start + length]
-        return BlockQuantized(self.kind, self.q[start : start + length], self.scales[start : start + length], mins)
-
     def permute_rows(self, order: torch.Tensor) -> "BlockQuantized":
         mins = None if self.mins is None else self.mins[order]
         return BlockQuantized(self.kind, self.q[order], self.scales[order], mins)
