@@ -1,0 +1,256 @@
+"""Layer 0: a generic micro-batcher for models without a KV cache (embedding and tabular models).
+
+Many small requests arrive from the event loop; one worker thread runs the model on batches of them:
+
+    batcher = MicroBatcher(run_batch, BatchLimits(max_batch_items=64, max_batch_cost=8192), cost=len)
+    batcher.start()
+    futures = batcher.submit_many(items)        # concurrent.futures.Future per item, from any thread
+    results = await batcher.submit_many_async(items)   # from the event loop; cancelling it drops the items
+    batcher.shutdown()
+
+Policy (continuous batching, as TEI and Triton's dynamic batcher do it):
+  - Items wait in one FIFO queue. When the worker is free it takes items from the head, in order, while the
+    batch stays within `max_batch_items` and `max_batch_cost` (the sum of `cost(item)`, e.g. tokens). An item
+    whose cost alone exceeds `max_batch_cost` runs in a batch of its own (callers reject what cannot run).
+  - With `max_wait_s` > 0 a batch that is not full waits until its oldest item has waited that long, for more
+    items to join (Triton's max_queue_delay). With 0 (the default) nothing waits: items that arrive while a batch
+    runs form the next one, so an idle server answers a lone request at once.
+  - `run_batch(items) -> results` (one result per item, same order) runs on the worker thread. If it raises for
+    a batch of several items, each item is run again alone, so one bad item fails only its own request.
+  - A cancelled future (its client left) is skipped before its batch runs.
+  - Queue bounds: `max_queue_items` queued items at most; past that `submit_many` raises QueueFullError
+    (a 429 at the HTTP edge), and takes all of a request's items or none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+logger = logging.getLogger("inferd.batching")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFullError(RuntimeError):
+    """The batcher's queue holds `max_queue_items` already; retry later."""
+
+
+class BatcherStoppedError(RuntimeError):
+    """The batcher was shut down (or never started) before the item ran."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_items: int = 64  # items in one batch at most
+    max_batch_cost: int | None = None  # sum of cost(item) in one batch at most (e.g. tokens); None = no limit
+    max_wait_s: float = 0.0  # how long a batch that is not full may wait for more items, from its oldest item
+    max_queue_items: int = 4096  # queued items at most
+
+    def __post_init__(self) -> None:
+        if self.max_batch_items < 1:
+            raise ValueError(f"max_batch_items must be >= 1, got {self.max_batch_items}")
+        if self.max_batch_cost is not None and self.max_batch_cost < 1:
+            raise ValueError(f"max_batch_cost must be >= 1, got {self.max_batch_cost}")
+        if not 0.0 <= self.max_wait_s <= 10.0:
+            raise ValueError(f"max_wait_s must be in [0, 10] seconds, got {self.max_wait_s}")
+        if self.max_queue_items < 1:
+            raise ValueError(f"max_queue_items must be >= 1, got {self.max_queue_items}")
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one batch did, for metrics; times in seconds."""
+
+    num_items: int
+    cost: int
+    queue_times_s: tuple[float, ...]  # per item: from submit to the start of its batch
+    compute_time_s: float
+    is_retried_alone: bool  # the batch failed and its items were run one by one
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    cost: int
+    future: Future[R]
+    enqueue_time: float
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        limits: BatchLimits,
+        *,
+        cost: Callable[[T], int] | None = None,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+        name: str = "inferd-batcher",
+    ) -> None:
+        self._run_batch = run_batch
+        self.limits = limits
+        self._cost = cost or (lambda _item: 1)
+        self._on_batch = on_batch
+        self._name = name
+        self._queue: collections.deque[_Pending[T, R]] = collections.deque()
+        self._queued_cost = 0
+        self._cond = threading.Condition()
+        self._is_stopping = False
+        self._thread: threading.Thread | None = None
+        # Cumulative counters (read without the lock: ints are replaced atomically).
+        self.num_batches = 0
+        self.num_items_run = 0
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        with self._cond:
+            self._is_stopping = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._queued_cost = 0
+            self._cond.notify_all()
+        for pending in dropped:
+            if pending.future.set_running_or_notify_cancel():
+                pending.future.set_exception(BatcherStoppedError("the model is shutting down"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._is_stopping
+
+    @property
+    def num_queued_items(self) -> int:
+        return len(self._queue)
+
+    @property
+    def num_queued_cost(self) -> int:
+        return self._queued_cost
+
+    # ------------------------------------------------------------------------------------------ submit
+
+    def submit_many(self, items: Sequence[T]) -> list[Future[R]]:
+        """Queue every item (all or none); one future per item, in order."""
+        now = time.monotonic()
+        pending = [_Pending(item, self._cost(item), Future(), now) for item in items]
+        with self._cond:
+            if not self.is_running:
+                raise BatcherStoppedError("the model is not running")
+            if len(self._queue) + len(pending) > self.limits.max_queue_items:
+                raise QueueFullError(
+                    f"{len(self._queue)} items are queued and this request adds {len(pending)} "
+                    f"(max_queue_items {self.limits.max_queue_items}); retry later"
+                )
+            self._queue.extend(pending)
+            self._queued_cost += sum(p.cost for p in pending)
+            self._cond.notify()
+        return [p.future for p in pending]
+
+    def submit(self, item: T) -> Future[R]:
+        return self.submit_many([item])[0]
+
+    async def submit_many_async(self, items: Sequence[T]) -> list[R]:
+        """Results in order. Cancelling the awaiting task cancels the items that have not run yet."""
+        futures = self.submit_many(items)
+        wrapped = [asyncio.wrap_future(f) for f in futures]
+        try:
+            return list(await asyncio.gather(*wrapped))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    # ------------------------------------------------------------------------------------------ worker
+
+    def _take_batch(self) -> list[_Pending[T, R]] | None:
+        """The next batch (called with the lock held); None when stopping."""
+        limits = self.limits
+        while True:
+            while not self._queue and not self._is_stopping:
+                self._cond.wait()
+            if self._is_stopping:
+                return None
+            if limits.max_wait_s > 0 and not self._is_full():
+                deadline = self._queue[0].enqueue_time + limits.max_wait_s
+                remaining_s = deadline - time.monotonic()
+                if remaining_s > 0:
+                    self._cond.wait(remaining_s)
+                    continue  # re-check: more items, a stop, or the deadline
+            batch: list[_Pending[T, R]] = []
+            batch_cost = 0
+            while self._queue and len(batch) < limits.max_batch_items:
+                head = self._queue[0]
+                if batch and limits.max_batch_cost is not None and batch_cost + head.cost > limits.max_batch_cost:
+                    break
+                self._queue.popleft()
+                self._queued_cost -= head.cost
+                if not head.future.set_running_or_notify_cancel():
+                    continue  # cancelled while queued
+                batch.append(head)
+                batch_cost += head.cost
+            if batch:
+                return batch
+
+    def _is_full(self) -> bool:
+        limits = self.limits
+        if len(self._queue) >= limits.max_batch_items:
+            return True
+        return limits.max_batch_cost is not None and self._queued_cost >= limits.max_batch_cost
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._take_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending[T, R]]) -> None:
+        started = time.monotonic()
+        queue_times_s = tuple(started - p.enqueue_time for p in batch)
+        is_retried_alone = False
+        try:
+            results = self._call(batch)
+            for pending, result in zip(batch, results):
+                pending.future.set_result(result)
+        except Exception as exc:  # noqa: BLE001 - reported to the item's future
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+            else:
+                is_retried_alone = True
+                logger.warning("%s: a batch of %d failed (%s); running its items one by one", self._name, len(batch), exc)
+                for pending in batch:
+                    try:
+                        pending.future.set_result(self._call([pending])[0])
+                    except Exception as item_exc:  # noqa: BLE001
+                        pending.future.set_exception(item_exc)
+        compute_time_s = time.monotonic() - started
+        self.num_batches += 1
+        self.num_items_run += len(batch)
+        if self._on_batch is not None:
+            record = BatchRecord(len(batch), sum(p.cost for p in batch), queue_times_s, compute_time_s, is_retried_alone)
+            try:
+                self._on_batch(record)
+            except Exception:  # noqa: BLE001 - metrics must never fail a request
+                logger.exception("%s: on_batch callback failed", self._name)
+
+    def _call(self, batch: list[_Pending[T, R]]) -> Sequence[R]:
+        results = self._run_batch([p.item for p in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        return results

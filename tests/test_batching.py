@@ -1,0 +1,166 @@
+"""The generic micro-batcher (inferd/batching.py): batch composition, limits, cancellation, failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from inferd.batching import BatcherStoppedError, BatchLimits, BatchRecord, MicroBatcher, QueueFullError
+
+
+class _GatedModel:
+    """run_batch that blocks until released, recording each batch it was given."""
+
+    def __init__(self, fail_on: set[int] | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.fail_on = fail_on or set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.entered.set()
+        self.gate.wait(5)
+        if self.fail_on & set(items):
+            raise ValueError(f"bad item in {items}")
+        return [x * 10 for x in items]
+
+
+def _started(model, limits: BatchLimits, **kwargs) -> MicroBatcher:
+    batcher = MicroBatcher(model, limits, **kwargs)
+    batcher.start()
+    return batcher
+
+
+def test_items_queued_while_a_batch_runs_form_the_next_batch_in_order():
+    model = _GatedModel()
+    batcher = _started(model, BatchLimits(max_batch_items=3))
+    try:
+        first = batcher.submit(0)
+        assert model.entered.wait(5)
+        futures = batcher.submit_many([1, 2, 3, 4, 5])
+        model.gate.set()
+        assert first.result(5) == 0
+        assert [f.result(5) for f in futures] == [10, 20, 30, 40, 50]
+        assert model.batches == [[0], [1, 2, 3], [4, 5]]
+        assert batcher.num_batches == 3 and batcher.num_items_run == 6
+    finally:
+        batcher.shutdown()
+
+
+def test_cost_budget_splits_batches_and_an_oversized_item_runs_alone():
+    model = _GatedModel()
+    batcher = _started(model, BatchLimits(max_batch_items=10, max_batch_cost=10), cost=lambda x: x)
+    try:
+        blocker = batcher.submit(1)
+        assert model.entered.wait(5)
+        futures = batcher.submit_many([4, 5, 2, 30, 3])
+        model.gate.set()
+        assert blocker.result(5) == 10
+        assert [f.result(5) for f in futures] == [40, 50, 20, 300, 30]
+        # 4+5 fit (9); +2 would be 11. 2 alone then 30 would exceed: 2 runs, then 30 alone, then 3.
+        assert model.batches == [[1], [4, 5], [2], [30], [3]]
+    finally:
+        batcher.shutdown()
+
+
+def test_max_wait_lets_a_burst_coalesce():
+    model = _GatedModel()
+    model.gate.set()
+    batcher = _started(model, BatchLimits(max_batch_items=4, max_wait_s=0.5))
+    try:
+        futures = [batcher.submit(0)]
+        time.sleep(0.05)
+        futures += batcher.submit_many([1, 2])
+        time.sleep(0.05)
+        futures += batcher.submit_many([3, 4])  # the batch fills at 4 items: it runs without waiting further
+        assert [f.result(5) for f in futures] == [0, 10, 20, 30, 40]
+        assert model.batches == [[0, 1, 2, 3], [4]]
+    finally:
+        batcher.shutdown()
+
+
+def test_a_failing_item_fails_alone_and_the_rest_of_its_batch_succeeds():
+    model = _GatedModel(fail_on={2})
+    records: list[BatchRecord] = []
+    batcher = _started(model, BatchLimits(max_batch_items=8), on_batch=records.append)
+    try:
+        blocker = batcher.submit(0)
+        assert model.entered.wait(5)
+        futures = batcher.submit_many([1, 2, 3])
+        model.gate.set()
+        assert blocker.result(5) == 0
+        assert futures[0].result(5) == 10 and futures[2].result(5) == 30
+        with pytest.raises(ValueError, match="bad item"):
+            futures[1].result(5)
+        assert model.batches == [[0], [1, 2, 3], [1], [2], [3]]
+        assert [r.num_items for r in records] == [1, 3]
+        assert records[1].is_retried_alone and not records[0].is_retried_alone
+    finally:
+        batcher.shutdown()
+
+
+def test_queue_limit_takes_all_of_a_request_or_none():
+    model = _GatedModel()
+    batcher = _started(model, BatchLimits(max_batch_items=1, max_queue_items=3))
+    try:
+        running = batcher.submit(0)
+        assert model.entered.wait(5)
+        queued = batcher.submit_many([1, 2])
+        with pytest.raises(QueueFullError, match="max_queue_items 3"):
+            batcher.submit_many([3, 4])
+        assert batcher.num_queued_items == 2
+        last = batcher.submit(5)
+        model.gate.set()
+        assert [f.result(5) for f in [running, *queued, last]] == [0, 10, 20, 50]
+    finally:
+        batcher.shutdown()
+
+
+def test_cancelled_items_are_skipped_and_async_cancel_drops_queued_items():
+    model = _GatedModel()
+    batcher = _started(model, BatchLimits(max_batch_items=8))
+
+    async def scenario() -> None:
+        blocker = batcher.submit(0)
+        assert await asyncio.to_thread(model.entered.wait, 5)
+        task = asyncio.ensure_future(batcher.submit_many_async([1, 2]))
+        kept = asyncio.ensure_future(batcher.submit_many_async([3]))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        model.gate.set()
+        assert await kept == [30]
+        assert blocker.result(5) == 0
+
+    try:
+        asyncio.run(scenario())
+        assert model.batches == [[0], [3]]
+    finally:
+        batcher.shutdown()
+
+
+def test_shutdown_fails_queued_items_and_refuses_new_ones():
+    model = _GatedModel()
+    batcher = _started(model, BatchLimits(max_batch_items=1))
+    running = batcher.submit(0)
+    assert model.entered.wait(5)
+    queued = batcher.submit(1)
+    threading.Timer(0.05, model.gate.set).start()
+    batcher.shutdown()
+    assert running.result(5) == 0
+    with pytest.raises(BatcherStoppedError):
+        queued.result(5)
+    with pytest.raises(BatcherStoppedError):
+        batcher.submit(2)
+
+
+def test_limits_are_validated_with_the_field_name():
+    with pytest.raises(ValueError, match="max_batch_items"):
+        BatchLimits(max_batch_items=0)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        BatchLimits(max_wait_s=-1)
