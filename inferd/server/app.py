@@ -18,12 +18,15 @@ import argparse
 import asyncio
 import importlib.metadata
 import hmac
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
@@ -39,6 +42,7 @@ from inferd.server.routes.ops import router as ops_router
 from inferd.serving import ModelKind, ModelSpec
 from inferd.server.state import (
     ARRIVAL_TIME_SCOPE_KEY,
+    DEFAULT_BODY_READ_TIMEOUT_S,
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
@@ -49,17 +53,39 @@ from inferd.server.state import (
 logger = logging.getLogger("inferd.server")
 
 API_KEY_ENV = "INFERD_API_KEY"
-# Paths served without an API key and while draining (probes, scrapers, docs).
-_OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Paths served without an API key and while draining (probes, scrapers, docs); /metrics too unless
+# --metrics-require-key.
+_OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
+                         "/openapi.json"})
+_METRICS_PATH = "/metrics"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A JSON \u escape of a UTF-16 surrogate; a lone one (no high+low pair) is not Unicode text.
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def read_api_keys(keys: Sequence[str] | None, key_file: str | None, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Every accepted API key: --api-key flags, the lines of --api-key-file (blank lines and # comments skipped),
+    and $INFERD_API_KEY (several separated by commas). Keys in a file or the environment stay out of `ps`."""
+    found = [k.strip() for k in keys or []]
+    if key_file is not None:
+        try:
+            lines = Path(key_file).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"api_key_file: cannot read {key_file}: {exc}") from None
+        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    found += [k.strip() for k in environ.get(API_KEY_ENV, "").split(",")]
+    keys_found = tuple(dict.fromkeys(k for k in found if k))
+    if any(any(c.isspace() for c in k) for k in keys_found):
+        raise ValueError("api_key: a key must not contain whitespace")
+    return keys_found
 
 
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
-        key = state.options.api_key
-        self._expected_authorization = f"Bearer {key}".encode() if key else None
+        self._api_keys = tuple(k.encode() for k in state.options.api_keys)
+        self._open_paths = _OPEN_PATHS if state.options.metrics_require_key else _OPEN_PATHS | {_METRICS_PATH}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,8 +93,8 @@ class GuardMiddleware:
             return
         scope[ARRIVAL_TIME_SCOPE_KEY] = time.monotonic()
         state = self.state
-        if scope["path"] not in _OPEN_PATHS:
-            if self._expected_authorization is not None and not self._is_authorized(scope):
+        if scope["path"] not in self._open_paths:
+            if self._api_keys and not self._is_authorized(scope):
                 response = error_response(
                     401, "missing or incorrect API key (send Authorization: Bearer <key>)", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
@@ -93,11 +119,20 @@ class GuardMiddleware:
             state.num_in_flight -= 1
 
     def _is_authorized(self, scope: Scope) -> bool:
-        assert self._expected_authorization is not None
+        """`Authorization: Bearer KEY` (the scheme in any case, RFC 7235) against every key, each compared in
+        constant time and all of them compared, so timing says nothing about which key nearly matched."""
+        token = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
-                return hmac.compare_digest(value, self._expected_authorization)
-        return False
+                scheme, _, token = value.strip().partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                token = token.strip()
+                break
+        is_match = False
+        for key in self._api_keys:
+            is_match |= hmac.compare_digest(token, key)
+        return is_match
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Any:
         """The whole body (bytes), an error response, or None if the client disconnected."""
@@ -116,8 +151,15 @@ class GuardMiddleware:
                 break
         chunks: list[bytes] = []
         num_bytes = 0
+        timeout_s = self.state.options.body_read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout_s)
+            except TimeoutError:
+                return error_response(
+                    408, f"the request body did not arrive within {timeout_s:g} s (declared Content-Length longer "
+                         f"than what was sent?)", code="request_timeout", headers={"Connection": "close"},
+                )
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -132,7 +174,54 @@ class GuardMiddleware:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
             return error_response(400, f"request body is not valid UTF-8 (invalid byte at offset {exc.start})")
+        if _SURROGATE_ESCAPE_RE.search(body) is not None:
+            where = await asyncio.to_thread(_lone_surrogate_field, body)
+            if where is not None:
+                param, path = where
+                return error_response(
+                    400, f"{path}: contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair), which "
+                         f"is not Unicode text", param=param, code="invalid_value",
+                )
         return body
+
+
+def _lone_surrogate_field(body: bytes) -> tuple[str, str] | None:
+    """(top-level field, path) of the first string (value or key) of a JSON body holding a lone surrogate."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route's own parsing reports it
+
+    def walk(value: Any, path: str) -> str | None:
+        if isinstance(value, str):
+            return path if _has_lone_surrogate(value) else None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                if _has_lone_surrogate(str(key)):
+                    return child
+                found = walk(item, child)
+                if found is not None:
+                    return found
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                found = walk(item, f"{path}[{index}]")
+                if found is not None:
+                    return found
+        return None
+
+    path = walk(document, "")
+    if path is None:
+        return None
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or "body", path or "body"
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _replay_body(body: bytes, receive: Receive) -> Receive:
@@ -242,6 +331,11 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         if state.num_in_flight > 0:
             logger.warning("drain timeout: stopping with %d request(s) still in flight", state.num_in_flight)
+            # Streams end with an error event and [DONE], other requests with an error body, before the sockets close.
+            state.fail_in_flight(f"server is shutting down: the {timeout_s:g} s drain timeout ended this request")
+            flush_deadline = time.monotonic() + 1.0
+            while state.num_in_flight > 0 and time.monotonic() < flush_deadline and not self.should_exit:
+                await asyncio.sleep(0.02)
         self.should_exit = True
 
 
@@ -280,7 +374,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    g.add_argument("--api-key", action="append", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (repeatable; also ${API_KEY_ENV}, comma-separated, "
+                        f"and --api-key-file, which keep keys out of `ps`)")
+    g.add_argument("--api-key-file", default=None, help="a file with one accepted API key per line")
+    g.add_argument("--metrics-require-key", action="store_true", help="/metrics needs an API key too")
+    g.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT_S,
+                   help="seconds a request body may take to arrive (408 after)")
     g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="answer 429 when more than this many requests wait to be scheduled")
     g.add_argument("--max-body-bytes", default=str(DEFAULT_MAX_BODY_BYTES), help="largest request body, e.g. 4MiB")
@@ -300,8 +400,12 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
     if args.drain_timeout < 0:
         raise ValueError(f"drain_timeout must be >= 0 seconds, got {args.drain_timeout}")
     llm_defaults = {k: v for k, v in vars(engine_args).items() if k not in ("model", "served_model_name")}
+    if args.body_read_timeout <= 0:
+        raise ValueError(f"body_read_timeout must be > 0 seconds, got {args.body_read_timeout}")
     options = ServerOptions(
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_keys=read_api_keys(args.api_key, args.api_key_file, os.environ),
+        metrics_require_key=args.metrics_require_key,
+        body_read_timeout_s=args.body_read_timeout,
         max_queue=args.max_queue,
         max_body_bytes=parse_size_bytes(args.max_body_bytes, "max_body_bytes"),
         drain_timeout_s=args.drain_timeout,

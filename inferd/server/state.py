@@ -29,6 +29,7 @@ ARRIVAL_TIME_SCOPE_KEY = "inferd.arrival_time"
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_QUEUE = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
 # Logprobs must be JSON numbers; -inf (an impossible token) is reported as this, as OpenAI-compatible servers do.
 MIN_LOGPROB = -9999.0
 
@@ -42,7 +43,9 @@ _KIND_ROUTES = {
 
 @dataclass(frozen=True)
 class ServerOptions:
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty = no key needed
+    metrics_require_key: bool = False
+    body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting (not yet running) beyond this get 429
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
@@ -230,6 +233,14 @@ class ServerState:
         served.status = "unloaded"
         return served
 
+    def fail_in_flight(self, message: str) -> int:
+        """End every generate request still running with an error (streams close with an error event and [DONE])."""
+        num_failed = 0
+        for served in self.models.values():
+            if served.engine is not None and hasattr(served.engine, "fail_all"):
+                num_failed += served.engine.fail_all(message)
+        return num_failed
+
     def shutdown(self) -> None:
         for served in self.models.values():
             if served.engine is not None:
@@ -237,7 +248,13 @@ class ServerState:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def check_queue(self, engine: Any, num_new_requests: int) -> None:
+    def check_queue(self, engine: Any, num_new_requests: int, param: str = "prompt") -> None:
+        """429 + Retry-After when the queue is busy now; 400 naming `param` when the request could never fit."""
+        if num_new_requests > self.options.max_queue:
+            raise InvalidParameter(
+                param, f"{param}: this request adds {num_new_requests} sequences but the server queues at most "
+                       f"{self.options.max_queue} (max_queue); send fewer per request",
+            )
         num_waiting = engine.num_waiting_requests()
         if num_waiting + num_new_requests > self.options.max_queue:
             raise APIError(
