@@ -48,6 +48,7 @@ from inferd.server.state import (
     DEFAULT_MAX_QUEUE,
     ServerOptions,
     ServerState,
+    parse_duration_s,
 )
 
 logger = logging.getLogger("inferd.server")
@@ -260,15 +261,30 @@ def build_app(
     async def load_in_background() -> None:
         for spec in specs:
             await state.load_model(spec)
+        state.on_load_failure = None  # a later reload that fails answers 503 for that model; the server stays up
+
+    async def unload_idle_models() -> None:
+        keep_alives = [m.keep_alive_s for m in state.models.values() if m.keep_alive_s is not None]
+        if not keep_alives:
+            return
+        period_s = min(1.0, max(0.05, min(keep_alives) / 4))
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await state.unload_idle_models()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one failed unload
+                logger.exception("keep-alive: unloading an idle model failed")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         for spec, engine in loaded:
             state.add_loaded_engine(spec, engine)
         load_task = asyncio.create_task(load_in_background()) if specs else None
+        reaper_task = asyncio.create_task(unload_idle_models())
         try:
             yield
         finally:
+            reaper_task.cancel()
             if load_task is not None and not load_task.done():
                 load_task.cancel()
             state.shutdown()
@@ -370,6 +386,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--kind", default=None, choices=[k.value for k in ModelKind],
                    help="the kind of the single --model when it cannot be inferred")
     t.add_argument("--served-model-name", default=None, help="the name clients send for the single --model")
+    t.add_argument("--keep-alive", default=None, metavar="DURATION",
+                   help="unload a model idle this long (e.g. 30s, 5m; -1 = never, the default) and free its memory; "
+                        "the next request for it loads it again and waits (Ollama's keep_alive)")
     EngineArgs.add_cli_args(p, include_model=False)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
@@ -410,6 +429,7 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
         max_body_bytes=parse_size_bytes(args.max_body_bytes, "max_body_bytes"),
         drain_timeout_s=args.drain_timeout,
         llm_defaults=llm_defaults,
+        keep_alive_s=None if args.keep_alive is None else parse_duration_s(args.keep_alive, "keep_alive"),
     )
     exit_status = 0
     server: Any = None

@@ -494,7 +494,7 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     state = _state(request)
     arrival_time = _arrival_time(request)
-    served = state.get_model(body.model, ModelKind.GENERATE)
+    served = await state.use_model(body.model, ModelKind.GENERATE)
     engine: AsyncEngine = served.engine
     include_usage = _include_usage(body)
     if body.top_logprobs is not None and not body.logprobs:
@@ -586,7 +586,7 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = _state(request)
     arrival_time = _arrival_time(request)
-    served = state.get_model(body.model, ModelKind.GENERATE)
+    served = await state.use_model(body.model, ModelKind.GENERATE)
     engine: AsyncEngine = served.engine
     include_usage = _include_usage(body)
     if body.suffix:

@@ -98,7 +98,7 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 )
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
-    engine = state.get_model(body.model, ModelKind.GENERATE).engine
+    engine = (await state.use_model(body.model, ModelKind.GENERATE)).engine
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
@@ -122,7 +122,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 )
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _state(request)
-    engine = state.get_model(body.model, ModelKind.GENERATE).engine
+    engine = (await state.use_model(body.model, ModelKind.GENERATE)).engine
     vocab_size = engine.tokenizer.vocab_size
     for token_id in body.tokens:
         if token_id >= vocab_size:
