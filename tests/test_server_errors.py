@@ -153,6 +153,25 @@ def test_lone_surrogates_are_400_naming_the_field(
     assert_still_serving(http, inferd_server.model_name)
 
 
+def test_large_bodies_are_judged_as_small_ones(http: httpx.Client, inferd_server: InferdServer) -> None:
+    """Bodies of 64 KiB and more are validated off the event loop (server/bodies.py); the answers are the same."""
+    model = inferd_server.model_name
+    padding = "x" * (80 << 10)
+    assert_openai_error(http.post("/v1/completions", json={"model": model, "prompt": [1] * 40_000}), 400, "prompt")
+    assert_openai_error(http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "temperature": "hot",
+                                                                "user": padding}), 400, "temperature")
+    assert_openai_error(http.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user"}],
+                                                                "user": padding}), 400, "messages")
+    truncated = b'{"model": "m", "prompt": "' + b"a" * (80 << 10)
+    assert_openai_error(http.post("/v1/completions", content=truncated, headers={"Content-Type": "application/json"}), 400)
+    ok = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 3, "temperature": 0,
+                                            "user": padding})
+    assert ok.status_code == 200, ok.text
+    small = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+    assert ok.json()["choices"][0]["text"] == small.json()["choices"][0]["text"]
+    assert_still_serving(http, model)
+
+
 def test_unknown_model_is_404(http: httpx.Client, inferd_server: InferdServer) -> None:
     for path, body in (("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": CHAT})):
         assert_openai_error(http.post(path, json={"model": "no-such-model", **body}), 404, "model", "model_not_found")

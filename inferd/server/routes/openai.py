@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from inferd.engine.async_engine import AsyncEngine, RequestError, RequestStream
 from inferd.request import CompletionOutput, RequestOutput, SamplingParams
+from inferd.server.bodies import OffLoopBodyRoute
 from inferd.server.errors import APIError, bad_request, error_body, from_value_error
 from inferd.server.metrics import FinishedRequestStats
 from inferd.server.protocol import (
@@ -37,7 +38,7 @@ from inferd.server.protocol import (
 from inferd.server.state import ARRIVAL_TIME_SCOPE_KEY, MIN_LOGPROB, ServedModel, ServerState
 from inferd.serving import ModelKind
 
-router = APIRouter(tags=["OpenAI-compatible"])
+router = APIRouter(tags=["OpenAI-compatible"], route_class=OffLoopBodyRoute)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from inferd.server.bodies import OffLoopBodyRoute
 from inferd.server.errors import APIError, bad_request
 from inferd.server.metrics import CONTENT_TYPE
 from inferd.server.protocol import (
@@ -23,7 +24,7 @@ from inferd.server.protocol import (
 from inferd.server.state import ServedModel, ServerState
 from inferd.serving import ModelKind
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopBodyRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
 _STARTED_AT = int(time.time())
 
