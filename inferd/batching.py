@@ -15,6 +15,8 @@ Policy (continuous batching, as TEI and Triton's dynamic batcher do it):
   - With `max_wait_s` > 0 a batch that is not full waits until its oldest item has waited that long, for more
     items to join (Triton's max_queue_delay). With 0 (the default) nothing waits: items that arrive while a batch
     runs form the next one, so an idle server answers a lone request at once.
+  - With `preferred_batch_costs` (Triton's preferred_batch_size) a batch that would wait runs at once when the
+    items at the head of the queue add up to exactly one of those costs (the largest such run of items).
   - `run_batch(items) -> results` (one result per item, same order) runs on the worker thread. If it raises for
     a batch of several items, each item is run again alone, so one bad item fails only its own request.
   - A cancelled future (its client left) is skipped before its batch runs.
@@ -54,6 +56,7 @@ class BatchLimits:
     max_batch_cost: int | None = None  # sum of cost(item) in one batch at most (e.g. tokens); None = no limit
     max_wait_s: float = 0.0  # how long a batch that is not full may wait for more items, from its oldest item
     max_queue_items: int = 4096  # queued items at most
+    preferred_batch_costs: tuple[int, ...] = ()  # with max_wait_s > 0: batch costs that need not wait
 
     def __post_init__(self) -> None:
         if self.max_batch_items < 1:
@@ -64,6 +67,8 @@ class BatchLimits:
             raise ValueError(f"max_wait_s must be in [0, 10] seconds, got {self.max_wait_s}")
         if self.max_queue_items < 1:
             raise ValueError(f"max_queue_items must be >= 1, got {self.max_queue_items}")
+        if any(c < 1 for c in self.preferred_batch_costs):
+            raise ValueError(f"preferred_batch_costs must be >= 1, got {list(self.preferred_batch_costs)}")
 
 
 @dataclass(frozen=True)
@@ -185,19 +190,26 @@ class MicroBatcher(Generic[T, R]):
                 self._cond.wait()
             if self._is_stopping:
                 return None
+            max_items = limits.max_batch_items
             if limits.max_wait_s > 0 and not self._is_full():
-                deadline = self._queue[0].enqueue_time + limits.max_wait_s
-                remaining_s = deadline - time.monotonic()
-                if remaining_s > 0:
-                    self._cond.wait(remaining_s)
-                    continue  # re-check: more items, a stop, or the deadline
+                num_preferred_items = self._num_preferred_items()
+                if num_preferred_items > 0:
+                    max_items = num_preferred_items
+                else:
+                    deadline = self._queue[0].enqueue_time + limits.max_wait_s
+                    remaining_s = deadline - time.monotonic()
+                    if remaining_s > 0:
+                        self._cond.wait(remaining_s)
+                        continue  # re-check: more items, a stop, or the deadline
             batch: list[_Pending[T, R]] = []
             batch_cost = 0
-            while self._queue and len(batch) < limits.max_batch_items:
+            num_taken = 0
+            while self._queue and len(batch) < limits.max_batch_items and num_taken < max_items:
                 head = self._queue[0]
                 if batch and limits.max_batch_cost is not None and batch_cost + head.cost > limits.max_batch_cost:
                     break
                 self._queue.popleft()
+                num_taken += 1
                 self._queued_cost -= head.cost
                 if not head.future.set_running_or_notify_cancel():
                     continue  # cancelled while queued
@@ -205,6 +217,24 @@ class MicroBatcher(Generic[T, R]):
                 batch_cost += head.cost
             if batch:
                 return batch
+
+    def _num_preferred_items(self) -> int:
+        """How many head items add up to the largest preferred cost reachable within the limits (0: none)."""
+        preferred = self.limits.preferred_batch_costs
+        if not preferred:
+            return 0
+        largest = max(preferred)
+        num_items = 0
+        total_cost = 0
+        for index, pending in enumerate(self._queue):
+            total_cost += pending.cost
+            if index + 1 > self.limits.max_batch_items or total_cost > largest:
+                break
+            if self.limits.max_batch_cost is not None and total_cost > self.limits.max_batch_cost:
+                break
+            if total_cost in preferred:
+                num_items = index + 1
+        return num_items
 
     def _is_full(self) -> bool:
         limits = self.limits

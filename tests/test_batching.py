@@ -164,3 +164,24 @@ def test_limits_are_validated_with_the_field_name():
         BatchLimits(max_batch_items=0)
     with pytest.raises(ValueError, match="max_wait_s"):
         BatchLimits(max_wait_s=-1)
+
+
+def test_preferred_batch_costs_run_at_once_without_waiting_out_the_delay():
+    model = _GatedModel()
+    model.gate.set()
+    # A 10 s delay: without the preferred costs nothing below would run before the futures time out.
+    limits = BatchLimits(max_batch_items=8, max_batch_cost=8, max_wait_s=10.0, preferred_batch_costs=(4,))
+    batcher = _started(model, limits, cost=lambda x: x)
+    try:
+        first = batcher.submit_many([3, 1, 2])  # head sums 3, 4, 6: 4 is preferred, so [3, 1] runs
+        assert [f.result(5) for f in first[:2]] == [30, 10]
+        second = batcher.submit_many([2])  # queue [2, 2] sums to 4: both run
+        assert first[2].result(5) == 20 and second[0].result(5) == 20
+        assert model.batches == [[3, 1], [2, 2]]
+    finally:
+        batcher.shutdown()
+
+
+def test_preferred_batch_costs_are_validated():
+    with pytest.raises(ValueError, match="preferred_batch_costs"):
+        BatchLimits(preferred_batch_costs=(0,))
