@@ -26,7 +26,7 @@ backend: "onnxruntime"
 max_batch_size: 20000
 input [ { name: "input" data_type: TYPE_FP32 dims: [ 12 ] } ]
 output [
-  { name: "label" data_type: TYPE_INT64 dims: [ -1 ] reshape { shape: [ ] } },
+  { name: "label" data_type: TYPE_INT64 dims: [ 1 ] reshape { shape: [ ] } },
   { name: "probabilities" data_type: TYPE_FP32 dims: [ 2 ] }
 ]
 dynamic_batching { max_queue_delay_microseconds: 2000 }

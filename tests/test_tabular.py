@@ -60,7 +60,7 @@ def test_xgboost_json_scores_match_predict_proba_on_10k_rows(repo, reference):
     expected = reference.xgb.predict_proba(reference.features)
     assert result.version == 1
     np.testing.assert_allclose(result.outputs["probabilities"], expected, rtol=0, atol=SCORE_ATOL)
-    # reshape { shape: [] }: the model's label is [n], the config's dims [-1] make it [n, 1] on the wire.
+    # reshape { shape: [] }: the model's label is [n], the config's dims [1] make it [n, 1] on the wire.
     assert result.outputs["label"].shape == (10000, 1)
     np.testing.assert_array_equal(result.outputs["label"][:, 0], reference.xgb.predict(reference.features))
 
