@@ -8,6 +8,10 @@ Many small requests arrive from the event loop; one worker thread runs the model
     results = await batcher.submit_many_async(items)   # from the event loop; cancelling it drops the items
     batcher.shutdown()
 
+    # Or with no worker thread, driven by the owner (e.g. from its event loop, for models that score in microseconds):
+    batcher = MicroBatcher(run_batch, limits, use_worker_thread=False); batcher.start()
+    futures = batcher.submit_many(items); wait_s = batcher.run_ready()   # runs what may run now, here
+
 Policy (continuous batching, as TEI and Triton's dynamic batcher do it):
   - Items wait in one FIFO queue. When the worker is free it takes items from the head, in order, while the
     batch stays within `max_batch_items` and `max_batch_cost` (the sum of `cost(item)`, e.g. tokens). An item
@@ -99,6 +103,7 @@ class MicroBatcher(Generic[T, R]):
         cost: Callable[[T], int] | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
         name: str = "inferd-batcher",
+        use_worker_thread: bool = True,
     ) -> None:
         self._run_batch = run_batch
         self.limits = limits
@@ -110,6 +115,8 @@ class MicroBatcher(Generic[T, R]):
         self._cond = threading.Condition()
         self._is_stopping = False
         self._thread: threading.Thread | None = None
+        self._use_worker_thread = use_worker_thread
+        self._is_started = False
         # Cumulative counters (read without the lock: ints are replaced atomically).
         self.num_batches = 0
         self.num_items_run = 0
@@ -117,8 +124,11 @@ class MicroBatcher(Generic[T, R]):
     # ------------------------------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._is_started:
             return
+        self._is_started = True
+        if not self._use_worker_thread:
+            return  # the owner calls run_ready()
         self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
         self._thread.start()
 
@@ -137,6 +147,8 @@ class MicroBatcher(Generic[T, R]):
 
     @property
     def is_running(self) -> bool:
+        if not self._use_worker_thread:
+            return self._is_started and not self._is_stopping
         return self._thread is not None and self._thread.is_alive() and not self._is_stopping
 
     @property
@@ -184,23 +196,30 @@ class MicroBatcher(Generic[T, R]):
 
     def _take_batch(self) -> list[_Pending[T, R]] | None:
         """The next batch (called with the lock held); None when stopping."""
-        limits = self.limits
         while True:
             while not self._queue and not self._is_stopping:
                 self._cond.wait()
             if self._is_stopping:
                 return None
+            batch, wait_s = self._take_ready_batch()
+            if batch:
+                return batch
+            if wait_s is not None:
+                self._cond.wait(wait_s)  # re-check: more items, a stop, or the deadline
+
+    def _take_ready_batch(self) -> tuple[list[_Pending[T, R]], float | None]:
+        """(a batch that may run now, []) or ([], seconds until the head's deadline; None: the queue is empty)."""
+        limits = self.limits
+        while self._queue:
             max_items = limits.max_batch_items
             if limits.max_wait_s > 0 and not self._is_full():
                 num_preferred_items = self._num_preferred_items()
                 if num_preferred_items > 0:
                     max_items = num_preferred_items
                 else:
-                    deadline = self._queue[0].enqueue_time + limits.max_wait_s
-                    remaining_s = deadline - time.monotonic()
+                    remaining_s = self._queue[0].enqueue_time + limits.max_wait_s - time.monotonic()
                     if remaining_s > 0:
-                        self._cond.wait(remaining_s)
-                        continue  # re-check: more items, a stop, or the deadline
+                        return [], remaining_s
             batch: list[_Pending[T, R]] = []
             batch_cost = 0
             num_taken = 0
@@ -216,7 +235,24 @@ class MicroBatcher(Generic[T, R]):
                 batch.append(head)
                 batch_cost += head.cost
             if batch:
-                return batch
+                return batch, None
+        return [], None
+
+    def run_ready(self) -> float | None:
+        """Without a worker thread (`use_worker_thread=False`): run every batch that may run now on the calling
+        thread. Returns the seconds until the next queued batch may run (its max_wait_s), None when none is queued.
+
+        For a caller that batches on its own event loop: items submitted while one loop callback runs are merged,
+        and no thread hop is paid per batch (two hops cost milliseconds on a busy 2-core machine, while a small
+        model scores a batch in tens of microseconds)."""
+        while True:
+            with self._cond:
+                if self._is_stopping:
+                    return None
+                batch, wait_s = self._take_ready_batch()
+            if not batch:
+                return wait_s
+            self._run(batch)
 
     def _num_preferred_items(self) -> int:
         """How many head items add up to the largest preferred cost reachable within the limits (0: none)."""
