@@ -99,9 +99,11 @@ def test_mixed_input_datatypes_score_like_the_single_input_model(repo, reference
     np.testing.assert_allclose(result.outputs["probabilities"], reference.xgb.predict_proba(rows), rtol=0, atol=SCORE_ATOL)
 
 
-def test_concurrent_requests_are_merged_and_score_identically_to_alone(repo, reference):
+@pytest.mark.parametrize("executor", ["loop", "thread"])
+def test_concurrent_requests_are_merged_and_score_identically_to_alone(repo, reference, executor):
     records: list[BatchRecord] = []
-    engine = TabularEngine.from_path(str(repo / "xgb_fraud"), {"max_queue_delay_us": 20000}, on_batch=records.append)
+    options = {"max_queue_delay_us": 20000, "executor": executor}
+    engine = TabularEngine.from_path(str(repo / "xgb_fraud"), options, on_batch=records.append)
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, 40, size=48)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -215,8 +217,9 @@ def test_options_are_validated_and_the_repository_is_listed(repo):
     assert list(list_repository(repo)) == ["lgbm_fraud", "mixed_types", "sk_logreg", "xgb_fraud", "xgb_ubj"]
 
 
-def test_shutdown_lets_queued_requests_finish(repo, reference):
-    engine = TabularEngine.from_path(str(repo / "xgb_fraud"), {"max_queue_delay_us": 200000})
+@pytest.mark.parametrize("executor", ["loop", "thread"])
+def test_shutdown_lets_queued_requests_finish(repo, reference, executor):
+    engine = TabularEngine.from_path(str(repo / "xgb_fraud"), {"max_queue_delay_us": 200000, "executor": executor})
 
     async def main():
         engine.start()

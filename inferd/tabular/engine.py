@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 
 from inferd.batching import BatcherStoppedError, BatchLimits, BatchRecord, MicroBatcher
 from inferd.serving import ModelKind
-from inferd.tabular.config import DynamicBatchingConfig, ModelConfig, VersionPolicy, complete_config
+from inferd.tabular.config import EXECUTORS, DynamicBatchingConfig, ModelConfig, VersionPolicy, complete_config
 from inferd.tabular.datatypes import oip_datatype_of
 from inferd.tabular.repository import read_model_directory
 from inferd.tabular.session import DEVICES, OnnxSession
@@ -48,6 +49,7 @@ OPTION_KEYS = {
     "device": "auto | cpu | cuda (onnxruntime's CUDA provider)",
     "max_queue_items": "queued requests per version at most; more get 429",
     "allow_nan": "false: NaN in a float input is a 400",
+    "executor": "loop (batches run on the event loop) | thread (on instance_count worker threads)",
 }
 DEFAULT_MAX_QUEUE_ITEMS = 4096
 SHUTDOWN_DRAIN_TIMEOUT_S = 10.0
@@ -82,6 +84,8 @@ def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("dynamic_batching", "allow_nan"):
         if key in checked and not isinstance(checked[key], bool):
             raise ValueError(f"tabular option {key} must be true or false, got {checked[key]!r}")
+    if "executor" in checked and checked["executor"] not in EXECUTORS:
+        raise ValueError(f"tabular option executor must be one of {list(EXECUTORS)}, got {checked['executor']!r}")
     if "device" in checked and checked["device"] not in DEVICES:
         raise ValueError(f"tabular option device must be one of {list(DEVICES)}, got {checked['device']!r}")
     if checked.get("instance_count") == 0:
@@ -105,7 +109,7 @@ def _apply_options(config: ModelConfig, options: Mapping[str, Any]) -> ModelConf
     elif options.get("dynamic_batching") is True and batching is None:
         batching = DynamicBatchingConfig()
     changes["dynamic_batching"] = batching
-    for key, field_name in (("instance_count", "instance_count"), ("intra_op_threads", "intra_op_threads"), ("allow_nan", "allow_nan")):
+    for key, field_name in (("instance_count", "instance_count"), ("intra_op_threads", "intra_op_threads"), ("allow_nan", "allow_nan"), ("executor", "executor")):
         if key in options:
             changes[field_name] = options[key]
     return replace(config, **changes)
@@ -139,11 +143,33 @@ class _Version:
             )
         else:
             limits = BatchLimits(max_batch_items=1, max_queue_items=max_queue_items)
+        self.is_on_loop = config.executor == "loop"
         self.batchers = [
             MicroBatcher(self._run_batch, limits, cost=lambda r: r.num_rows, on_batch=on_batch,
-                         name=f"inferd-tabular-{model_name}-v{version}-{i}")  # fmt: skip
-            for i in range(config.instance_count)
+                         name=f"inferd-tabular-{model_name}-v{version}-{i}", use_worker_thread=not self.is_on_loop)  # fmt: skip
+            for i in range(1 if self.is_on_loop else config.instance_count)
         ]
+        self.flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
+
+    def schedule_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Loop executor: run what is queued once the callbacks ready now (other requests' handlers) have run."""
+        if self.flush_handle is None:
+            self.flush_handle = loop.call_soon(self._flush, loop)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.flush_handle = None
+        wait_s = self.batchers[0].run_ready()
+        if wait_s is not None:
+            self.flush_handle = loop.call_later(wait_s, self._flush, loop)
+
+    def drain_on_caller(self, timeout_s: float) -> None:
+        """Loop executor at shutdown: run everything queued now, waiting out max_queue_delay if need be."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            wait_s = self.batchers[0].run_ready()
+            if wait_s is None:
+                return
+            time.sleep(min(wait_s, max(0.0, deadline - time.monotonic())))
 
     def _run_batch(self, requests: list[_Request]) -> list[dict[str, np.ndarray]]:
         if len(requests) == 1:
@@ -171,6 +197,55 @@ class _Version:
         return all(b.is_running for b in self.batchers)
 
 
+class _Delivery:
+    """Hands finished futures from batcher threads to one event loop, waking it once per burst (a batch of 64
+    finishes with one call_soon_threadsafe, not 64 as asyncio.wrap_future would make)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._loop_thread_id = threading.get_ident()  # created on the loop
+        self._lock = threading.Lock()
+        self._done: list[tuple[concurrent.futures.Future, asyncio.Future]] = []
+        self._is_wake_scheduled = False
+
+    def watch(self, future: concurrent.futures.Future) -> asyncio.Future:
+        waiter = self.loop.create_future()
+        future.add_done_callback(lambda f: self._on_done(f, waiter))
+        return waiter
+
+    def _on_done(self, future: concurrent.futures.Future, waiter: asyncio.Future) -> None:  # any thread
+        if threading.get_ident() == self._loop_thread_id:  # the loop executor ran the batch: no hop needed
+            self._settle(future, waiter)
+            return
+        with self._lock:
+            self._done.append((future, waiter))
+            must_wake = not self._is_wake_scheduled
+            self._is_wake_scheduled = True
+        if must_wake:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _deliver(self) -> None:  # on the loop
+        with self._lock:
+            done, self._done = self._done, []
+            self._is_wake_scheduled = False
+        for future, waiter in done:
+            self._settle(future, waiter)
+
+    @staticmethod
+    def _settle(future: concurrent.futures.Future, waiter: asyncio.Future) -> None:
+        if waiter.done():
+            return
+        if future.cancelled():
+            waiter.cancel()
+        elif (error := future.exception()) is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(future.result())
+
+
 class TabularEngine:
     kind = ModelKind.TABULAR
 
@@ -182,6 +257,7 @@ class TabularEngine:
         self._lock = threading.Lock()
         self._is_started = False
         self._is_stopping = False
+        self._deliveries: dict[asyncio.AbstractEventLoop, _Delivery] = {}
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -232,6 +308,9 @@ class TabularEngine:
         with self._lock:
             self._is_stopping = True
             pending = list(self._pending)
+        for version in self._versions.values():
+            if version.is_on_loop:
+                version.drain_on_caller(SHUTDOWN_DRAIN_TIMEOUT_S)
         if pending:
             concurrent.futures.wait(pending, timeout=SHUTDOWN_DRAIN_TIMEOUT_S)
         for version in self._versions.values():
@@ -282,6 +361,13 @@ class TabularEngine:
         return v
 
     # ------------------------------------------------------------------------------------------ infer
+
+    def _delivery(self) -> _Delivery:
+        loop = asyncio.get_running_loop()
+        delivery = self._deliveries.get(loop)
+        if delivery is None:
+            delivery = self._deliveries[loop] = _Delivery(loop)
+        return delivery
 
     def prepare(self, inputs: Mapping[str, np.ndarray], version: int | None = None) -> tuple[_Version, _Request]:
         """Check a request's tensors against the config; TensorError (400/404) naming the input otherwise."""
@@ -347,12 +433,15 @@ class TabularEngine:
         if self._is_stopping:
             raise BatcherStoppedError(f"model {self.name!r} is unloading")
         future = v.batcher().submit(request)
+        delivery = self._delivery()
+        if v.is_on_loop:
+            v.schedule_flush(delivery.loop)
         with self._lock:
             self._pending.add(future)
             if request_id is not None:
                 self._by_request_id.setdefault(request_id, []).append(future)
         try:
-            outputs = await asyncio.wrap_future(future)
+            outputs = await delivery.watch(future)
         except BaseException:
             future.cancel()
             raise
