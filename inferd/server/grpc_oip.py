@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +61,7 @@ _CONTENTS_FIELD = {
     "BYTES": "bytes_contents",
 }
 MAX_MESSAGE_BYTES = 64 << 20
+_REQUEST_COUNTER = itertools.count()
 
 
 def _grpc() -> Any:
@@ -147,7 +148,7 @@ class _Servicer:
                 raise OIPError(400, "'inputs' must be a non-empty list of tensors")
             num_rows = next(iter(inputs.values())).shape[0] if next(iter(inputs.values())).ndim else 1
             output_names = [o.name for o in request.outputs] or None
-            result = await engine.infer(inputs, version=number, output_names=output_names, request_id=request.id or uuid.uuid4().hex)
+            result = await engine.infer(inputs, version=number, output_names=output_names, request_id=f"oip-grpc-{next(_REQUEST_COUNTER)}")
         except (OIPError, TensorError, QueueFullError, BatcherStoppedError) as exc:
             status = getattr(exc, "status", 429 if isinstance(exc, QueueFullError) else 503)
             observe_request(self.state, request.model_name, "rejected" if status == 429 else "error", started, num_rows)

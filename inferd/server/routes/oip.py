@@ -24,7 +24,7 @@ import json
 import math
 import struct
 import time
-import uuid
+import itertools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ router = APIRouter()
 HEADER_LENGTH_KEY = "inference-header-content-length"
 SERVER_EXTENSIONS = ["model_repository", "binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"
+_REQUEST_COUNTER = itertools.count()  # ids for requests that bring none (abort needs one)
 
 
 class OIPError(Exception):
@@ -361,7 +362,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         inputs = _read_inputs(request_json, binary)
         num_rows = next(iter(inputs.values())).shape[0] if inputs else 0
         result = await engine.infer(
-            inputs, version=number, output_names=output_names, request_id=request_id or uuid.uuid4().hex
+            inputs, version=number, output_names=output_names, request_id=f"oip-{next(_REQUEST_COUNTER)}"
         )
     except OIPError as exc:
         observe_request(state, name, "error", started, num_rows)
