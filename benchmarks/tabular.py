@@ -60,7 +60,7 @@ from fastapi import FastAPI, Request
 options = ort.SessionOptions(); options.intra_op_num_threads = 1
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 app = FastAPI()
-@app.get("/v2/health/ready")
+@app.get("/v2/models/fraud/ready")
 async def ready(): return {}
 @app.post("/v2/models/fraud/infer")
 async def infer(request: Request):
@@ -86,7 +86,7 @@ class Fraud(kserve.Model):
         rows = payload.inputs[0].as_numpy()
         probabilities = self.session.run(["probabilities"], {"input": rows})[0]
         output = InferOutput(name="probabilities", shape=list(probabilities.shape), datatype="FP32")
-        output.set_numpy(probabilities, binary_data=False)
+        output.set_data_from_numpy(probabilities, binary_data=False)
         return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[output])
 kserve.ModelServer(http_port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), workers=1, enable_docs_url=False).start([Fraud()])
 '''
@@ -230,7 +230,7 @@ def start_server(name: str, work_dir: Path, log_dir: Path) -> Server | None:
     deadline = time.monotonic() + 300
     import urllib.request
 
-    ready_path = "/v2/health/ready" if name not in ("inferd-b1",) else "/v2/models/fraud_b1/ready"
+    ready_path = infer_path.replace("/infer", "/ready")
     while time.monotonic() < deadline:
         if process.poll() is not None:
             print(f"{name}: exited while starting, see {log_path}:\n{log_path.read_text()[-2000:]}", flush=True)
@@ -296,7 +296,7 @@ class LoadResult:
     num_errors: int
 
 
-def run_wrk(server: Server, script: Path, concurrency: int, duration_s: float) -> LoadResult:
+def run_wrk(server: Server, script: Path, concurrency: int, duration_s: int) -> LoadResult:
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency", "--timeout", "10s", "-s", str(script),
                f"http://127.0.0.1:{server.port}"]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS))
     parser.add_argument("--concurrency", default="1,16,64")
-    parser.add_argument("--duration-s", type=float, default=8.0)
+    parser.add_argument("--duration-s", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--open-loop-rps", type=float, default=2000.0, help="0 to skip the open-loop run")
     parser.add_argument("--setup-peers", action="store_true", help="create the peers' venvs first")
