@@ -162,6 +162,7 @@ class Server:
     infer_path: str
     log_path: Path
     body_extra: dict
+    grpc_port: int | None = None
 
 
 def peer_python(name: str) -> Path:
@@ -185,10 +186,13 @@ def start_server(name: str, work_dir: Path, log_dir: Path) -> Server | None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     infer_path = "/v2/models/fraud/infer"
     body_extra: dict = {"outputs": [{"name": "probabilities"}]}
+    grpc_port = None
     if name in ("inferd", "inferd-b1"):
         env["PYTHONPATH"] = str(REPO_ROOT)
+        grpc_port = free_port()
         command = [sys.executable, "-c", "import sys; from inferd.cli import main; sys.exit(main())", "serve",
-                   "--model-repository", str(work_dir / "repo"), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+                   "--model-repository", str(work_dir / "repo"), "--host", "127.0.0.1", "--port", str(port),
+                   "--grpc-port", str(grpc_port)]  # fmt: skip
         if name == "inferd-b1":
             infer_path = "/v2/models/fraud_b1/infer"
     elif name == "fastapi":
@@ -203,11 +207,12 @@ def start_server(name: str, work_dir: Path, log_dir: Path) -> Server | None:
     elif name == "triton":
         script = log_dir / "triton_peer.py"
         script.write_text(TRITON_PEER)
+        grpc_port = free_port()
         venv = PEERS_DIR / "pytriton"
         env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"  # the Python backend's stub runs the venv's python
         libdir = Path(sys.base_prefix) / "lib"
         env["LD_LIBRARY_PATH"] = f"{libdir}:{env.get('LD_LIBRARY_PATH', '')}"
-        command = [str(peer_python("pytriton")), str(script), str(work_dir / "model.onnx"), str(port), str(free_port()), str(free_port())]
+        command = [str(peer_python("pytriton")), str(script), str(work_dir / "model.onnx"), str(port), str(grpc_port), str(free_port())]
     elif name == "mlserver":
         model_dir = work_dir / "mlserver"
         (model_dir / "settings.json").write_text(json.dumps(
@@ -226,7 +231,7 @@ def start_server(name: str, work_dir: Path, log_dir: Path) -> Server | None:
         return None
     log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(command, cwd=log_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(name, process, port, infer_path, log_path, body_extra)
+    server = Server(name, process, port, infer_path, log_path, body_extra, grpc_port)
     deadline = time.monotonic() + 300
     import urllib.request
 
@@ -310,6 +315,59 @@ def run_wrk(server: Server, script: Path, concurrency: int, duration_s: int) -> 
     return LoadResult(rps, _ms(percentiles["50"]), _ms(percentiles["99"]), num_errors)
 
 
+def _grpc_client(task: tuple[str, list[bytes], int, float]) -> list[float]:
+    """One client process: `concurrency` calls in flight for duration_s; latencies in ms."""
+    import asyncio
+
+    import grpc
+
+    url, bodies, concurrency, duration_s = task
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        async with grpc.aio.insecure_channel(url) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # raw bytes both ways
+            end = time.perf_counter() + duration_s
+
+            async def worker(offset: int) -> None:
+                i = offset
+                while time.perf_counter() < end:
+                    started = time.perf_counter()
+                    await call(bodies[i % len(bodies)])
+                    latencies.append((time.perf_counter() - started) * 1e3)
+                    i += 1
+
+            await asyncio.gather(*(worker(k * 7) for k in range(concurrency)))
+        return latencies
+
+    return asyncio.run(run())
+
+
+def grpc_bodies(rows: np.ndarray, model_name: str) -> list[bytes]:
+    sys.path.insert(0, str(REPO_ROOT))
+    from inferd.server.oip_grpc import inference_pb2 as pb
+
+    bodies = []
+    for row in rows:
+        request = pb.ModelInferRequest(model_name=model_name)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 12])
+        request.outputs.add(name="probabilities")
+        request.raw_input_contents.append(np.ascontiguousarray(row[None, :], dtype="<f4").tobytes())
+        bodies.append(request.SerializeToString())
+    return bodies
+
+
+def run_grpc_load(server: Server, bodies: list[bytes], concurrency: int, duration_s: int, num_processes: int) -> LoadResult:
+    import multiprocessing
+
+    per_process = [concurrency // num_processes + (1 if k < concurrency % num_processes else 0) for k in range(num_processes)]
+    tasks = [(f"127.0.0.1:{server.grpc_port}", bodies, c, float(duration_s)) for c in per_process if c > 0]
+    with multiprocessing.get_context("spawn").Pool(len(tasks)) as pool:
+        parts = pool.map(_grpc_client, tasks)
+    latencies = np.concatenate([np.asarray(p) for p in parts])
+    return LoadResult(len(latencies) / duration_s, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), 0)
+
+
 def check_answer(server: Server, row: np.ndarray) -> None:
     """One request by hand: the system answers 200 with a score (so the load is not measuring errors)."""
     import urllib.request
@@ -339,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--open-loop-rps", type=float, default=2000.0, help="0 to skip the open-loop run")
     parser.add_argument("--setup-peers", action="store_true", help="create the peers' venvs first")
+    parser.add_argument("--grpc-concurrency", default="1,16,64", help="gRPC runs (inferd, triton); empty to skip")
+    parser.add_argument("--grpc-processes", type=int, default=2, help="Python gRPC client processes")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is needed as the load generator: apt-get install wrk", file=sys.stderr)
@@ -383,6 +443,19 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault((name, concurrency), []).append(result)
                     print(f"round {round_index + 1} {name:10s} c={concurrency:3d}: {result.requests_per_s:8.0f}/s "
                           f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.num_errors}", flush=True)  # fmt: skip
+        grpc_results: dict[tuple[str, int], list[LoadResult]] = {}
+        grpc_concurrencies = [int(c) for c in args.grpc_concurrency.split(",") if c]
+        grpc_servers = {n: s for n, s in servers.items() if s.grpc_port is not None and n != "inferd-b1"}
+        if grpc_concurrencies and grpc_servers:
+            bodies = {n: grpc_bodies(rows, "fraud") for n in grpc_servers}
+            for round_index in range(args.rounds):
+                order = list(grpc_servers) if round_index % 2 == 0 else list(reversed(grpc_servers))
+                for name in order:
+                    for concurrency in grpc_concurrencies:
+                        result = run_grpc_load(grpc_servers[name], bodies[name], concurrency, args.duration_s, args.grpc_processes)
+                        grpc_results.setdefault((name, concurrency), []).append(result)
+                        print(f"round {round_index + 1} {name:10s} gRPC c={concurrency:3d}: {result.requests_per_s:8.0f}/s "
+                              f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms", flush=True)  # fmt: skip
         open_loop: list[LoadResult] = []
         if args.open_loop_rps > 0 and "inferd" in servers:
             num_connections = 64
@@ -410,6 +483,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"({statistics.median(r.p50_ms for r in runs):.2f} / {statistics.median(r.p99_ms for r in runs):.2f})")  # fmt: skip
             cells.append(cell + (f" {errors} errors" if errors else ""))
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if grpc_results:
+        print()
+        print(f"gRPC ModelInfer, scores/s (p50 ms / p99 ms), median of {args.rounds} rounds, "
+              f"{args.grpc_processes} Python grpc.aio client processes sending pre-serialized requests")  # fmt: skip
+        print("| system | " + " | ".join(f"c={c}" for c in grpc_concurrencies) + " |")
+        print("|---|" + "---|" * len(grpc_concurrencies))
+        for name in grpc_servers:
+            cells = []
+            for concurrency in grpc_concurrencies:
+                runs = grpc_results[(name, concurrency)]
+                cells.append(f"{statistics.median(r.requests_per_s for r in runs):.0f} "
+                             f"({statistics.median(r.p50_ms for r in runs):.2f} / {statistics.median(r.p99_ms for r in runs):.2f})")  # fmt: skip
+            print(f"| {name} | " + " | ".join(cells) + " |")
     if open_loop:
         print(f"| inferd open loop ~{args.open_loop_rps:.0f}/s | achieved {statistics.median(r.requests_per_s for r in open_loop):.0f}/s, "
               f"p50 {statistics.median(r.p50_ms for r in open_loop):.2f} ms, p99 {statistics.median(r.p99_ms for r in open_loop):.2f} ms |")  # fmt: skip
