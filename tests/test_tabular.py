@@ -253,3 +253,25 @@ def test_heavy_libraries_are_imported_in_one_module_each():
         "onnxruntime": {"tabular/session.py"},
         **{name: {"tabular/convert.py"} for name in ("xgboost", "lightgbm", "onnxmltools")},
     }
+
+
+def test_xgboost_regressor_and_lightgbm_multiclass_convert_with_parity(tmp_path, reference):
+    import lightgbm
+    import xgboost
+
+    features = reference.features[:3000]
+    target = features[:, 0] * 0.01 + features[:, 5] * 0.1  # amount and distance: a smooth regression target
+    regressor = xgboost.XGBRegressor(n_estimators=30, max_depth=4, n_jobs=1, random_state=0).fit(features, target)
+    regressor.get_booster().save_model(str(tmp_path / "reg.json"))
+    classes = np.digitize(features[:, 3], [8, 16])  # hour of day -> 3 classes
+    multiclass = lightgbm.train({"objective": "multiclass", "num_class": 3, "verbose": -1, "num_threads": 1},
+                                lightgbm.Dataset(features, classes), num_boost_round=20)  # fmt: skip
+    multiclass.save_model(str(tmp_path / "multi.txt"))
+
+    reg_engine = TabularEngine.from_path(str(tmp_path / "reg.json"), {"max_batch_size": 3000})
+    assert [t.name for t in reg_engine.config().outputs] == ["variable"]
+    result = _run(_infer_all(reg_engine, {"input": features}))
+    np.testing.assert_allclose(result.outputs["variable"][:, 0], regressor.predict(features), rtol=1e-5, atol=1e-5)
+    multi_engine = TabularEngine.from_path(str(tmp_path / "multi.txt"), {"max_batch_size": 3000})
+    result = _run(_infer_all(multi_engine, {"input": features}))
+    np.testing.assert_allclose(result.outputs["probabilities"], multiclass.predict(features), rtol=0, atol=SCORE_ATOL)
