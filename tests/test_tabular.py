@@ -275,3 +275,30 @@ def test_xgboost_regressor_and_lightgbm_multiclass_convert_with_parity(tmp_path,
     multi_engine = TabularEngine.from_path(str(tmp_path / "multi.txt"), {"max_batch_size": 3000})
     result = _run(_infer_all(multi_engine, {"input": features}))
     np.testing.assert_allclose(result.outputs["probabilities"], multiclass.predict(features), rtol=0, atol=SCORE_ATOL)
+
+
+def test_version_policy_serves_the_chosen_versions(repo, reference, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "two_versions"
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copy(repo / "lgbm_fraud" / "1" / "model.txt", model_dir / "1" / "model.txt")
+    (model_dir / "2").mkdir()
+    shutil.copy(repo / "xgb_fraud" / "1" / "model.json", model_dir / "2" / "model.json")
+    rows = reference.features[:300]
+    assert TabularEngine.from_path(str(model_dir), {}).versions == [2]  # Triton's default: the latest version
+    (model_dir / "config.pbtxt").write_text("max_batch_size: 512\nversion_policy: { all { } }\n")
+    engine = TabularEngine.from_path(str(model_dir), {})
+    assert engine.versions == [1, 2]
+
+    async def main():
+        engine.start()
+        try:
+            return [await engine.infer({"input": rows}, version=v) for v in (1, 2, None)]
+        finally:
+            engine.shutdown()
+
+    v1, v2, latest = _run(main())
+    assert (v1.version, v2.version, latest.version) == (1, 2, 2)
+    np.testing.assert_allclose(v1.outputs["probabilities"][:, 1], reference.lgbm.predict(rows), rtol=0, atol=SCORE_ATOL)
+    np.testing.assert_allclose(v2.outputs["probabilities"], reference.xgb.predict_proba(rows), rtol=0, atol=SCORE_ATOL)
