@@ -103,7 +103,7 @@ class _Servicer:
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, request: Any, context: Any) -> Any:
-        models = served_tabular(self.state).values()
+        models = [m for m in served_tabular(self.state).values() if getattr(m, "status", "ready") != "unloaded"]
         is_ready = not getattr(self.state, "is_draining", False) and all(
             m.engine is not None and m.engine.is_running for m in models
         )

@@ -72,7 +72,16 @@ def _state(request: Request) -> Any:
 
 
 def served_tabular(state: Any) -> dict[str, Any]:
+    """Name -> model-table row of every tabular model the table holds (loading, failed and unloaded ones too)."""
     return {name: served for name, served in state.models.items() if served.kind is ModelKind.TABULAR}
+
+
+def _is_unloaded(served: Any) -> bool:
+    return getattr(served, "status", "ready") == "unloaded"
+
+
+def _tabular_names(state: Any) -> list[str]:
+    return sorted(name for name, served in served_tabular(state).items() if not _is_unloaded(served))
 
 
 def _engine(request: Request, name: str) -> TabularEngine:
@@ -82,10 +91,13 @@ def _engine(request: Request, name: str) -> TabularEngine:
 def engine_of(state: Any, name: str) -> TabularEngine:
     """The engine of a served tabular model; OIPError 404 / 400 / 503 otherwise (shared with grpc_oip.py)."""
     served = state.models.get(name)
-    if served is None or served.kind is not ModelKind.TABULAR:
-        if served is not None:
-            raise OIPError(400, f"model {name!r} is a {served.kind.value} model; the v2 protocol serves tabular models")
-        raise OIPError(404, f"unknown model {name!r}; tabular models served: {sorted(served_tabular(state))}")
+    if served is None or _is_unloaded(served):
+        raise OIPError(404, f"unknown model {name!r}; tabular models served: {_tabular_names(state)}")
+    if served.kind is not ModelKind.TABULAR:
+        raise OIPError(400, f"model {name!r} is a {served.kind.value} model; the v2 protocol serves tabular models")
+    status = getattr(served, "status", "ready")
+    if status == "failed":
+        raise OIPError(503, f"model {name!r} failed to load: {getattr(served, 'load_error', '')}")
     engine = getattr(served, "engine", None)
     if engine is None:
         raise OIPError(503, f"model {name!r} is loading; retry shortly")
@@ -130,7 +142,8 @@ async def health_ready(request: Request) -> Response:
     state = _state(request)
     if getattr(state, "is_draining", False):
         return _error(503, "server is shutting down")
-    not_ready = [name for name, served in served_tabular(state).items() if served.engine is None or not served.engine.is_running]
+    not_ready = [name for name, served in served_tabular(state).items()
+                 if not _is_unloaded(served) and (served.engine is None or not served.engine.is_running)]  # fmt: skip
     if not_ready:
         return _error(503, f"models not ready: {not_ready}")
     return Response(status_code=200)
@@ -399,8 +412,11 @@ def repository_entries(state: Any, *, is_ready_only: bool = False) -> list[dict[
     for name in names:
         model = served.get(name)
         engine = getattr(model, "engine", None) if model is not None else None
-        if model is None:
+        status = getattr(model, "status", "ready") if model is not None else "unloaded"
+        if model is None or status == "unloaded":
             entries.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
+        elif status == "failed":
+            entries.append({"name": name, "state": "UNAVAILABLE", "reason": str(getattr(model, "load_error", ""))})
         elif engine is None:
             entries.append({"name": name, "state": "LOADING", "reason": ""})
         else:
@@ -423,9 +439,7 @@ async def load_from_repository(state: Any, name: str) -> None:
     existing = state.models.get(name)
     if existing is not None and existing.kind is not ModelKind.TABULAR:
         raise OIPError(400, f"model name {name!r} is taken by a {existing.kind.value} model")
-    if existing is not None:
-        await state.unload_model(name)  # Triton reloads a loaded model from disk
-    try:
+    try:  # a loaded model is loaded again from disk, as Triton does
         await state.load_model(ModelSpec(name=name, source=str(model_dir), kind=ModelKind.TABULAR))
     except (ValueError, ImportError) as exc:
         raise OIPError(400, f"model {name!r} failed to load: {exc}") from None
@@ -433,8 +447,8 @@ async def load_from_repository(state: Any, name: str) -> None:
 
 async def unload(state: Any, name: str) -> None:
     served = state.models.get(name)
-    if served is None or served.kind is not ModelKind.TABULAR:
-        raise OIPError(404, f"unknown model {name!r}; tabular models served: {sorted(served_tabular(state))}")
+    if served is None or served.kind is not ModelKind.TABULAR or _is_unloaded(served):
+        raise OIPError(404, f"unknown model {name!r}; tabular models served: {_tabular_names(state)}")
     await state.unload_model(name)
 
 
