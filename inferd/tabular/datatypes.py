@@ -72,11 +72,14 @@ def ort_type_to_oip(ort_type: str) -> str:
         raise ValueError(f"ONNX tensor type {ort_type!r} is not supported; use one of {sorted(_ORT_TYPE_TO_OIP)}") from None
 
 
+_DATATYPE_BY_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+
+
 def oip_datatype_of(array: np.ndarray) -> str:
     """The OIP datatype of a numpy array (object/str/bytes arrays are BYTES)."""
+    name = _DATATYPE_BY_DTYPE.get(array.dtype)
+    if name is not None:
+        return name
     if array.dtype.kind in "OSU":
         return "BYTES"
-    for name, dtype in NUMPY_DTYPES.items():
-        if array.dtype == dtype:
-            return name
     raise ValueError(f"numpy dtype {array.dtype} has no OIP datatype")
