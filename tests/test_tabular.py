@@ -212,6 +212,8 @@ def test_triton_config_is_read_and_checked_against_the_graph(repo, tmp_path):
 def test_options_are_validated_and_the_repository_is_listed(repo):
     with pytest.raises(ValueError, match=r"unknown tabular option\(s\) \['max_batch'\]; known: \["):
         TabularEngine.from_path(str(repo / "sk_logreg"), {"max_batch": 4})
+    with pytest.raises(ValueError, match="max_queue_delay_us must be <= 10000000"):
+        TabularEngine.from_path(str(repo / "sk_logreg"), {"max_queue_delay_us": 10_000_001})
     with pytest.raises(ValueError, match="no such model file or directory"):
         TabularEngine.from_path(str(repo / "nope"), {})
     assert list(list_repository(repo)) == ["lgbm_fraud", "mixed_types", "sk_logreg", "xgb_fraud", "xgb_ubj"]
@@ -302,3 +304,25 @@ def test_version_policy_serves_the_chosen_versions(repo, reference, tmp_path):
     assert (v1.version, v2.version, latest.version) == (1, 2, 2)
     np.testing.assert_allclose(v1.outputs["probabilities"][:, 1], reference.lgbm.predict(rows), rtol=0, atol=SCORE_ATOL)
     np.testing.assert_allclose(v2.outputs["probabilities"], reference.xgb.predict_proba(rows), rtol=0, atol=SCORE_ATOL)
+
+
+def test_loop_executor_runs_a_full_batch_without_waiting_out_the_delay(repo, reference):
+    records: list[BatchRecord] = []
+    # A 9 s queue delay: the four requests below fill the batch (max 4 rows), so it must run at once.
+    engine = TabularEngine.from_path(str(repo / "xgb_fraud"), {"max_batch_size": 4, "max_queue_delay_us": 9_000_000},
+                                     on_batch=records.append)  # fmt: skip
+
+    async def main():
+        engine.start()
+        try:
+            first = asyncio.ensure_future(engine.infer({"input": reference.features[0:1]}))
+            await asyncio.sleep(0.05)  # the first request is queued and waiting out the delay
+            rest = [engine.infer({"input": reference.features[i : i + 1]}) for i in range(1, 4)]
+            return await asyncio.wait_for(asyncio.gather(first, *rest), timeout=8)
+        finally:
+            engine.shutdown()
+
+    results = _run(main())
+    assert [r.num_items for r in records] == [4]
+    np.testing.assert_allclose(np.concatenate([r.outputs["probabilities"] for r in results]),
+                               reference.xgb.predict_proba(reference.features[:4]), rtol=0, atol=SCORE_ATOL)  # fmt: skip

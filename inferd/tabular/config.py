@@ -31,6 +31,7 @@ logger = logging.getLogger("inferd.tabular")
 # A derived config's max batch size: trees score ~4.5 us/row in a batch, so 1024 rows are ~5 ms of work.
 DEFAULT_MAX_BATCH_SIZE = 1024
 EXECUTORS = ("loop", "thread")
+MAX_QUEUE_DELAY_US = 10_000_000  # the batcher waits 10 s at most
 _SUPPORTED_PLATFORMS = ("onnxruntime_onnx", "")
 _SUPPORTED_BACKENDS = ("onnxruntime", "")
 _IGNORED_FIELDS = ("optimization", "model_warmup", "model_operations", "model_transaction_policy", "response_cache")
@@ -184,6 +185,8 @@ def config_from_pbtxt(text: str, *, model_name: str, where: str = "config.pbtxt"
     if batching_fields is not None:
         preferred = tuple(_int(v, "preferred_batch_size", where) for v in batching_fields.get("preferred_batch_size", []))
         delay_us = _int(_one(batching_fields, "max_queue_delay_microseconds", 0, where), "max_queue_delay_microseconds", where)
+        if not 0 <= delay_us <= MAX_QUEUE_DELAY_US:
+            raise ValueError(f"{where}: max_queue_delay_microseconds must be in [0, {MAX_QUEUE_DELAY_US}], got {delay_us}")
         dynamic_batching = DynamicBatchingConfig(preferred, delay_us)
 
     instance_count, instance_kind = 1, "KIND_AUTO"

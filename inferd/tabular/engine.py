@@ -30,7 +30,7 @@ import numpy as np
 
 from inferd.batching import BatcherStoppedError, BatchLimits, BatchRecord, MicroBatcher
 from inferd.serving import ModelKind
-from inferd.tabular.config import EXECUTORS, DynamicBatchingConfig, ModelConfig, VersionPolicy, complete_config
+from inferd.tabular.config import EXECUTORS, MAX_QUEUE_DELAY_US, DynamicBatchingConfig, ModelConfig, VersionPolicy, complete_config
 from inferd.tabular.datatypes import oip_datatype_of
 from inferd.tabular.repository import read_model_directory
 from inferd.tabular.session import DEVICES, OnnxSession
@@ -77,6 +77,8 @@ def _validate_options(options: Mapping[str, Any]) -> dict[str, Any]:
             value = checked[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"tabular option {key} must be an integer >= 0, got {value!r}")
+    if checked.get("max_queue_delay_us", 0) > MAX_QUEUE_DELAY_US:
+        raise ValueError(f"tabular option max_queue_delay_us must be <= {MAX_QUEUE_DELAY_US}, got {checked['max_queue_delay_us']}")
     if "preferred_batch_sizes" in checked:
         sizes = checked["preferred_batch_sizes"]
         if not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in sizes):
@@ -152,9 +154,24 @@ class _Version:
         self.flush_handle: asyncio.Handle | asyncio.TimerHandle | None = None
 
     def schedule_flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Loop executor: run what is queued once the callbacks ready now (other requests' handlers) have run."""
-        if self.flush_handle is None:
+        """Loop executor: run what is queued once the callbacks ready now (other requests' handlers) have run;
+        a batch waiting out max_queue_delay runs as soon as it is full or reaches a preferred size."""
+        handle = self.flush_handle
+        if handle is None:
             self.flush_handle = loop.call_soon(self._flush, loop)
+        elif isinstance(handle, asyncio.TimerHandle) and self._may_run_now():
+            handle.cancel()
+            self.flush_handle = loop.call_soon(self._flush, loop)
+
+    def _may_run_now(self) -> bool:
+        batcher = self.batchers[0]
+        limits = batcher.limits
+        num_rows = batcher.num_queued_cost
+        return (
+            batcher.num_queued_items >= limits.max_batch_items
+            or (limits.max_batch_cost is not None and num_rows >= limits.max_batch_cost)
+            or num_rows in limits.preferred_batch_costs
+        )
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self.flush_handle = None
