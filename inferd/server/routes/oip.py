@@ -439,10 +439,18 @@ async def load_from_repository(state: Any, name: str) -> None:
     existing = state.models.get(name)
     if existing is not None and existing.kind is not ModelKind.TABULAR:
         raise OIPError(400, f"model name {name!r} is taken by a {existing.kind.value} model")
-    try:  # a loaded model is loaded again from disk, as Triton does
-        await state.load_model(ModelSpec(name=name, source=str(model_dir), kind=ModelKind.TABULAR))
+    # A loaded model is loaded again from disk, as Triton does. The server's startup failure callback (which stops
+    # a server whose initial models fail) must not fire for a load asked over the API: that failure is a 400.
+    on_load_failure = getattr(state, "on_load_failure", None)
+    state.on_load_failure = None
+    try:
+        served = await state.load_model(ModelSpec(name=name, source=str(model_dir), kind=ModelKind.TABULAR))
     except (ValueError, ImportError) as exc:
         raise OIPError(400, f"model {name!r} failed to load: {exc}") from None
+    finally:
+        state.on_load_failure = on_load_failure
+    if getattr(served, "status", "ready") == "failed":
+        raise OIPError(400, f"model {name!r} failed to load: {served.load_error}")
 
 
 async def unload(state: Any, name: str) -> None:
