@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -201,9 +202,23 @@ def test_concurrent_requests_score_identically_to_alone(server, reference):
     np.testing.assert_allclose(
         np.array([a["outputs"][0]["data"] for a in alone]), reference.xgb.predict_proba(rows), rtol=0, atol=SCORE_ATOL
     )
-    metrics = httpx.get(f"http://{server.http_url}/metrics").text
-    sizes = [line for line in metrics.splitlines() if line.startswith("inferd:") and "batch" in line and 'model_name="xgb_fraud"' in line]
-    assert sizes, "no per-model batch metrics for xgb_fraud"
+    # Per-model metrics: request count, queue and compute time, batch size (requests) and rows per batch.
+    series: list[tuple[str, dict[str, str], float]] = []
+    for line in httpx.get(f"http://{server.http_url}/metrics").text.splitlines():
+        match = re.fullmatch(r"(inferd:[\w:]+)\{(.*)\} (\S+)", line)
+        if match:
+            series.append((match.group(1), dict(re.findall(r'(\w+)="([^"]*)"', match.group(2))), float(match.group(3))))
+
+    def value(name: str, **labels: str) -> float:
+        wanted = {"model_name": "xgb_fraud", "kind": "tabular", **labels}
+        return sum(v for n, found, v in series if n == name and all(found.get(k) == w for k, w in wanted.items()))
+
+    assert value("inferd:requests_total", status="ok") >= 2 * len(rows)
+    num_batches = value("inferd:batch_size_count")
+    assert 0 < num_batches < 2 * len(rows)  # the concurrent requests were merged
+    assert value("inferd:batch_size_sum") >= 2 * len(rows)  # requests per batch, summed
+    assert value("inferd:batch_compute_time_seconds_count") == num_batches
+    assert value("inferd:batch_queue_time_seconds_count") >= 2 * len(rows)  # one per request
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -310,3 +325,26 @@ def test_unload_lets_requests_in_flight_finish(server, reference):
     scores = np.array([a.json()["outputs"][1]["data"] for a in answers])
     np.testing.assert_allclose(scores, reference.xgb.predict_proba(rows), rtol=0, atol=SCORE_ATOL)
     assert after.status_code == 404 and reload.status_code == 200
+
+
+def test_an_llm_and_tabular_models_in_one_server(inferd_home, tmp_path, reference):
+    """`--model LLM --model-repository DIR`: both kinds answer; OIP names the LLM's kind instead of serving it."""
+    from tests.server_fixtures import DEFAULT_MODEL, SMALL_SERVER_ARGS
+
+    repo = tmp_path / "repo"
+    (repo / "fraud" / "1").mkdir(parents=True)
+    reference.xgb.get_booster().save_model(str(repo / "fraud" / "1" / "model.json"))
+    server = start_oip_server(repo, ("--model", DEFAULT_MODEL, *SMALL_SERVER_ARGS))
+    try:
+        base = f"http://{server.http_url}"
+        kinds = {m["id"]: m.get("kind") for m in httpx.get(f"{base}/v1/models").json()["data"]}
+        assert kinds == {DEFAULT_MODEL: "generate", "fraud": "tabular"}
+        completion = httpx.post(f"{base}/v1/completions", json={"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2}, timeout=120)
+        assert completion.status_code == 200 and completion.json()["usage"]["completion_tokens"] == 2
+        client = tritonhttp.InferenceServerClient(server.http_url)
+        result = client.infer("fraud", _inputs(tritonhttp, {"input": reference.features[:50]}, binary=False))
+        np.testing.assert_allclose(result.as_numpy("probabilities"), reference.xgb.predict_proba(reference.features[:50]), rtol=0, atol=SCORE_ATOL)
+        wrong_kind = httpx.get(f"{base}/v2/models/{DEFAULT_MODEL}")
+        assert wrong_kind.status_code == 400 and "is a generate model" in wrong_kind.json()["error"]
+    finally:
+        stop_inferd_server(server.process)

@@ -129,6 +129,8 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if any(name == b"inference-header-content-length" for name, _ in scope["headers"]):
+            return body  # OIP binary tensors (routes/oip.py): raw bytes follow a JSON header the route checks
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
