@@ -322,6 +322,8 @@ def run_wrk(server: Server, script: Path, concurrency: int, duration_s: int) -> 
     num_errors = int(errors.group(1)) if errors else 0
     if socket_errors:
         num_errors += sum(int(g) for g in socket_errors.groups())
+    if "99" not in percentiles:  # no request finished within the run
+        return LoadResult(rps, float("nan"), float("nan"), num_errors)
     return LoadResult(rps, _ms(percentiles["50"]), _ms(percentiles["99"]), num_errors)
 
 
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         scripts = {name: lua_script(s, rows, log_dir / f"{name}.lua", None) for name, s in servers.items()}
         results: dict[tuple[str, int], list[LoadResult]] = {}
         for name, server in servers.items():  # warm-up
-            run_wrk(server, scripts[name], 16, 2)
+            run_wrk(server, scripts[name], 16, 3)
         for round_index in range(args.rounds):
             order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
             for name in order:
