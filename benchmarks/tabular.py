@@ -393,6 +393,12 @@ def check_answer(server: Server, row: np.ndarray) -> None:
     assert answer["outputs"], answer
 
 
+def finite_median(values) -> float:
+    """The median of the runs that finished requests (a starved run has no latency: NaN)."""
+    finite = [v for v in values if v == v]
+    return statistics.median(finite) if finite else float("nan")
+
+
 def cpu_flags() -> str:
     try:
         flags = re.search(r"^flags\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split()
@@ -492,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = results[(name, concurrency)]
             errors = sum(r.num_errors for r in runs)
             cell = (f"{statistics.median(r.requests_per_s for r in runs):.0f} "
-                    f"({statistics.median(r.p50_ms for r in runs):.2f} / {statistics.median(r.p99_ms for r in runs):.2f})")  # fmt: skip
+                    f"({finite_median(r.p50_ms for r in runs):.2f} / {finite_median(r.p99_ms for r in runs):.2f})")  # fmt: skip
             cells.append(cell + (f" {errors} errors" if errors else ""))
         print(f"| {name} | " + " | ".join(cells) + " |")
     if grpc_results:
@@ -506,11 +512,11 @@ def main(argv: list[str] | None = None) -> int:
             for concurrency in grpc_concurrencies:
                 runs = grpc_results[(name, concurrency)]
                 cells.append(f"{statistics.median(r.requests_per_s for r in runs):.0f} "
-                             f"({statistics.median(r.p50_ms for r in runs):.2f} / {statistics.median(r.p99_ms for r in runs):.2f})")  # fmt: skip
+                             f"({finite_median(r.p50_ms for r in runs):.2f} / {finite_median(r.p99_ms for r in runs):.2f})")  # fmt: skip
             print(f"| {name} | " + " | ".join(cells) + " |")
     if open_loop:
         print(f"| inferd open loop ~{args.open_loop_rps:.0f}/s | achieved {statistics.median(r.requests_per_s for r in open_loop):.0f}/s, "
-              f"p50 {statistics.median(r.p50_ms for r in open_loop):.2f} ms, p99 {statistics.median(r.p99_ms for r in open_loop):.2f} ms |")  # fmt: skip
+              f"p50 {finite_median(r.p50_ms for r in open_loop):.2f} ms, p99 {finite_median(r.p99_ms for r in open_loop):.2f} ms |")  # fmt: skip
     return 0
 
 
