@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.metadata
 import hmac
 import json
@@ -33,10 +34,12 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
 from inferd.server.errors import error_response, install_error_handlers
+from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
 from inferd.server.routes.ops import router as ops_router
 from inferd.serving import ModelKind, ModelSpec
@@ -81,6 +84,15 @@ def read_api_keys(keys: Sequence[str] | None, key_file: str | None, environ: Map
     return keys_found
 
 
+def _guard_error(scope: Scope, status_code: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """The guard's own errors in the shape the route's clients read: OIP's {"error": "..."} under /v2 (tritonclient
+    and KServe clients), OpenAI's everywhere else."""
+    if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
+        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+    return error_response(status_code, message, param, code, headers)
+
+
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -96,14 +108,14 @@ class GuardMiddleware:
         state = self.state
         if scope["path"] not in self._open_paths:
             if self._api_keys and not self._is_authorized(scope):
-                response = error_response(
-                    401, "missing or incorrect API key (send Authorization: Bearer <key>)", code="invalid_api_key",
+                response = _guard_error(
+                    scope, 401, "missing or incorrect API key (send Authorization: Bearer <key>)", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
                 await response(scope, receive, send)
                 return
             if state.is_draining:
-                await error_response(503, "server is shutting down", code="shutting_down")(scope, receive, send)
+                await _guard_error(scope, 503, "server is shutting down", code="shutting_down")(scope, receive, send)
                 return
         if scope["method"] in _BODY_METHODS:
             body_or_response = await self._read_body(scope, receive)
@@ -138,15 +150,15 @@ class GuardMiddleware:
     async def _read_body(self, scope: Scope, receive: Receive) -> Any:
         """The whole body (bytes), an error response, or None if the client disconnected."""
         max_body_bytes = self.state.options.max_body_bytes
-        too_large = error_response(
-            413, f"request body is larger than the limit of {max_body_bytes} bytes", code="request_too_large"
+        too_large = _guard_error(
+            scope, 413, f"request body is larger than the limit of {max_body_bytes} bytes", code="request_too_large"
         )
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared_bytes = int(value)
                 except ValueError:
-                    return error_response(400, "Content-Length is not an integer")
+                    return _guard_error(scope, 400, "Content-Length is not an integer")
                 if declared_bytes > max_body_bytes:
                     return too_large
                 break
@@ -157,8 +169,8 @@ class GuardMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), timeout_s)
             except TimeoutError:
-                return error_response(
-                    408, f"the request body did not arrive within {timeout_s:g} s (declared Content-Length longer "
+                return _guard_error(
+                    scope, 408, f"the request body did not arrive within {timeout_s:g} s (declared Content-Length longer "
                          f"than what was sent?)", code="request_timeout", headers={"Connection": "close"},
                 )
             if message["type"] == "http.disconnect":
@@ -171,16 +183,18 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if any(name == b"inference-header-content-length" for name, _ in scope["headers"]):
+            return body  # OIP binary tensors (routes/oip.py): raw bytes follow a JSON header the route checks
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return error_response(400, f"request body is not valid UTF-8 (invalid byte at offset {exc.start})")
+            return _guard_error(scope, 400, f"request body is not valid UTF-8 (invalid byte at offset {exc.start})")
         if _SURROGATE_ESCAPE_RE.search(body) is not None:
             where = await asyncio.to_thread(_lone_surrogate_field, body)
             if where is not None:
                 param, path = where
-                return error_response(
-                    400, f"{path}: contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair), which "
+                return _guard_error(
+                    scope, 400, f"{path}: contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair), which "
                          f"is not Unicode text", param=param, code="invalid_value",
                 )
         return body
@@ -260,8 +274,11 @@ def build_app(
 
     async def load_in_background() -> None:
         for spec in specs:
-            await state.load_model(spec)
-        state.on_load_failure = None  # a later reload that fails answers 503 for that model; the server stays up
+            await state.load_model(spec, is_startup=True)
+        # Everything loaded at startup lives as long as the server: keep the collector from walking it again on
+        # every full collection (long GC pauses showed in tail latency under load).
+        gc.collect()
+        gc.freeze()
 
     async def unload_idle_models() -> None:
         keep_alives = [m.keep_alive_s for m in state.models.values() if m.keep_alive_s is not None]
@@ -281,10 +298,17 @@ def build_app(
             state.add_loaded_engine(spec, engine)
         load_task = asyncio.create_task(load_in_background()) if specs else None
         reaper_task = asyncio.create_task(unload_idle_models())
+        grpc_server = None
+        if options.grpc_port is not None:
+            from inferd.server.grpc_oip import start_grpc_server
+
+            grpc_server = await start_grpc_server(state, options.grpc_host, options.grpc_port)
         try:
             yield
         finally:
             reaper_task.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace_s=1.0)
             if load_task is not None and not load_task.done():
                 load_task.cancel()
             state.shutdown()
@@ -302,6 +326,7 @@ def build_app(
     )
     app.state.inferd = state
     install_error_handlers(app)
+    app.include_router(oip_router)  # first: Starlette tries routes in order and OIP infer is the hot path
     app.include_router(openai_router)
     app.include_router(ops_router)
     app.add_middleware(GuardMiddleware, state=state)
@@ -393,6 +418,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the Open Inference Protocol v2 over gRPC (tabular models) on this port")
     g.add_argument("--api-key", action="append", default=None,
                    help=f"require 'Authorization: Bearer KEY' (repeatable; also ${API_KEY_ENV}, comma-separated, "
                         f"and --api-key-file, which keep keys out of `ps`)")
@@ -430,6 +457,9 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
         drain_timeout_s=args.drain_timeout,
         llm_defaults=llm_defaults,
         keep_alive_s=None if args.keep_alive is None else parse_duration_s(args.keep_alive, "keep_alive"),
+        model_repository=args.model_repository,
+        grpc_port=args.grpc_port,
+        grpc_host=args.host,
     )
     exit_status = 0
     server: Any = None

@@ -57,6 +57,9 @@ class ServerOptions:
     # Seconds a model may sit idle before it is unloaded (its memory freed); the next request loads it again and
     # waits for it. None: models stay loaded. A models-file entry's `keep_alive` option overrides it per model.
     keep_alive_s: float | None = None
+    model_repository: str | None = None  # --model-repository: OIP's repository index/load reads it
+    grpc_port: int | None = None  # --grpc-port: OIP v2 over gRPC (server/grpc_oip.py) on grpc_host:grpc_port
+    grpc_host: str = "127.0.0.1"
 
 
 def _load_generate(spec: ModelSpec, options: Mapping[str, Any], on_batch: Any) -> ServedEngine:
@@ -222,8 +225,9 @@ class ServerState:
         self._start(served, engine)
         return served
 
-    async def load_model(self, spec: ModelSpec) -> ServedModel:
-        """Load (or reload) a model on a loading thread, then start it; returns its row, ready or failed."""
+    async def load_model(self, spec: ModelSpec, *, is_startup: bool = False) -> ServedModel:
+        """Load (or reload) a model on a loading thread, then start it; returns its row, ready or failed. A startup
+        load that fails calls `on_load_failure` (the CLI server then exits 1); a later one leaves the row failed."""
         served = self.models.get(spec.name)
         if served is None:
             (served,) = self.add_models([spec])
@@ -247,7 +251,7 @@ class ServerState:
             served.status, served.load_error = "failed", f"{type(exc).__name__}: {exc}"
             served.loaded_event.set()
             logger.error("model %s failed to load: %s", spec.name, served.load_error, exc_info=exc)
-            if self.on_load_failure is not None:
+            if is_startup and self.on_load_failure is not None:
                 self.on_load_failure(spec.name)
             return served
         self._start(served, engine)
