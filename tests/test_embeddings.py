@@ -164,3 +164,17 @@ def test_tiny_cls_model_through_embedder(tmp_path: Path) -> None:
     ours = Embedder(tmp_path / "st", device="cpu").embed(texts)
     ref = st_tiny.encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_cli_embed_resolves_the_catalog_name(embedding_model_dir: Path, st_model, capsys) -> None:
+    import json
+
+    from inferd.cli import main
+
+    texts = ["the cli embeds this", "and this ü"]
+    assert main(["embed", "--model", "all-minilm-l6-v2", *texts]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [d["index"] for d in out["data"]] == [0, 1] and out["dimension"] == 384
+    ours = np.array([d["embedding"] for d in out["data"]], dtype=np.float32)
+    ref = st_model.encode(texts, convert_to_numpy=True)
+    assert ((ours * ref).sum(1)).min() >= 0.9999  # both unit length
