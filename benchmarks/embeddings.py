@@ -1,0 +1,441 @@
+"""Embedding speed: inferd vs sentence-transformers in-process, and inferd serve vs embedding servers over HTTP,
+same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machine, one run.
+
+    .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
+    .venv/bin/python benchmarks/embeddings.py http [--servers inferd,fastapi-st,infinity,litserve] [--rounds 2]
+    .venv/bin/python benchmarks/embeddings.py attention     # packed per-sequence attention vs padded batch
+
+offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
+thread count, runs alternating, medians of `--rounds`. Prints achieved GFLOP/s (useful FLOPs: the encoder's
+linear layers and attention on the real token counts, no padding) beside a float32 GEMM rate measured in the same
+run, and the lowest cosine between the two sides' vectors.
+
+http: closed-loop clients POST OpenAI `/embeddings` bodies: 1 sentence per request at concurrency 1/8/32, and
+32 per request at concurrency 4. Servers: `inferd serve`, a FastAPI + sentence-transformers server written by
+hand (peers/embed_fastapi_st.py), Infinity and LitServe (peers/embed_litserve.py: batching 32 / 5 ms for 1 per
+request, a second server without batching for 32 per request, which LitServe cannot batch); peers/setup_embed_peers.sh makes their venvs; a
+server whose venv is missing is reported and skipped). All servers run at once; scenarios alternate between
+them per round, so slow drifts of this shared machine hit every server alike. Every server's vectors are checked
+against sentence-transformers (lowest cosine printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "all-minilm-l6-v2"
+PEERS_DIR = Path(os.environ.get("PEERS_DIR", REPO_ROOT / "benchmarks" / ".peers"))
+
+# Common English words; sentences are seeded draws of 5-60 of them.
+_WORDS = (
+    "the be to of and a in that have it for not on with he as you do at this but his by from they we say her she "
+    "or an will my one all would there their what so up out if about who get which go me when make can like time "
+    "no just him know take people into year your good some could them see other than then now look only come its "
+    "over think also back after use two how our work first well way even new want because any these give day most "
+    "us model server search price order customer fraud score vector similar item music film travel bank payment "
+    "delivery weather football recipe garden doctor school market river mountain city computer network language"
+).split()
+
+
+def make_sentences(num: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 60))]
+        out.append(" ".join(words).capitalize() + rng.choice([".", "?", "!"]))
+    return out
+
+
+def model_dir() -> Path:
+    sys.path.insert(0, str(REPO_ROOT))
+    from inferd.store import resolve_model
+
+    return Path(resolve_model(MODEL_NAME).path)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split()
+    except (OSError, StopIteration):
+        return "?"
+    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return " ".join(f for f in keep if f in flags)
+
+
+def machine_line() -> str:
+    import torch
+
+    model = "?"
+    try:
+        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":")[1].strip()
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {model}, {os.cpu_count()} cores, flags {cpu_flags()}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}"
+    )
+
+
+def matmul_gflops(repeats: int = 7) -> tuple[float, float]:
+    """(float32 GEMM GFLOP/s at 1024^3, at the encoder's FFN shape [1024 tokens, 384] x [384, 1536]), medians."""
+    import torch
+
+    rates = []
+    for m, k, n in ((1024, 1024, 1024), (1024, 384, 1536)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            times.append((time.perf_counter() - t0) / 5)
+        rates.append(2 * m * k * n / statistics.median(times) / 1e9)
+    return rates[0], rates[1]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------- offline
+
+
+def run_offline(args: argparse.Namespace) -> None:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from inferd.embeddings import Embedder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = model_dir()
+    sentences = make_sentences(args.num_sentences)
+    batch1 = sentences[: args.num_batch1]
+    embedder = Embedder(path, device="cpu", dtype="float32", max_batch_items=32)
+    st_model = SentenceTransformer(str(path), device="cpu")
+    lengths = [len(ids) for ids in embedder.model.tokenizer.encode_batch(sentences, truncate=True)]
+    flops_all = embedder.model.flops(lengths)
+    flops_b1 = embedder.model.flops(lengths[: args.num_batch1])
+    print(f"# {machine_line()}")
+    print(f"# {len(sentences)} sentences, {sum(lengths)} tokens (mean {statistics.mean(lengths):.1f}, max {max(lengths)}); "
+          f"batch 1 on the first {len(batch1)}")
+    gemm_big, gemm_ffn = matmul_gflops()
+    print(f"# float32 GEMM: {gemm_big:.0f} GFLOP/s at 1024^3, {gemm_ffn:.0f} GFLOP/s at the FFN shape [1024,384]x[384,1536]")
+
+    def ours_32() -> np.ndarray:
+        return np.concatenate([embedder.embed(sentences[i : i + 32]) for i in range(0, len(sentences), 32)])
+
+    def st_32() -> np.ndarray:
+        return st_model.encode(sentences, batch_size=32, convert_to_numpy=True)
+
+    def ours_1() -> None:
+        for s in batch1:
+            embedder.embed([s])
+
+    def st_1() -> None:
+        for s in batch1:
+            st_model.encode([s], batch_size=1, convert_to_numpy=True)
+
+    runs = {"inferd batch 32": (ours_32, len(sentences), flops_all), "sentence-transformers batch 32": (st_32, len(sentences), flops_all),
+            "inferd batch 1": (ours_1, len(batch1), flops_b1), "sentence-transformers batch 1": (st_1, len(batch1), flops_b1)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    ours_vectors = ours_32()  # warm-up and the vectors to compare
+    ref_vectors = st_32()
+    min_cos = float(cosines(ours_vectors, ref_vectors).min())
+    for round_index in range(args.rounds):
+        for name, (fn, num, _flops) in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            rates[name].append(num / (time.perf_counter() - t0))
+        print(f"# round {round_index + 1}: " + ", ".join(f"{n} {r[-1]:.1f}/s" for n, r in rates.items()), flush=True)
+    print()
+    print("| in-process | sentences/s (median) | rounds | GFLOP/s achieved | vs GEMM at FFN shape |")
+    print("|---|---|---|---|---|")
+    for name, (_fn, num, flops) in runs.items():
+        median = statistics.median(rates[name])
+        gflops = median * flops / num / 1e9
+        print(f"| {name} | {median:.1f} | {', '.join(f'{r:.1f}' for r in rates[name])} | {gflops:.1f} | {gflops / gemm_ffn:.0%} |")
+    b32 = statistics.median(rates["inferd batch 32"]) / statistics.median(rates["sentence-transformers batch 32"])
+    b1 = statistics.median(rates["inferd batch 1"]) / statistics.median(rates["sentence-transformers batch 1"])
+    print(f"\ninferd / sentence-transformers: batch 32 {b32:.2f}x, batch 1 {b1:.2f}x; lowest cosine {min_cos:.8f}")
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+def run_attention(args: argparse.Namespace) -> None:
+    """Per-sequence SDPA over packed rows (what bert.py does) vs one masked SDPA on the batch padded to its longest
+    sequence, on all-MiniLM-L6-v2's attention shape (12 heads x 32) for batches of 32 seeded sentences."""
+    import torch
+    import torch.nn.functional as F
+
+    from inferd.embeddings import Embedder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    embedder = Embedder(model_dir(), device="cpu", dtype="float32")
+    lengths = [len(ids) for ids in embedder.model.tokenizer.encode_batch(make_sentences(32 * 8), truncate=True)]
+    heads, head_dim = 12, 32
+    timings: dict[str, list[float]] = {"per-sequence (packed)": [], "padded + mask": []}
+    for round_index in range(args.rounds):
+        for b in range(0, len(lengths), 32):
+            batch = lengths[b : b + 32]
+            total, longest = sum(batch), max(batch)
+            qkv = torch.randn(3, heads, total, head_dim)
+            cu = [0]
+            for n in batch:
+                cu.append(cu[-1] + n)
+            t0 = time.perf_counter()
+            for s, e in zip(cu[:-1], cu[1:]):
+                F.scaled_dot_product_attention(qkv[0, :, s:e], qkv[1, :, s:e], qkv[2, :, s:e])
+            timings["per-sequence (packed)"].append(time.perf_counter() - t0)
+            padded = torch.zeros(3, len(batch), heads, longest, head_dim)
+            mask = torch.zeros(len(batch), 1, 1, longest, dtype=torch.bool)
+            t0 = time.perf_counter()
+            for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+                padded[:, i, :, : e - s] = qkv[:, :, s:e]
+                mask[i, ..., : e - s] = True
+            F.scaled_dot_product_attention(padded[0], padded[1], padded[2], attn_mask=mask)
+            timings["padded + mask"].append(time.perf_counter() - t0)
+    print(f"# {machine_line()}")
+    print("| attention, batch of 32 sentences, one layer | median ms |")
+    print("|---|---|")
+    for name, ts in timings.items():
+        print(f"| {name} | {statistics.median(ts) * 1e3:.2f} |")
+
+
+# ---------------------------------------------------------------------------------------------------- http
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str  # the embeddings endpoint
+    model: str  # the body's model field
+    max_per_request: int | None = None  # scenarios with more inputs per request skip this server
+    process: subprocess.Popen | None = None
+    log_path: str = ""
+
+
+def _python_of(peer: str) -> Path | None:
+    python = PEERS_DIR / f"{peer}-venv" / "bin" / "python"
+    return python if python.exists() else None
+
+
+def start_servers(names: list[str], path: Path, args_inferd: list[str]) -> list[Server]:
+    servers = []
+    for name in names:
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+        if name == "inferd":
+            cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL_NAME, "--port", str(port), *args_inferd]
+            server = Server(name, f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME)
+        elif name == "fastapi-st":
+            cmd = [sys.executable, str(REPO_ROOT / "benchmarks/peers/embed_fastapi_st.py"), str(path), "--port", str(port)]
+            server = Server(name, f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME)
+        elif name == "infinity":
+            python = _python_of("infinity")
+            if python is None:
+                print(f"# {name}: skipped, no venv at {PEERS_DIR / 'infinity-venv'} (run benchmarks/peers/setup_embed_peers.sh)")
+                continue
+            cmd = [str(python.parent / "infinity_emb"), "v2", "--model-id", str(path), "--served-model-name", MODEL_NAME,
+                   "--port", str(port), "--engine", "torch", "--device", "cpu", "--no-bettertransformer",
+                   "--batch-size", "32"]
+            server = Server(name, f"http://127.0.0.1:{port}/embeddings", MODEL_NAME)
+        elif name in ("litserve", "litserve-nobatch"):
+            python = _python_of("litserve")
+            if python is None:
+                print(f"# {name}: skipped, no venv at {PEERS_DIR / 'litserve-venv'} (run benchmarks/peers/setup_embed_peers.sh)")
+                continue
+            # LitServe batches only single-input requests: batching 32 / 5 ms for 1 per request, none for 32
+            batch_args = ["--max-batch-size", "32", "--batch-timeout", "0.005"] if name == "litserve" else ["--max-batch-size", "1"]
+            cmd = [str(python), str(REPO_ROOT / "benchmarks/peers/embed_litserve.py"), str(path), "--port", str(port), *batch_args]
+            server = Server(name, f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME,
+                            max_per_request=1 if name == "litserve" else None)
+        else:
+            raise SystemExit(f"unknown server {name!r}")
+        log = tempfile.NamedTemporaryFile("w", prefix=f"embed-bench-{name}-", suffix=".log", delete=False)
+        server.log_path = log.name
+        server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        servers.append(server)
+    return servers
+
+
+def wait_ready(servers: list[Server], timeout_s: float = 300.0) -> list[Server]:
+    import httpx
+
+    ready = []
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending and time.monotonic() < deadline:
+        for server in list(pending):
+            if server.process is not None and server.process.poll() is not None:
+                print(f"# {server.name}: exited with {server.process.returncode}; log {server.log_path}")
+                pending.remove(server)
+                continue
+            try:
+                r = httpx.post(server.url, json={"model": server.model, "input": ["ready?"]}, timeout=10)
+                if r.status_code == 200:
+                    ready.append(server)
+                    pending.remove(server)
+            except httpx.HTTPError:
+                pass
+        time.sleep(1.0)
+    for server in pending:
+        print(f"# {server.name}: not ready after {timeout_s:.0f}s; log {server.log_path}")
+    return ready
+
+
+def stop_servers(servers: list[Server]) -> None:
+    for server in servers:
+        if server.process is not None and server.process.poll() is None:
+            server.process.terminate()
+    for server in servers:
+        if server.process is not None:
+            try:
+                server.process.wait(15)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+
+
+def decode_embeddings(body: dict) -> np.ndarray:
+    import base64
+
+    rows = sorted(body["data"], key=lambda d: d["index"])
+    out = []
+    for d in rows:
+        e = d["embedding"]
+        out.append(np.frombuffer(base64.b64decode(e), dtype="<f4") if isinstance(e, str) else np.asarray(e, dtype=np.float32))
+    return np.stack(out)
+
+
+async def closed_loop(url: str, model: str, bodies: list[list[str]], concurrency: int) -> tuple[float, float, int]:
+    """(sentences/s, p50 latency ms, errors): `concurrency` clients, each sends its next body when its last answer
+    arrived, until every body was sent."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    queue = list(reversed(bodies))
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while queue:
+                texts = queue.pop()
+                t0 = time.perf_counter()
+                r = await client.post(url, json={"model": model, "input": texts})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return sum(len(b) for b in bodies) / wall, statistics.median(latencies) * 1e3, errors
+
+
+def run_http(args: argparse.Namespace) -> None:
+    import httpx
+    from sentence_transformers import SentenceTransformer
+
+    path = model_dir()
+    sentences = make_sentences(args.num_sentences)
+    scenarios = [("1/req c=1", 1, 1, args.num_c1), ("1/req c=8", 1, 8, args.num_sentences),
+                 ("1/req c=32", 1, 32, args.num_sentences), ("32/req c=4", 32, 4, args.num_sentences)]
+    servers = start_servers(args.servers.split(","), path, args.inferd_args.split())
+    try:
+        servers = wait_ready(servers)
+        st_model = SentenceTransformer(str(path), device="cpu")
+        check = sentences[:64]
+        ref = st_model.encode(check, convert_to_numpy=True)
+        del st_model
+        print(f"# {machine_line()}")
+        min_cos = {}
+        for server in servers:
+            step = server.max_per_request or 16
+            vectors = np.concatenate([decode_embeddings(httpx.post(server.url, json={"model": server.model, "input": check[i : i + step]}, timeout=120).json())
+                                      for i in range(0, len(check), step)])
+            min_cos[server.name] = float(cosines(vectors, ref).min())
+            print(f"# {server.name}: lowest cosine vs sentence-transformers on {len(check)} sentences {min_cos[server.name]:.8f}")
+        results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+        for round_index in range(args.rounds):
+            for label, per_request, concurrency, num in scenarios:
+                bodies = [sentences[i : i + per_request] for i in range(0, num, per_request)]
+                for server in servers:
+                    if server.max_per_request is not None and per_request > server.max_per_request:
+                        continue
+                    asyncio.run(closed_loop(server.url, server.model, bodies[: max(concurrency, 4)], concurrency))  # warm
+                    result = asyncio.run(closed_loop(server.url, server.model, bodies, concurrency))
+                    results.setdefault((server.name, label), []).append(result)
+                    print(f"# round {round_index + 1} {label} {server.name}: {result[0]:.1f} sentences/s, p50 {result[1]:.1f} ms"
+                          + (f", {result[2]} errors" if result[2] else ""), flush=True)
+        print()
+        print("| sentences/s (p50 ms) | " + " | ".join(s[0] for s in scenarios) + " | lowest cosine |")
+        print("|---|" + "---|" * (len(scenarios) + 1))
+        for server in servers:
+            cells = []
+            for label, *_ in scenarios:
+                runs = results.get((server.name, label))
+                if not runs:
+                    cells.append("-")
+                    continue
+                rate = statistics.median(r[0] for r in runs)
+                p50 = statistics.median(r[1] for r in runs)
+                errs = sum(r[2] for r in runs)
+                cells.append(f"{rate:.1f} ({p50:.0f})" + (f" {errs} err" if errs else ""))
+            print(f"| {server.name} | " + " | ".join(cells) + f" | {min_cos[server.name]:.8f} |")
+    finally:
+        stop_servers(servers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("offline")
+    p.add_argument("--num-sentences", type=int, default=2000)
+    p.add_argument("--num-batch1", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
+    p.set_defaults(func=run_offline)
+    p = sub.add_parser("attention")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=run_attention)
+    p = sub.add_parser("http")
+    p.add_argument("--servers", default="inferd,fastapi-st,infinity,litserve,litserve-nobatch")
+    p.add_argument("--num-sentences", type=int, default=2000)
+    p.add_argument("--inferd-args", default="", help="extra flags for inferd serve")
+    p.add_argument("--num-c1", type=int, default=300, help="sentences sent at concurrency 1")
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=run_http)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO_ROOT))
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
