@@ -181,8 +181,10 @@ def run_offline(args: argparse.Namespace) -> None:
 
 
 def run_attention(args: argparse.Namespace) -> None:
-    """Per-sequence SDPA over packed rows (what bert.py does) vs one masked SDPA on the batch padded to its longest
-    sequence, on all-MiniLM-L6-v2's attention shape (12 heads x 32) for batches of 32 seeded sentences."""
+    """One encoder layer's attention for batches of 32 seeded sentences (all-MiniLM-L6-v2: 12 heads x 32), three
+    ways: one SDPA call per sequence on its packed rows; inferd's length buckets (EncoderLayer.attention: sequences
+    padded to a multiple of ATTENTION_BUCKET_TOKENS, one masked call per bucket); the batch padded to its longest
+    sequence, one masked call."""
     import torch
     import torch.nn.functional as F
 
@@ -191,34 +193,44 @@ def run_attention(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     embedder = Embedder(model_dir(), device="cpu", dtype="float32")
-    lengths = [len(ids) for ids in embedder.model.tokenizer.encode_batch(make_sentences(32 * 8), truncate=True)]
-    heads, head_dim = 12, 32
-    timings: dict[str, list[float]] = {"per-sequence (packed)": [], "padded + mask": []}
-    for round_index in range(args.rounds):
-        for b in range(0, len(lengths), 32):
-            batch = lengths[b : b + 32]
-            total, longest = sum(batch), max(batch)
-            qkv = torch.randn(3, heads, total, head_dim)
-            cu = [0]
-            for n in batch:
-                cu.append(cu[-1] + n)
-            t0 = time.perf_counter()
-            for s, e in zip(cu[:-1], cu[1:]):
-                F.scaled_dot_product_attention(qkv[0, :, s:e], qkv[1, :, s:e], qkv[2, :, s:e])
-            timings["per-sequence (packed)"].append(time.perf_counter() - t0)
-            padded = torch.zeros(3, len(batch), heads, longest, head_dim)
-            mask = torch.zeros(len(batch), 1, 1, longest, dtype=torch.bool)
-            t0 = time.perf_counter()
-            for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
-                padded[:, i, :, : e - s] = qkv[:, :, s:e]
-                mask[i, ..., : e - s] = True
-            F.scaled_dot_product_attention(padded[0], padded[1], padded[2], attn_mask=mask)
-            timings["padded + mask"].append(time.perf_counter() - t0)
+    encoder = embedder.model.encoder
+    layer = encoder.layers[0]
+    token_id_lists = embedder.model.tokenizer.encode_batch(make_sentences(32 * 8), truncate=True)
+    heads, head_dim = layer.num_heads, layer.head_dim
+
+    def per_sequence(qkv: torch.Tensor, batch) -> None:
+        x = qkv.permute(1, 2, 0, 3)  # [3, heads, T, head_dim]
+        for s, e in zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:]):
+            F.scaled_dot_product_attention(x[0, :, s:e], x[1, :, s:e], x[2, :, s:e])
+
+    def padded_to_longest(qkv: torch.Tensor, batch) -> None:
+        cu = batch.cu_seqlens
+        longest = max(e - s for s, e in zip(cu[:-1], cu[1:]))
+        padded = qkv.new_zeros(len(cu) - 1, longest, 3, heads, head_dim)
+        mask = torch.zeros(len(cu) - 1, 1, 1, longest, dtype=torch.bool)
+        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+            padded[i, : e - s] = qkv[s:e]
+            mask[i, ..., : e - s] = True
+        x = padded.permute(2, 0, 3, 1, 4)
+        F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=mask)
+
+    ways = {"one call per sequence": per_sequence, "length buckets (inferd)": layer.attention,
+            "padded to the longest": padded_to_longest}
+    timings: dict[str, list[float]] = {name: [] for name in ways}
+    with torch.inference_mode():
+        for _round in range(args.rounds):
+            for b in range(0, len(token_id_lists), 32):
+                batch = encoder.pack(token_id_lists[b : b + 32])
+                qkv = torch.randn(batch.input_ids.shape[0], 3, heads, head_dim)
+                for name, fn in ways.items():
+                    t0 = time.perf_counter()
+                    fn(qkv, batch)
+                    timings[name].append(time.perf_counter() - t0)
     print(f"# {machine_line()}")
-    print("| attention, batch of 32 sentences, one layer | median ms |")
-    print("|---|---|")
+    print("| attention of one layer, batch of 32 sentences | median ms | rounds x batches |")
+    print("|---|---|---|")
     for name, ts in timings.items():
-        print(f"| {name} | {statistics.median(ts) * 1e3:.2f} |")
+        print(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {len(ts)} |")
 
 
 # ---------------------------------------------------------------------------------------------------- http

@@ -123,9 +123,10 @@ def test_hidden_states_match_transformers(tmp_path: Path, model_type: str, hidde
     ours = load_bert_encoder(tmp_path / "st")
     sequences = _random_sequences(ours.config.vocab_size, [3, 17, 1 + 1, 40, 9, 64], seed=2)
     ref, _mask = _hf_hidden(hf_model, sequences)
-    input_ids, position_ids, cu_seqlens = ours.pack(sequences)
+    batch = ours.pack(sequences)
+    cu_seqlens = batch.cu_seqlens
     with torch.inference_mode():
-        hidden = ours(input_ids, position_ids, cu_seqlens)
+        hidden = ours(batch)
     for i, seq in enumerate(sequences):
         got = hidden[cu_seqlens[i] : cu_seqlens[i + 1]]
         torch.testing.assert_close(got, ref[i, : len(seq)], atol=1e-5, rtol=0)

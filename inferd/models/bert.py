@@ -1,17 +1,20 @@
 """Layer 2: BERT-family encoders (BERT, RoBERTa / XLM-R) for sentence embeddings, over packed variable-length input.
 
 A batch of B sequences is one packed sequence of T = sum(lengths) tokens: every linear layer, LayerNorm and GELU
-runs on [T, hidden] rows, so no FLOP is spent on padding. Attention is bidirectional within each sequence (no KV
-cache, no causal mask) and runs one scaled_dot_product_attention call per sequence over its own slice
-(`cu_seqlens` marks the slices). Padding the batch to its longest sequence for one masked attention call instead
-spends FLOPs on padding and, with sentences of 8-80 tokens on our 2-core CPU, took about twice as long per layer;
-either way attention is O(L^2 * hidden) per sequence against O(L * hidden^2) for the linear layers, a few percent
-of an encoder's time for sentences, so packing the linear layers is what matters.
+runs on [T, hidden] rows, so no FLOP is spent on padding there. Attention is bidirectional within each sequence
+(no KV cache, no causal mask). It runs per length bucket: each sequence is padded, for attention only, to its own
+length rounded up to ATTENTION_BUCKET_TOKENS, and the sequences of one padded length share one masked
+scaled_dot_product_attention call (a handful of calls per layer instead of one per sequence: on a busy 2-core
+machine every 2-thread call waits for both threads, and one call per sequence was several times slower; see
+`benchmarks/embeddings.py attention`). Attention is O(L^2 * hidden) per sequence against O(L * hidden^2) for the
+linear layers, so the bucket padding costs a few percent of the FLOPs of a sentence.
 
-Batch composition never changes a sequence's vector: everything but the per-sequence attention is row-wise, and
-the packed row count is padded to at least `MIN_PACKED_ROWS` because MKL's float32 GEMM takes a different
-summation order for fewer than about 12 rows (measured: rows 1-3, 5-7, 9-11 differ from the same rows inside a
-larger GEMM in the last bits; from 12 rows on, every row is bitwise the same whatever the row count).
+Batch composition never changes a sequence's vector: the linear layers are row-wise, a sequence's attention
+input (its rows, its padding, its mask) depends on its own length only, and pooling reduces its own rows. The
+packed row count is padded to at least `MIN_PACKED_ROWS` because MKL's float32 GEMM takes a different summation
+order for fewer than about 12 rows (measured: rows 1-3, 5-7, 9-11 differ from the same rows inside a larger GEMM
+in the last bits; from 12 rows on, every row is bitwise the same whatever the row count).
+tests/test_bert.py checks alone == inside shuffled batches, bitwise.
 
 Loaded from a Hugging Face / sentence-transformers directory: config.json + *.safetensors for the encoder;
 modules.json, 1_Pooling/config.json (either the `pooling_mode` key or the legacy `pooling_mode_*_tokens` flags)
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_PACKED_ROWS = 16  # see the module docstring: below ~12 rows MKL sums in another order
+ATTENTION_BUCKET_TOKENS = 16  # attention pads each sequence to a multiple of this (a function of its own length)
 
 ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -203,6 +207,77 @@ def read_sentence_encoder_files(model_dir: str) -> SentenceEncoderFiles:
 # ---------------------------------------------------------------------------------------------------- model
 
 
+@dataclass(frozen=True)
+class AttentionBucket:
+    """The sequences of a batch whose length rounds up to the same `padded_len` (a multiple of
+    ATTENTION_BUCKET_TOKENS): their q/k/v rows are gathered into [num_seqs, padded_len] for one attention call."""
+
+    num_seqs: int
+    padded_len: int
+    gather_rows: torch.Tensor  # [num_seqs * padded_len] packed row of each slot; padding slots repeat the
+    #                            sequence's first row, so a slot's content depends on its own sequence only
+    key_mask: torch.Tensor  # [num_seqs, 1, 1, padded_len] bool, True where the key is a real token
+    src_rows: torch.Tensor  # [n] slots that hold real tokens ...
+    dst_rows: torch.Tensor  # [n] ... and the packed rows they go back to
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Per-batch plain data: B sequences laid end to end (T >= MIN_PACKED_ROWS rows; padding rows take id 0)."""
+
+    input_ids: torch.Tensor  # [T]
+    position_ids: torch.Tensor  # [T]
+    cu_seqlens: list[int]  # [B + 1] offsets of each sequence's rows
+    buckets: list[AttentionBucket]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cu_seqlens[-1]
+
+    @classmethod
+    def build(cls, token_id_lists: Sequence[Sequence[int]], position_offset: int, device: torch.device | str) -> PackedBatch:
+        lengths = [len(ids) for ids in token_id_lists]
+        cu_seqlens = [0]
+        for n in lengths:
+            cu_seqlens.append(cu_seqlens[-1] + n)
+        num_tokens = cu_seqlens[-1]
+        num_rows = max(num_tokens, MIN_PACKED_ROWS)
+        flat = [token_id for ids in token_id_lists for token_id in ids]
+        flat.extend([0] * (num_rows - num_tokens))
+        positions = [p for n in lengths for p in range(n)]
+        positions.extend([0] * (num_rows - num_tokens))
+        by_padded_len: dict[int, list[int]] = {}
+        for index, n in enumerate(lengths):
+            padded_len = -(-n // ATTENTION_BUCKET_TOKENS) * ATTENTION_BUCKET_TOKENS
+            by_padded_len.setdefault(padded_len, []).append(index)
+        buckets = []
+        for padded_len, seq_indices in sorted(by_padded_len.items()):
+            gather, mask, src, dst = [], [], [], []
+            for slot, index in enumerate(seq_indices):
+                start, n = cu_seqlens[index], lengths[index]
+                gather.extend(range(start, start + n))
+                gather.extend([start] * (padded_len - n))
+                mask.append([True] * n + [False] * (padded_len - n))
+                src.extend(range(slot * padded_len, slot * padded_len + n))
+                dst.extend(range(start, start + n))
+            buckets.append(
+                AttentionBucket(
+                    num_seqs=len(seq_indices),
+                    padded_len=padded_len,
+                    gather_rows=torch.tensor(gather, dtype=torch.long, device=device),
+                    key_mask=torch.tensor(mask, dtype=torch.bool, device=device).view(len(seq_indices), 1, 1, padded_len),
+                    src_rows=torch.tensor(src, dtype=torch.long, device=device),
+                    dst_rows=torch.tensor(dst, dtype=torch.long, device=device),
+                )
+            )
+        return cls(
+            input_ids=torch.tensor(flat, dtype=torch.long, device=device),
+            position_ids=torch.tensor(positions, dtype=torch.long, device=device) + position_offset,
+            cu_seqlens=cu_seqlens,
+            buckets=buckets,
+        )
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -218,23 +293,25 @@ class EncoderLayer(nn.Module):
         self.ffn_down = nn.Linear(config.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, cu_seqlens: Sequence[int]) -> torch.Tensor:
-        """hidden [T, h] packed rows; cu_seqlens: B + 1 offsets into the rows (rows past the last are padding)."""
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """hidden [T, h] packed rows -> [T, h]; attention per length bucket of `batch` (rows past the last
+        sequence are padding and get a zero attention context)."""
         num_rows = hidden.shape[0]
-        qkv = self.qkv(hidden).view(num_rows, 3, self.num_heads, self.head_dim)
-        # [3, heads, T, head_dim]: each sequence's q/k/v are then contiguous slices along T
-        qkv = qkv.permute(1, 2, 0, 3)
-        context = torch.empty(self.num_heads, num_rows, self.head_dim, dtype=hidden.dtype, device=hidden.device)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            context[:, start:end] = F.scaled_dot_product_attention(
-                qkv[0, :, start:end], qkv[1, :, start:end], qkv[2, :, start:end]
-            )
-        last = cu_seqlens[-1]
-        if last < num_rows:
-            context[:, last:] = 0.0
-        context = context.transpose(0, 1).reshape(num_rows, -1)  # [T, h]
+        context = self.attention(self.qkv(hidden).view(num_rows, 3, self.num_heads, self.head_dim), batch)
         hidden = self.attn_norm(hidden + self.attn_out(context))
         return self.ffn_norm(hidden + self.ffn_down(self.act(self.ffn_up(hidden))))
+
+    def attention(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        """qkv [T, 3, heads, head_dim] -> context [T, heads * head_dim] (zero on padding rows)."""
+        context = qkv.new_zeros(qkv.shape[0], self.num_heads * self.head_dim)
+        for bucket in batch.buckets:
+            g, p = bucket.num_seqs, bucket.padded_len
+            # [g * p, 3, heads, head_dim] -> [3, g, heads, p, head_dim]
+            x = qkv.index_select(0, bucket.gather_rows).view(g, p, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=bucket.key_mask)  # [g, heads, p, head_dim]
+            out = out.transpose(1, 2).reshape(g * p, -1)
+            context.index_copy_(0, bucket.dst_rows, out.index_select(0, bucket.src_rows))
+        return context
 
 
 class BertEncoder(nn.Module):
@@ -251,42 +328,30 @@ class BertEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: Sequence[int]) -> torch.Tensor:
-        """input_ids, position_ids [T] (T may exceed cu_seqlens[-1] by padding rows) -> hidden [T, h].
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """A packed batch -> hidden [T, h] (T may exceed batch.num_tokens by padding rows).
         Single-segment input: token type 0 everywhere, as sentence-transformers encodes one text."""
-        hidden = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        hidden = self.word_embeddings(batch.input_ids) + self.position_embeddings(batch.position_ids)
         hidden = self.embed_norm(hidden + self.token_type_embeddings.weight[0])
         for layer in self.layers:
-            hidden = layer(hidden, cu_seqlens)
+            hidden = layer(hidden, batch)
         return hidden
 
     @torch.inference_mode()
     def encode(self, token_id_lists: Sequence[Sequence[int]], pooling: PoolingConfig) -> torch.Tensor:
         """B token-id lists (special tokens included, each within the position table) -> pooled [B, dim]."""
-        input_ids, position_ids, cu_seqlens = self.pack(token_id_lists)
-        hidden = self(input_ids, position_ids, cu_seqlens)
-        return pool(hidden, cu_seqlens, pooling)
+        batch = self.pack(token_id_lists)
+        hidden = self(batch)
+        return pool(hidden, batch.cu_seqlens, pooling)
 
-    def pack(self, token_id_lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(input_ids [T], position_ids [T], cu_seqlens [B + 1]) with T >= MIN_PACKED_ROWS (pad rows: id 0)."""
+    def pack(self, token_id_lists: Sequence[Sequence[int]]) -> PackedBatch:
         config = self.config
         lengths = [len(ids) for ids in token_id_lists]
         if not lengths or min(lengths) == 0:
             raise ValueError("every sequence needs at least one token")
         if max(lengths) > config.max_num_positions:
             raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the model's {config.max_num_positions} positions")
-        cu_seqlens = [0]
-        for n in lengths:
-            cu_seqlens.append(cu_seqlens[-1] + n)
-        num_tokens = cu_seqlens[-1]
-        num_rows = max(num_tokens, MIN_PACKED_ROWS)
-        flat = [token_id for ids in token_id_lists for token_id in ids]
-        flat.extend([0] * (num_rows - num_tokens))
-        device = self.word_embeddings.weight.device
-        input_ids = torch.tensor(flat, dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(num_rows - num_tokens, dtype=torch.long)])
-        position_ids = positions + config.position_offset
-        return input_ids.to(device), position_ids.to(device), cu_seqlens
+        return PackedBatch.build(token_id_lists, config.position_offset, self.word_embeddings.weight.device)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter from transformers' names (bert./roberta. prefixes and gamma/beta accepted)."""
@@ -444,7 +509,10 @@ def load_bert_encoder(model_dir: str | os.PathLike, device: torch.device | str =
 
 
 __all__ = [
+    "ATTENTION_BUCKET_TOKENS",
+    "AttentionBucket",
     "BertEncoder",
+    "PackedBatch",
     "EncoderConfig",
     "MIN_PACKED_ROWS",
     "POOLING_MODES",
