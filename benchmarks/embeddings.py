@@ -3,7 +3,8 @@ same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machin
 
     .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
     .venv/bin/python benchmarks/embeddings.py http [--servers inferd,fastapi-st,infinity,litserve] [--rounds 2]
-    .venv/bin/python benchmarks/embeddings.py attention     # packed per-sequence attention vs padded batch
+    .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs length buckets vs padded
+    .venv/bin/python benchmarks/embeddings.py mixed       # an LLM stream and embeddings on one server
 
 offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
 thread count, runs alternating, medians of `--rounds`. Prints achieved GFLOP/s (useful FLOPs: the encoder's
@@ -424,6 +425,69 @@ def run_http(args: argparse.Namespace) -> None:
         stop_servers(servers)
 
 
+async def stream_chat_tokens_per_s(base_url: str, model: str, max_tokens: int) -> float:
+    """One streamed chat completion of exactly max_tokens tokens (ignore_eos); its decode rate in tokens/s,
+    from the first token to the last."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story about a ship."}],
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    first = last = None
+    num_chunks = 0
+    async with httpx.AsyncClient(timeout=600) as client:
+        async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    num_chunks += 1
+    return (num_chunks - 1) / (last - first) if num_chunks > 1 and last > first else float("nan")
+
+
+def run_mixed(args: argparse.Namespace) -> None:
+    """An LLM stream and embedding traffic on one `inferd serve` holding both models: each alone, then together,
+    so the LLM's slowdown can be read against the CPU share the embeddings took."""
+    llm = args.llm
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    log = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--model", MODEL_NAME, "--port", str(port)]
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    server = Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_ready([server]):
+            return
+        sentences = make_sentences(args.num_sentences)
+        bodies = [[s] for s in sentences]
+        print(f"# {machine_line()}")
+        asyncio.run(stream_chat_tokens_per_s(base_url, llm, 16))  # warm-up
+        rows: dict[str, list[float]] = {"llm alone": [], "embeddings alone": [], "llm with embeddings": [], "embeddings with llm": []}
+        for _round in range(args.rounds):
+            rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
+            rows["embeddings alone"].append(asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0])
+
+            async def together() -> tuple[float, float]:
+                llm_task = asyncio.create_task(stream_chat_tokens_per_s(base_url, llm, args.max_tokens))
+                embed_rate = (await closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0]
+                return await llm_task, embed_rate
+
+            llm_rate, embed_rate = asyncio.run(together())
+            rows["llm with embeddings"].append(llm_rate)
+            rows["embeddings with llm"].append(embed_rate)
+            print("# round: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        print(f"\n| {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | LLM keeps | "
+              "embeddings sentences/s alone | with the LLM stream | embeddings keep |")
+        print("|---|---|---|---|---|---|")
+        print(f"| {med['llm alone']:.1f} | {med['llm with embeddings']:.1f} | {med['llm with embeddings'] / med['llm alone']:.0%} | "
+              f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | {med['embeddings with llm'] / med['embeddings alone']:.0%} |")
+    finally:
+        stop_servers([server])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -444,6 +508,13 @@ def main() -> None:
     p.add_argument("--num-c1", type=int, default=300, help="sentences sent at concurrency 1")
     p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(func=run_http)
+    p = sub.add_parser("mixed")
+    p.add_argument("--llm", default="smollm2-135m-instruct")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--num-sentences", type=int, default=400, help="1 per request, closed loop")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=run_mixed)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
     args.func(args)
