@@ -4,6 +4,7 @@ serves the default LLM and the default embedding model together; vectors compare
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ TEXTS = ["The cat sat on the mat.", "Ünïcödé and emoji 🎉 work too", "def 
 
 @pytest.fixture(scope="module")
 def server(inferd_home: Path, embedding_model_dir: Path, default_gguf_path: Path):
-    server = start_inferd_server(["--model", EMBED_MODEL])
+    server = start_inferd_server(model=[DEFAULT_MODEL, EMBED_MODEL])
     try:
         yield server
     finally:
@@ -38,8 +39,13 @@ def st_model(embedding_model_dir: Path):
 
 
 def _vectors(response) -> np.ndarray:
+    """The response's vectors; asked-for base64 comes back as the string (the client decodes only its own default)."""
     assert [d.index for d in response.data] == list(range(len(response.data)))
-    return np.array([d.embedding for d in response.data], dtype=np.float32)
+    rows = [
+        np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") if isinstance(d.embedding, str) else d.embedding
+        for d in response.data
+    ]
+    return np.array(rows, dtype=np.float32)
 
 
 def _assert_close_to_reference(ours: np.ndarray, ref: np.ndarray) -> None:
@@ -53,6 +59,8 @@ def test_every_input_form_matches_sentence_transformers(client, st_model, encodi
     token_id_lists = [st_model.tokenizer(t)["input_ids"] for t in TEXTS]
 
     one = client.embeddings.create(model=EMBED_MODEL, input=TEXTS[0], encoding_format=encoding_format)
+    if encoding_format == "base64":
+        assert isinstance(one.data[0].embedding, str)
     _assert_close_to_reference(_vectors(one), ref[:1])
     assert one.model == EMBED_MODEL
     assert one.usage.prompt_tokens == one.usage.total_tokens == len(token_id_lists[0])

@@ -71,7 +71,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     state = request.app.state.inferd
     served = state.get_model(body.model, ModelKind.EMBED)
     engine = served.engine
-    status = "400"
+    status = "error"  # inferd:requests statuses: ok, error, aborted
     num_items = num_tokens = 0
     try:
         if body.dimensions is not None and body.dimensions > engine.dimension:
@@ -84,10 +84,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
         try:
             vectors = await engine.embed(token_id_lists)
         except QueueFullError as exc:
-            status = "429"
             raise APIError(429, f"server is busy: {exc}", code="rate_limit_exceeded", headers={"Retry-After": _RETRY_AFTER_S}) from None
         except BatcherStoppedError as exc:
-            status = "503"
             raise APIError(503, f"model {served.name!r} is not running: {exc}", code="engine_stopped") from None
         except ValueError as exc:
             raise bad_request(str(exc), "input") from None
@@ -101,10 +99,10 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
             "model": served.name,
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
         }
-        status = "200"
+        status = "ok"
         return Response(content=json.dumps(payload, separators=(",", ":")), media_type="application/json")
     except asyncio.CancelledError:
-        status = "499"  # the client went away; its queued inputs were dropped
+        status = "aborted"  # the client went away; its queued inputs were dropped
         raise
     finally:
         state.metrics.observe_request(served.name, ModelKind.EMBED, status, time.monotonic() - started, num_items, num_tokens)
