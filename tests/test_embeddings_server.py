@@ -144,3 +144,22 @@ def test_concurrent_requests_get_the_vectors_they_get_alone(server: InferdServer
 
     together = asyncio.run(run())
     assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+
+
+def test_full_queue_is_a_429_with_retry_after(inferd_home: Path, embedding_model_dir: Path, tmp_path: Path) -> None:
+    """A models file gives the embedding model max_queue 2: a request of 3 inputs cannot be queued (a request's
+    inputs are queued all or none), so it gets 429 + Retry-After, and the server goes on serving."""
+    models_file = tmp_path / "models.yaml"
+    models_file.write_text(f"models:\n  - name: small-queue\n    source: {EMBED_MODEL}\n    options: {{max_queue: 2}}\n")
+    # (server_fixtures needs one --model: a second copy under another name)
+    server = start_inferd_server(["--models-file", str(models_file)], model=[f"plain={EMBED_MODEL}"])
+    try:
+        url = f"{server.base_url}/v1/embeddings"
+        r = httpx.post(url, json={"model": "small-queue", "input": ["a", "b", "c"]}, timeout=60)
+        assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "1"
+        assert "max_queue_items 2" in r.json()["error"]["message"]
+        ok = httpx.post(url, json={"model": "small-queue", "input": ["a", "b"]}, timeout=60)
+        assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+    finally:
+        stop_inferd_server(server.process)
