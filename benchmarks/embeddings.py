@@ -3,7 +3,7 @@ same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machin
 
     .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
     .venv/bin/python benchmarks/embeddings.py http [--servers inferd,fastapi-st,infinity,litserve] [--rounds 2]
-    .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs length buckets vs padded
+    .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs per length bucket vs one call
     .venv/bin/python benchmarks/embeddings.py mixed       # an LLM stream and embeddings on one server
 
 offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
@@ -183,9 +183,9 @@ def run_offline(args: argparse.Namespace) -> None:
 
 def run_attention(args: argparse.Namespace) -> None:
     """One encoder layer's attention for batches of 32 seeded sentences (all-MiniLM-L6-v2: 12 heads x 32), three
-    ways: one SDPA call per sequence on its packed rows; inferd's length buckets (EncoderLayer.attention: sequences
-    padded to a multiple of ATTENTION_BUCKET_TOKENS, one masked call per bucket); the batch padded to its longest
-    sequence, one masked call."""
+    ways: one SDPA call per sequence on its packed rows; one masked call per length bucket (sequences padded to
+    their own length rounded up to 16); inferd's EncoderLayer.attention (one gather into slots of the longest
+    length, one masked call, one gather back)."""
     import torch
     import torch.nn.functional as F
 
@@ -204,24 +204,43 @@ def run_attention(args: argparse.Namespace) -> None:
         for s, e in zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:]):
             F.scaled_dot_product_attention(x[0, :, s:e], x[1, :, s:e], x[2, :, s:e])
 
-    def padded_to_longest(qkv: torch.Tensor, batch) -> None:
+    def bucket_plan(batch) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per length bucket (built before the timing, as a model would at packing time): (num_seqs, slot length,
+        gather rows, key mask, destination rows, source slots)."""
         cu = batch.cu_seqlens
-        longest = max(e - s for s, e in zip(cu[:-1], cu[1:]))
-        padded = qkv.new_zeros(len(cu) - 1, longest, 3, heads, head_dim)
-        mask = torch.zeros(len(cu) - 1, 1, 1, longest, dtype=torch.bool)
+        buckets: dict[int, list[int]] = {}
         for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
-            padded[i, : e - s] = qkv[s:e]
-            mask[i, ..., : e - s] = True
-        x = padded.permute(2, 0, 3, 1, 4)
-        F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=mask)
+            buckets.setdefault(-(-(e - s) // 16) * 16, []).append(i)
+        plan = []
+        for p, seqs in buckets.items():
+            gather, mask, dst, src = [], [], [], []
+            for slot, i in enumerate(seqs):
+                s, n = cu[i], cu[i + 1] - cu[i]
+                gather += list(range(s, s + n)) + [s] * (p - n)
+                mask.append([True] * n + [False] * (p - n))
+                dst += list(range(s, s + n))
+                src += list(range(slot * p, slot * p + n))
+            plan.append((len(seqs), p, torch.tensor(gather), torch.tensor(mask).view(len(seqs), 1, 1, p),
+                         torch.tensor(dst), torch.tensor(src)))
+        return plan
 
-    ways = {"one call per sequence": per_sequence, "length buckets (inferd)": layer.attention,
-            "padded to the longest": padded_to_longest}
+    def per_bucket(qkv: torch.Tensor, batch) -> torch.Tensor:
+        context = qkv.new_zeros(qkv.shape[0], heads * head_dim)
+        for g, p, gather, mask, dst, src in plans[id(batch)]:
+            x = qkv.index_select(0, gather).view(g, p, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=mask).transpose(1, 2).reshape(g * p, -1)
+            context.index_copy_(0, dst, out.index_select(0, src))
+        return context
+
+    plans: dict[int, list] = {}
+    ways = {"one call per sequence": per_sequence, "one call per length bucket": per_bucket,
+            "one call, slots of the longest length (inferd)": layer.attention}
     timings: dict[str, list[float]] = {name: [] for name in ways}
     with torch.inference_mode():
         for _round in range(args.rounds):
             for b in range(0, len(token_id_lists), 32):
                 batch = encoder.pack(token_id_lists[b : b + 32])
+                plans[id(batch)] = bucket_plan(batch)
                 qkv = torch.randn(batch.input_ids.shape[0], 3, heads, head_dim)
                 for name, fn in ways.items():
                     t0 = time.perf_counter()

@@ -2,19 +2,21 @@
 
 A batch of B sequences is one packed sequence of T = sum(lengths) tokens: every linear layer, LayerNorm and GELU
 runs on [T, hidden] rows, so no FLOP is spent on padding there. Attention is bidirectional within each sequence
-(no KV cache, no causal mask). It runs per length bucket: each sequence is padded, for attention only, to its own
-length rounded up to ATTENTION_BUCKET_TOKENS, and the sequences of one padded length share one masked
-scaled_dot_product_attention call (a handful of calls per layer instead of one per sequence: on a busy 2-core
-machine every 2-thread call waits for both threads, and one call per sequence was several times slower; see
-`benchmarks/embeddings.py attention`). Attention is O(L^2 * hidden) per sequence against O(L * hidden^2) for the
-linear layers, so the bucket padding costs a few percent of the FLOPs of a sentence.
+(no KV cache, no causal mask): one gather puts every sequence in a slot of the batch's longest length (rounded up
+to ATTENTION_PAD_MULTIPLE), one masked scaled_dot_product_attention call runs them all, one gather brings the rows
+back. Attention is O(L^2 * hidden) per sequence against O(L * hidden^2) for the linear layers, so the slot padding
+costs a few percent of a sentence batch's FLOPs, while the number of kernel calls per layer stays constant: on a
+busy 2-core machine each 2-thread call waits for both threads, and one call per sequence, or per length bucket,
+was several times slower (`benchmarks/embeddings.py attention`).
 
-Batch composition never changes a sequence's vector: the linear layers are row-wise, a sequence's attention
-input (its rows, its padding, its mask) depends on its own length only, and pooling reduces its own rows. The
-packed row count is padded to at least `MIN_PACKED_ROWS` because MKL's float32 GEMM takes a different summation
-order for fewer than about 12 rows (measured: rows 1-3, 5-7, 9-11 differ from the same rows inside a larger GEMM
-in the last bits; from 12 rows on, every row is bitwise the same whatever the row count).
-tests/test_bert.py checks alone == inside shuffled batches, bitwise.
+Batch composition does not change a sequence's vector, bitwise, in tests/test_bert.py and tests/test_embeddings.py
+(alone == inside shuffled and busy batches): the linear layers are row-wise, pooling reduces a sequence's own
+rows, and in attention a longer slot only adds masked keys, whose weights are exact zeros; slots are multiples of
+16 so the kernel groups a sequence's real keys the same way whatever the slot (this rests on torch's CPU SDPA
+kernel; one that split the key dimension by total length could change the last bits). The packed row count is
+padded to at least `MIN_PACKED_ROWS` because MKL's float32 GEMM takes a different summation order for fewer than
+about 12 rows (measured: rows 1-3, 5-7, 9-11 differ from the same rows inside a larger GEMM in the last bits; from
+12 rows on, every row is bitwise the same whatever the row count).
 
 Loaded from a Hugging Face / sentence-transformers directory: config.json + *.safetensors for the encoder;
 modules.json, 1_Pooling/config.json (either the `pooling_mode` key or the legacy `pooling_mode_*_tokens` flags)
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_PACKED_ROWS = 16  # see the module docstring: below ~12 rows MKL sums in another order
-ATTENTION_BUCKET_TOKENS = 16  # attention pads each sequence to a multiple of this (a function of its own length)
+ATTENTION_PAD_MULTIPLE = 16  # attention pads every sequence of a batch to its longest, rounded up to this
 
 ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -208,27 +210,23 @@ def read_sentence_encoder_files(model_dir: str) -> SentenceEncoderFiles:
 
 
 @dataclass(frozen=True)
-class AttentionBucket:
-    """The sequences of a batch whose length rounds up to the same `padded_len` (a multiple of
-    ATTENTION_BUCKET_TOKENS): their q/k/v rows are gathered into [num_seqs, padded_len] for one attention call."""
-
-    num_seqs: int
-    padded_len: int
-    gather_rows: torch.Tensor  # [num_seqs * padded_len] packed row of each slot; padding slots repeat the
-    #                            sequence's first row, so a slot's content depends on its own sequence only
-    key_mask: torch.Tensor  # [num_seqs, 1, 1, padded_len] bool, True where the key is a real token
-    src_rows: torch.Tensor  # [n] slots that hold real tokens ...
-    dst_rows: torch.Tensor  # [n] ... and the packed rows they go back to
-
-
-@dataclass(frozen=True)
 class PackedBatch:
-    """Per-batch plain data: B sequences laid end to end (T >= MIN_PACKED_ROWS rows; padding rows take id 0)."""
+    """Per-batch plain data: B sequences laid end to end in T >= MIN_PACKED_ROWS rows (padding rows: id 0), and
+    the padded layout attention uses: every sequence in a slot of `padded_len` rows (the longest length rounded up
+    to ATTENTION_PAD_MULTIPLE); padding slots repeat the sequence's first row and are masked out as keys."""
 
     input_ids: torch.Tensor  # [T]
     position_ids: torch.Tensor  # [T]
     cu_seqlens: list[int]  # [B + 1] offsets of each sequence's rows
-    buckets: list[AttentionBucket]
+    padded_len: int
+    gather_rows: torch.Tensor  # [B * padded_len] the packed row each slot position reads
+    key_mask: torch.Tensor  # [B, 1, 1, padded_len] bool, True where the key is a real token
+    row_seq: torch.Tensor  # [T] the sequence of each packed row (padding rows: 0) ...
+    row_pos: torch.Tensor  # [T] ... and its position in that sequence's slot
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.cu_seqlens) - 1
 
     @property
     def num_tokens(self) -> int:
@@ -241,40 +239,32 @@ class PackedBatch:
         for n in lengths:
             cu_seqlens.append(cu_seqlens[-1] + n)
         num_tokens = cu_seqlens[-1]
-        num_rows = max(num_tokens, MIN_PACKED_ROWS)
-        flat = [token_id for ids in token_id_lists for token_id in ids]
-        flat.extend([0] * (num_rows - num_tokens))
-        positions = [p for n in lengths for p in range(n)]
-        positions.extend([0] * (num_rows - num_tokens))
-        by_padded_len: dict[int, list[int]] = {}
-        for index, n in enumerate(lengths):
-            padded_len = -(-n // ATTENTION_BUCKET_TOKENS) * ATTENTION_BUCKET_TOKENS
-            by_padded_len.setdefault(padded_len, []).append(index)
-        buckets = []
-        for padded_len, seq_indices in sorted(by_padded_len.items()):
-            gather, mask, src, dst = [], [], [], []
-            for slot, index in enumerate(seq_indices):
-                start, n = cu_seqlens[index], lengths[index]
-                gather.extend(range(start, start + n))
-                gather.extend([start] * (padded_len - n))
-                mask.append([True] * n + [False] * (padded_len - n))
-                src.extend(range(slot * padded_len, slot * padded_len + n))
-                dst.extend(range(start, start + n))
-            buckets.append(
-                AttentionBucket(
-                    num_seqs=len(seq_indices),
-                    padded_len=padded_len,
-                    gather_rows=torch.tensor(gather, dtype=torch.long, device=device),
-                    key_mask=torch.tensor(mask, dtype=torch.bool, device=device).view(len(seq_indices), 1, 1, padded_len),
-                    src_rows=torch.tensor(src, dtype=torch.long, device=device),
-                    dst_rows=torch.tensor(dst, dtype=torch.long, device=device),
-                )
-            )
+        num_pad_rows = max(num_tokens, MIN_PACKED_ROWS) - num_tokens
+        flat = [token_id for ids in token_id_lists for token_id in ids] + [0] * num_pad_rows
+        positions = [p for n in lengths for p in range(n)] + [0] * num_pad_rows
+        padded_len = -(-max(lengths) // ATTENTION_PAD_MULTIPLE) * ATTENTION_PAD_MULTIPLE
+        gather: list[int] = []
+        mask: list[list[bool]] = []
+        row_seq: list[int] = []
+        for index, (start, n) in enumerate(zip(cu_seqlens, lengths)):
+            gather.extend(range(start, start + n))
+            gather.extend([start] * (padded_len - n))
+            mask.append([True] * n + [False] * (padded_len - n))
+            row_seq.extend([index] * n)
+        row_seq.extend([0] * num_pad_rows)
+
+        def tensor(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
         return cls(
-            input_ids=torch.tensor(flat, dtype=torch.long, device=device),
-            position_ids=torch.tensor(positions, dtype=torch.long, device=device) + position_offset,
+            input_ids=tensor(flat),
+            position_ids=tensor(positions) + position_offset,
             cu_seqlens=cu_seqlens,
-            buckets=buckets,
+            padded_len=padded_len,
+            gather_rows=tensor(gather),
+            key_mask=tensor(mask, torch.bool).view(len(lengths), 1, 1, padded_len),
+            row_seq=tensor(row_seq),
+            row_pos=tensor(positions),
         )
 
 
@@ -294,24 +284,21 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """hidden [T, h] packed rows -> [T, h]; attention per length bucket of `batch` (rows past the last
-        sequence are padding and get a zero attention context)."""
+        """hidden [T, h] packed rows -> [T, h] (rows past the last sequence are padding: computed, never read)."""
         num_rows = hidden.shape[0]
         context = self.attention(self.qkv(hidden).view(num_rows, 3, self.num_heads, self.head_dim), batch)
         hidden = self.attn_norm(hidden + self.attn_out(context))
         return self.ffn_norm(hidden + self.ffn_down(self.act(self.ffn_up(hidden))))
 
     def attention(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """qkv [T, 3, heads, head_dim] -> context [T, heads * head_dim] (zero on padding rows)."""
-        context = qkv.new_zeros(qkv.shape[0], self.num_heads * self.head_dim)
-        for bucket in batch.buckets:
-            g, p = bucket.num_seqs, bucket.padded_len
-            # [g * p, 3, heads, head_dim] -> [3, g, heads, p, head_dim]
-            x = qkv.index_select(0, bucket.gather_rows).view(g, p, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=bucket.key_mask)  # [g, heads, p, head_dim]
-            out = out.transpose(1, 2).reshape(g * p, -1)
-            context.index_copy_(0, bucket.dst_rows, out.index_select(0, bucket.src_rows))
-        return context
+        """qkv [T, 3, heads, head_dim] -> context [T, heads * head_dim]: one gather into the padded layout, one
+        masked SDPA call, one gather back (three kernel launches per layer, whatever the batch)."""
+        num_rows = qkv.shape[0]
+        b, p = batch.num_seqs, batch.padded_len
+        # [B * p, 3, heads, head_dim] -> [3, B, heads, p, head_dim]
+        x = qkv.index_select(0, batch.gather_rows).view(b, p, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=batch.key_mask)  # [B, heads, p, head_dim]
+        return out.transpose(1, 2)[batch.row_seq, batch.row_pos].view(num_rows, -1)
 
 
 class BertEncoder(nn.Module):
@@ -509,8 +496,7 @@ def load_bert_encoder(model_dir: str | os.PathLike, device: torch.device | str =
 
 
 __all__ = [
-    "ATTENTION_BUCKET_TOKENS",
-    "AttentionBucket",
+    "ATTENTION_PAD_MULTIPLE",
     "BertEncoder",
     "PackedBatch",
     "EncoderConfig",
