@@ -279,13 +279,20 @@ def _python_of(peer: str) -> Path | None:
     return python if python.exists() else None
 
 
-def start_servers(names: list[str], path: Path, args_inferd: list[str]) -> list[Server]:
+def start_servers(names: list[str], path: Path, args_inferd: list[str], num_threads: int = 0) -> list[Server]:
     servers = []
     for name in names:
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
         if name == "inferd":
-            cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL_NAME, "--port", str(port), *args_inferd]
+            cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), *args_inferd]
+            if num_threads:  # per-model options come from a models file
+                models_file = tempfile.NamedTemporaryFile("w", prefix="embed-bench-models-", suffix=".yaml", delete=False)
+                models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {num_threads}}}\n")
+                models_file.close()
+                cmd += ["--models-file", models_file.name]
+            else:
+                cmd += ["--model", MODEL_NAME]
             server = Server(name, f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME)
         elif name == "fastapi-st":
             cmd = [sys.executable, str(REPO_ROOT / "benchmarks/peers/embed_fastapi_st.py"), str(path), "--port", str(port)]
@@ -400,7 +407,7 @@ def run_http(args: argparse.Namespace) -> None:
     sentences = make_sentences(args.num_sentences)
     scenarios = [("1/req c=1", 1, 1, args.num_c1), ("1/req c=8", 1, 8, args.num_sentences),
                  ("1/req c=32", 1, 32, args.num_sentences), ("32/req c=4", 32, 4, args.num_sentences)]
-    servers = start_servers(args.servers.split(","), path, args.inferd_args.split())
+    servers = start_servers(args.servers.split(","), path, args.inferd_args.split(), args.inferd_num_threads)
     try:
         servers = wait_ready(servers)
         st_model = SentenceTransformer(str(path), device="cpu")
@@ -526,6 +533,7 @@ def main() -> None:
     p.add_argument("--servers", default="inferd,fastapi-st,infinity,litserve,litserve-nobatch")
     p.add_argument("--num-sentences", type=int, default=2000)
     p.add_argument("--inferd-args", default="", help="extra flags for inferd serve")
+    p.add_argument("--inferd-num-threads", type=int, default=0, help="the embedding model's num_threads option")
     p.add_argument("--num-c1", type=int, default=300, help="sentences sent at concurrency 1")
     p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(func=run_http)

@@ -120,7 +120,10 @@ def test_alone_equals_inside_a_busy_batch(embedder: Embedder) -> None:
 
 
 def test_engine_rejects_bad_inputs_and_full_queue(embedder: Embedder) -> None:
-    engine = AsyncEmbedEngine(embedder.model, EmbedOptions(max_queue=4))
+    import torch
+
+    threads_before = torch.get_num_threads()
+    engine = AsyncEmbedEngine(embedder.model, EmbedOptions(max_queue=4, num_threads=1))
 
     async def run() -> None:
         engine.start()
@@ -131,12 +134,14 @@ def test_engine_rejects_bad_inputs_and_full_queue(embedder: Embedder) -> None:
                 await engine.embed([[101] * 300])
             with pytest.raises(QueueFullError):
                 await engine.embed([[101, 102]] * 5)
-            assert (await engine.embed([[101, 102]])).shape == (1, 384)
+            one_thread = await engine.embed([[101, 7592, 2088, 102]])
+            np.testing.assert_allclose(one_thread, embedder.model.embed_token_ids([[101, 7592, 2088, 102]]), atol=1e-6)
         finally:
             engine.shutdown()
 
     asyncio.run(run())
     assert not engine.is_running
+    assert torch.get_num_threads() == threads_before  # num_threads held for the worker thread only
 
 
 def test_options_are_validated() -> None:
@@ -144,8 +149,8 @@ def test_options_are_validated() -> None:
         EmbedOptions.from_mapping({"max_batch_size": 3})
     with pytest.raises(ValueError, match="max_batch_tokens must be >= 1"):
         EmbedOptions.from_mapping({"max_batch_tokens": 0})
-    assert EmbedOptions.from_mapping({"max_batch_tokens": "512", "max_wait_ms": 2}) == EmbedOptions(
-        max_batch_tokens=512, max_wait_ms=2.0
+    assert EmbedOptions.from_mapping({"max_batch_tokens": "512", "max_wait_ms": 2, "num_threads": 1}) == EmbedOptions(
+        max_batch_tokens=512, max_wait_ms=2.0, num_threads=1
     )
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from inferd.batching import BatchLimits, BatchRecord, MicroBatcher
 from inferd.embeddings.model import EmbeddingModel
@@ -37,6 +38,10 @@ class EmbedOptions:
     max_queue: int = 4096  # queued inputs at most; past that a request gets 429
     device: str = "auto"
     dtype: str = "auto"
+    # torch intra-op threads of this model's worker thread (0: torch's default, all cores). Set per thread, so an
+    # embedding model can be kept to part of the CPU beside an LLM; on a busy machine 1 thread avoids waiting at
+    # every kernel's thread barrier.
+    num_threads: int = 0
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> EmbedOptions:
@@ -48,6 +53,8 @@ class EmbedOptions:
         for key, value in options.items():
             if key in ("max_batch_tokens", "max_batch_items", "max_queue"):
                 values[key] = _as_int(key, value, minimum=1)
+            elif key == "num_threads":
+                values[key] = _as_int(key, value, minimum=0)
             elif key == "max_wait_ms":
                 values[key] = _as_float(key, value, 0.0, 10_000.0)
             else:
@@ -173,5 +180,8 @@ class AsyncEmbedEngine:
         return np.stack(rows)
 
     def _run_batch(self, items: list[tuple[int, ...]]) -> list[np.ndarray]:
+        # runs on the batcher's worker thread; torch's thread count set here holds for this thread only
+        if self.options.num_threads and torch.get_num_threads() != self.options.num_threads:
+            torch.set_num_threads(self.options.num_threads)
         vectors = self.model.embed_token_ids(items)
         return list(vectors)
