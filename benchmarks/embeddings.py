@@ -288,11 +288,12 @@ def start_servers(names: list[str], path: Path, args_inferd: list[str], num_thre
     for name in names:
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
-        if name == "inferd":
+        if name in ("inferd", "inferd-1thread"):
             cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), *args_inferd]
-            if num_threads:  # per-model options come from a models file
+            model_threads = 1 if name == "inferd-1thread" else num_threads
+            if model_threads:  # per-model options come from a models file
                 models_file = tempfile.NamedTemporaryFile("w", prefix="embed-bench-models-", suffix=".yaml", delete=False)
-                models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {num_threads}}}\n")
+                models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {model_threads}}}\n")
                 models_file.close()
                 cmd += ["--models-file", models_file.name]
             else:
@@ -537,7 +538,8 @@ def main() -> None:
     p.add_argument("--servers", default="inferd,fastapi-st,infinity,litserve,litserve-nobatch")
     p.add_argument("--num-sentences", type=int, default=2000)
     p.add_argument("--inferd-args", default="", help="extra flags for inferd serve")
-    p.add_argument("--inferd-num-threads", type=int, default=0, help="the embedding model's num_threads option")
+    p.add_argument("--inferd-num-threads", type=int, default=0,
+                   help="the embedding model's num_threads option for server inferd (inferd-1thread: 1)")
     p.add_argument("--num-c1", type=int, default=300, help="sentences sent at concurrency 1")
     p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(func=run_http)
