@@ -7,7 +7,10 @@ to ATTENTION_PAD_MULTIPLE), one masked scaled_dot_product_attention call runs th
 back. Attention is O(L^2 * hidden) per sequence against O(L * hidden^2) for the linear layers, so the slot padding
 costs a few percent of a sentence batch's FLOPs, while the number of kernel calls per layer stays constant: on a
 busy 2-core machine each 2-thread call waits for both threads, and one call per sequence, or per length bucket,
-was several times slower (`benchmarks/embeddings.py attention`).
+was several times slower (`benchmarks/embeddings.py attention`). The price is paid by mixed batches: one long input
+among many short ones pads every slot to its length (attention FLOPs B * P^2 instead of sum L^2; e.g. one
+256-token input among 255 sentences adds about half the batch's linear-layer FLOPs, and the gathered q/k/v take
+B * P * 3 * hidden floats). Grouping slots by powers of two would bound that at a few more calls per layer.
 
 Batch composition does not change a sequence's vector, bitwise, in tests/test_bert.py and tests/test_embeddings.py
 (alone == inside shuffled and busy batches): the linear layers are row-wise, pooling reduces a sequence's own
@@ -274,7 +277,6 @@ class EncoderLayer(nn.Module):
         h = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.eps = config.layer_norm_eps
         self.act = _ACTIVATIONS[config.hidden_act]
         self.qkv = nn.Linear(h, 3 * h)  # query, key, value stacked along the output dim
         self.attn_out = nn.Linear(h, h)
