@@ -486,7 +486,14 @@ def run_mixed(args: argparse.Namespace) -> None:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     log = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--model", MODEL_NAME, "--port", str(port)]
+    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--port", str(port)]
+    if args.embed_num_threads:  # per-model options come from a models file
+        models_file = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-models-", suffix=".yaml", delete=False)
+        models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {args.embed_num_threads}}}\n")
+        models_file.close()
+        cmd += ["--models-file", models_file.name]
+    else:
+        cmd += ["--model", MODEL_NAME]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
     server = Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
     base_url = f"http://127.0.0.1:{port}"
@@ -549,6 +556,7 @@ def main() -> None:
     p.add_argument("--num-sentences", type=int, default=400, help="1 per request, closed loop")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--embed-num-threads", type=int, default=0, help="the embedding model's num_threads option")
     p.set_defaults(func=run_mixed)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))
