@@ -215,3 +215,24 @@ def test_rejects_sequences_past_the_position_table(tmp_path: Path) -> None:
         ours.encode([[2] * 65], PoolingConfig())
     with pytest.raises(ValueError, match="at least one token"):
         ours.encode([[2, 3], []], PoolingConfig())
+
+
+def test_slot_groups_keep_parity_and_batch_independence(tmp_path: Path, monkeypatch) -> None:
+    """A long sequence among short ones splits the attention slots into groups (here from 16 tokens on, so the
+    tiny model's 64 positions reach it): hidden states still match transformers, vectors still match alone."""
+    from inferd.models import bert
+
+    monkeypatch.setattr(bert, "ATTENTION_GROUP_MIN_SPLIT", 16)
+    st_model = make_tiny_sentence_encoder(tmp_path, seed=8)
+    ours = load_bert_encoder(tmp_path / "st")
+    sequences = _random_sequences(ours.config.vocab_size, [64, 3, 40, 9, 17, 2, 33, 5], seed=9)
+    batch = ours.pack(sequences)
+    assert [g.padded_len for g in batch.groups] == [64, 32, 16] and batch.one_group_rows is None
+    ref, _mask = _hf_hidden(st_model[0].auto_model.eval(), sequences)
+    with torch.inference_mode():
+        hidden = ours(batch)
+    for i, seq in enumerate(sequences):
+        torch.testing.assert_close(hidden[batch.cu_seqlens[i] : batch.cu_seqlens[i + 1]], ref[i, : len(seq)], atol=1e-5, rtol=0)
+    pooling = PoolingConfig(("mean",), normalize=True)
+    alone = np.stack([ours.encode([s], pooling)[0].numpy() for s in sequences])
+    assert np.array_equal(ours.encode(sequences, pooling).numpy(), alone)

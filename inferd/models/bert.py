@@ -7,10 +7,10 @@ to ATTENTION_PAD_MULTIPLE), one masked scaled_dot_product_attention call runs th
 back. Attention is O(L^2 * hidden) per sequence against O(L * hidden^2) for the linear layers, so the slot padding
 costs a few percent of a sentence batch's FLOPs, while the number of kernel calls per layer stays constant: on a
 busy 2-core machine each 2-thread call waits for both threads, and one call per sequence, or per length bucket,
-was several times slower (`benchmarks/embeddings.py attention`). The price is paid by mixed batches: one long input
-among many short ones pads every slot to its length (attention FLOPs B * P^2 instead of sum L^2; e.g. one
-256-token input among 255 sentences adds about half the batch's linear-layer FLOPs, and the gathered q/k/v take
-B * P * 3 * hidden floats). Grouping slots by powers of two would bound that at a few more calls per layer.
+was several times slower (`benchmarks/embeddings.py attention`). A long input never pads many short ones: once
+slots exceed ATTENTION_GROUP_MIN_SPLIT tokens, sequences at most half the slot length start a new slot group (one
+more SDPA call and row scatter each), so in slots over 128 tokens attention FLOPs stay within 4x of the unpadded
+sum and the gathered q/k/v within about twice the packed rows.
 
 Batch composition does not change a sequence's vector, bitwise, in tests/test_bert.py and tests/test_embeddings.py
 (alone == inside shuffled and busy batches): the linear layers are row-wise, pooling reduces a sequence's own
@@ -39,7 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_PACKED_ROWS = 16  # see the module docstring: below ~12 rows MKL sums in another order
-ATTENTION_PAD_MULTIPLE = 16  # attention pads every sequence of a batch to its longest, rounded up to this
+ATTENTION_PAD_MULTIPLE = 16  # attention slots are a multiple of this many tokens
+# Slots of more tokens than this split off sequences at most half as long. Up to 128-token slots attention is a few
+# percent of a token's FLOPs (4 * 128 * hidden against 24 * hidden^2 for hidden 384), so padding there is cheap.
+ATTENTION_GROUP_MIN_SPLIT = 128
 
 ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -213,19 +216,32 @@ def read_sentence_encoder_files(model_dir: str) -> SentenceEncoderFiles:
 
 
 @dataclass(frozen=True)
+class SlotGroup:
+    """Sequences whose attention runs in one masked SDPA call, each in a slot of `padded_len` rows."""
+
+    num_seqs: int
+    padded_len: int
+    slot_offset: int  # where the group's slots start in PackedBatch.gather_rows
+    key_mask: torch.Tensor  # [num_seqs, 1, 1, padded_len] bool, True where the key is a real token
+    row_slot: torch.Tensor  # [n] the slot of each of the group's packed rows ...
+    row_pos: torch.Tensor  # [n] ... its position in that slot ...
+    dst_rows: torch.Tensor  # [n] ... and the packed row itself
+
+
+@dataclass(frozen=True)
 class PackedBatch:
     """Per-batch plain data: B sequences laid end to end in T >= MIN_PACKED_ROWS rows (padding rows: id 0), and
-    the padded layout attention uses: every sequence in a slot of `padded_len` rows (the longest length rounded up
-    to ATTENTION_PAD_MULTIPLE); padding slots repeat the sequence's first row and are masked out as keys."""
+    the slots attention uses. Sequences are grouped longest first; a group's slots are its longest length rounded up
+    to ATTENTION_PAD_MULTIPLE, and a sequence at most half that long starts a new group once slots exceed
+    ATTENTION_GROUP_MIN_SPLIT tokens, so a long input never pads many short ones. Padding slot positions repeat the
+    sequence's first row and are masked out as keys."""
 
     input_ids: torch.Tensor  # [T]
     position_ids: torch.Tensor  # [T]
     cu_seqlens: list[int]  # [B + 1] offsets of each sequence's rows
-    padded_len: int
-    gather_rows: torch.Tensor  # [B * padded_len] the packed row each slot position reads
-    key_mask: torch.Tensor  # [B, 1, 1, padded_len] bool, True where the key is a real token
-    row_seq: torch.Tensor  # [T] the sequence of each packed row (padding rows: 0) ...
-    row_pos: torch.Tensor  # [T] ... and its position in that sequence's slot
+    gather_rows: torch.Tensor  # [sum of num_seqs * padded_len over groups] the packed row each slot position reads
+    groups: list[SlotGroup]
+    one_group_rows: tuple[torch.Tensor, torch.Tensor] | None  # one group: (slot, position) of every row [T]
 
     @property
     def num_seqs(self) -> int:
@@ -245,29 +261,59 @@ class PackedBatch:
         num_pad_rows = max(num_tokens, MIN_PACKED_ROWS) - num_tokens
         flat = [token_id for ids in token_id_lists for token_id in ids] + [0] * num_pad_rows
         positions = [p for n in lengths for p in range(n)] + [0] * num_pad_rows
-        padded_len = -(-max(lengths) // ATTENTION_PAD_MULTIPLE) * ATTENTION_PAD_MULTIPLE
-        gather: list[int] = []
-        mask: list[list[bool]] = []
-        row_seq: list[int] = []
-        for index, (start, n) in enumerate(zip(cu_seqlens, lengths)):
-            gather.extend(range(start, start + n))
-            gather.extend([start] * (padded_len - n))
-            mask.append([True] * n + [False] * (padded_len - n))
-            row_seq.extend([index] * n)
-        row_seq.extend([0] * num_pad_rows)
+
+        def rounded(n: int) -> int:
+            return -(-n // ATTENTION_PAD_MULTIPLE) * ATTENTION_PAD_MULTIPLE
+
+        grouped: list[list[int]] = []
+        for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            slot_len = rounded(lengths[grouped[-1][0]]) if grouped else 0
+            if grouped and not (slot_len > ATTENTION_GROUP_MIN_SPLIT and rounded(lengths[index]) <= slot_len // 2):
+                grouped[-1].append(index)
+            else:
+                grouped.append([index])
 
         def tensor(values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
+        gather: list[int] = []
+        groups = []
+        for seq_indices in grouped:
+            padded_len = rounded(lengths[seq_indices[0]])
+            slot_offset = len(gather)
+            mask: list[list[bool]] = []
+            rows: list[tuple[int, int, int]] = []  # (packed row, slot, position)
+            for slot, index in enumerate(seq_indices):
+                start, n = cu_seqlens[index], lengths[index]
+                gather.extend(range(start, start + n))
+                gather.extend([start] * (padded_len - n))
+                mask.append([True] * n + [False] * (padded_len - n))
+                rows.extend((start + pos, slot, pos) for pos in range(n))
+            rows.sort()  # packed order
+            dst_rows = [r[0] for r in rows]
+            row_slot = [r[1] for r in rows]
+            row_pos = [r[2] for r in rows]
+            groups.append(
+                SlotGroup(
+                    num_seqs=len(seq_indices),
+                    padded_len=padded_len,
+                    slot_offset=slot_offset,
+                    key_mask=tensor(mask, torch.bool).view(len(seq_indices), 1, 1, padded_len),
+                    row_slot=tensor(row_slot),
+                    row_pos=tensor(row_pos),
+                    dst_rows=tensor(dst_rows),
+                )
+            )
+        one_group_rows = None
+        if len(groups) == 1:  # padding rows read slot 0, position 0 (computed, never used)
+            one_group_rows = (tensor(row_slot + [0] * num_pad_rows), tensor(row_pos + [0] * num_pad_rows))
         return cls(
             input_ids=tensor(flat),
             position_ids=tensor(positions) + position_offset,
             cu_seqlens=cu_seqlens,
-            padded_len=padded_len,
             gather_rows=tensor(gather),
-            key_mask=tensor(mask, torch.bool).view(len(lengths), 1, 1, padded_len),
-            row_seq=tensor(row_seq),
-            row_pos=tensor(positions),
+            groups=groups,
+            one_group_rows=one_group_rows,
         )
 
 
@@ -293,14 +339,28 @@ class EncoderLayer(nn.Module):
         return self.ffn_norm(hidden + self.ffn_down(self.act(self.ffn_up(hidden))))
 
     def attention(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        """qkv [T, 3, heads, head_dim] -> context [T, heads * head_dim]: one gather into the padded layout, one
-        masked SDPA call, one gather back (three kernel launches per layer, whatever the batch)."""
+        """qkv [T, 3, heads, head_dim] -> context [T, heads * head_dim]: one gather into the slots, one masked SDPA
+        call per slot group, and the rows back (3 kernel calls per layer for one group, 1 + 3 per group else)."""
         num_rows = qkv.shape[0]
-        b, p = batch.num_seqs, batch.padded_len
-        # [B * p, 3, heads, head_dim] -> [3, B, heads, p, head_dim]
-        x = qkv.index_select(0, batch.gather_rows).view(b, p, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=batch.key_mask)  # [B, heads, p, head_dim]
-        return out.transpose(1, 2)[batch.row_seq, batch.row_pos].view(num_rows, -1)
+        slots = qkv.index_select(0, batch.gather_rows)  # [num_slot_rows, 3, heads, head_dim]
+        if batch.one_group_rows is not None:  # the common case: every row, padding included, back in one gather
+            row_slot, row_pos = batch.one_group_rows
+            out = self._group_attention(slots, batch.groups[0])
+            return out.transpose(1, 2)[row_slot, row_pos].view(num_rows, -1)
+        context = qkv.new_empty(num_rows, self.num_heads * self.head_dim)
+        if num_rows > batch.num_tokens:
+            context[batch.num_tokens :] = 0.0
+        for group in batch.groups:
+            out = self._group_attention(slots, group)
+            context[group.dst_rows] = out.transpose(1, 2)[group.row_slot, group.row_pos].view(len(group.dst_rows), -1)
+        return context
+
+    def _group_attention(self, slots: torch.Tensor, group: SlotGroup) -> torch.Tensor:
+        g, p = group.num_seqs, group.padded_len
+        # [g * p, 3, heads, head_dim] -> [3, g, heads, p, head_dim]
+        x = slots[group.slot_offset : group.slot_offset + g * p].view(g, p, 3, self.num_heads, self.head_dim)
+        x = x.permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=group.key_mask)  # [g, heads, p, head_dim]
 
 
 class BertEncoder(nn.Module):
@@ -498,6 +558,7 @@ def load_bert_encoder(model_dir: str | os.PathLike, device: torch.device | str =
 
 
 __all__ = [
+    "ATTENTION_GROUP_MIN_SPLIT",
     "ATTENTION_PAD_MULTIPLE",
     "BertEncoder",
     "PackedBatch",
