@@ -324,7 +324,9 @@ def start_servers(names: list[str], path: Path, args_inferd: list[str], num_thre
             raise SystemExit(f"unknown server {name!r}")
         log = tempfile.NamedTemporaryFile("w", prefix=f"embed-bench-{name}-", suffix=".log", delete=False)
         server.log_path = log.name
-        server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        # own process group: LitServe's worker processes must stop with their server
+        server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                                          start_new_session=True)
         servers.append(server)
     return servers
 
@@ -355,15 +357,25 @@ def wait_ready(servers: list[Server], timeout_s: float = 300.0) -> list[Server]:
 
 
 def stop_servers(servers: list[Server]) -> None:
+    """SIGTERM to each server's process group (the server and any workers it spawned), SIGKILL after 15 s."""
+    import signal
+
+    def signal_group(process: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     for server in servers:
-        if server.process is not None and server.process.poll() is None:
-            server.process.terminate()
+        if server.process is not None:
+            signal_group(server.process, signal.SIGTERM)
     for server in servers:
         if server.process is not None:
             try:
                 server.process.wait(15)
             except subprocess.TimeoutExpired:
-                server.process.kill()
+                pass
+            signal_group(server.process, signal.SIGKILL)
 
 
 def decode_embeddings(body: dict) -> np.ndarray:
