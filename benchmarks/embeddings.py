@@ -505,7 +505,7 @@ def run_mixed(args: argparse.Namespace) -> None:
         cmd += ["--models-file", models_file.name]
     else:
         cmd += ["--model", MODEL_NAME]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
     server = Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
     base_url = f"http://127.0.0.1:{port}"
     try:
