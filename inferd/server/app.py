@@ -41,6 +41,7 @@ from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
 from inferd.server.errors import error_response, install_error_handlers
 from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
+from inferd.server.routes.embeddings import router as embeddings_router
 from inferd.server.routes.ops import router as ops_router
 from inferd.serving import ModelKind, ModelSpec
 from inferd.server.state import (
@@ -328,6 +329,7 @@ def build_app(
     install_error_handlers(app)
     app.include_router(oip_router)  # first: Starlette tries routes in order and OIP infer is the hot path
     app.include_router(openai_router)
+    app.include_router(embeddings_router)
     app.include_router(ops_router)
     app.add_middleware(GuardMiddleware, state=state)
     return app
