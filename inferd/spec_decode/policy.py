@@ -67,7 +67,7 @@ class SpeculativePolicy:
         state.acceptance_rate = 0.7 * state.acceptance_rate + 0.3 * (num_accepted / num_proposed)
         if self.mode == "auto" and state.acceptance_rate < self.min_acceptance_rate:
             state.num_rest_steps = self.backoff_steps
-            state.acceptance_rate = self.min_acceptance_rate + 0.25  # a fresh start after the rest
+            state.acceptance_rate = 0.4  # after the rest: try again with k <= 2 (the rate < 0.5 tier)
 
     def propose(self, request: Request, num_running: int, max_num_tokens: int) -> list[int]:
         """Proposals for the request's next step (at most `max_num_tokens`), or []."""
