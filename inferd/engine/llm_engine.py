@@ -6,7 +6,7 @@
 
 around which it tokenizes, checks stop conditions (EOS, stop ids, stop strings, max_tokens, max_model_len) per
 new token (a speculative step returns several; a stop inside the run drops the tokens after it), proposes the
-next step's speculative tokens (spec_decode/), 
+next step's speculative tokens (spec_decode/),
 detokenizes incrementally and builds RequestOutputs. It is not thread-safe: async_engine.py owns one from a
 single thread.
 """
@@ -56,6 +56,9 @@ class EngineStats:
     num_generation_tokens: int  # cumulative
     num_spec_draft_tokens: int = 0  # cumulative: proposed tokens that were verified
     num_spec_accepted_tokens: int = 0  # cumulative: of those, accepted
+    # cumulative request-steps that verified >= 1 proposal; mean acceptance length (vLLM's) is
+    # 1 + num_spec_accepted_tokens / num_spec_verify_steps
+    num_spec_verify_steps: int = 0
 
 
 class _Group:
@@ -366,6 +369,7 @@ class LLMEngine:
             num_generation_tokens=self._num_generation_tokens,
             num_spec_draft_tokens=self.spec_policy.num_draft_tokens,
             num_spec_accepted_tokens=self.spec_policy.num_accepted_tokens,
+            num_spec_verify_steps=self.spec_policy.num_verify_steps,
         )
 
 
