@@ -324,9 +324,9 @@ def test_min_tokens_logprobs_and_opt_out(engines, grounded_prompts, greedy_off):
     for x, y in zip(a.logprobs, b.logprobs):
         assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-3 for k in x)
     msgs = [{"role": "user", "content": "Reply with the single word: yes"}]
-    free = spec.chat(msgs, SamplingParams(temperature=0, max_tokens=32))[0].outputs[0]
+    free = spec.chat(msgs, SamplingParams(temperature=0, max_tokens=64))[0].outputs[0]
     assert free.finish_reason == "stop"
-    longer = spec.chat(msgs, SamplingParams(temperature=0, max_tokens=32, min_tokens=len(free.token_ids) + 3))
+    longer = spec.chat(msgs, SamplingParams(temperature=0, max_tokens=64, min_tokens=len(free.token_ids) + 3))
     assert len(longer[0].outputs[0].token_ids) >= len(free.token_ids) + 3
     before = spec.engine.get_stats().num_spec_draft_tokens
     out = run_greedy(spec, [prompt], speculative=False)[0]
