@@ -17,6 +17,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 # Weight quantization schemes; inferd/quant/__init__.py says what each does and resolves "auto".
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+# Speculative decoding modes; inferd/spec_decode/policy.py says what each does.
+SPECULATIVE_MODES = ("auto", "ngram", "off")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -58,6 +60,8 @@ class EngineConfig:
     max_num_seqs: int  # running sequences at most
     seed: int
     served_model_name: str
+    speculative: str = "off"  # "auto" | "ngram" | "off"
+    num_speculative_tokens: int = 5  # proposals verified per request and step, at most
 
 
 @dataclass
@@ -75,6 +79,8 @@ class EngineArgs:
     max_num_seqs: int = 64
     seed: int = 0
     served_model_name: str | None = None
+    speculative: str = "auto"  # auto: prompt lookup while few sequences run and proposals are accepted
+    num_speculative_tokens: int = 5
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -103,9 +109,14 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
         g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
         g.add_argument("--seed", type=int, default=d.seed)
+        g.add_argument("--speculative", default=d.speculative, choices=SPECULATIVE_MODES,
+                       help="speculative decoding: auto (prompt lookup while few sequences run and proposals are "
+                            "accepted), ngram (always prompt lookup) or off")
+        g.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> "EngineArgs":
+        d = cls()
         return cls(
             model=getattr(ns, "model", None) if isinstance(getattr(ns, "model", None), str) else None,
             device=ns.device,
@@ -120,6 +131,8 @@ class EngineArgs:
             max_num_batched_tokens=ns.max_num_batched_tokens,
             seed=ns.seed,
             served_model_name=getattr(ns, "served_model_name", None),
+            speculative=getattr(ns, "speculative", d.speculative),
+            num_speculative_tokens=getattr(ns, "num_speculative_tokens", d.num_speculative_tokens),
         )
 
     def validate_static(self) -> None:
@@ -141,6 +154,10 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None:
             parse_size_bytes(self.kv_cache_memory, "kv_cache_memory")
+        if self.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}")
+        if not isinstance(self.num_speculative_tokens, int) or not (1 <= self.num_speculative_tokens <= 16):
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")
 
     def resolve(
         self, *, model_path: str, device: str, dtype: str, quantization: str, model_max_len: int
@@ -169,4 +186,6 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             seed=self.seed,
             served_model_name=self.served_model_name or (self.model or model_path),
+            speculative=self.speculative,
+            num_speculative_tokens=self.num_speculative_tokens,
         )

@@ -9,6 +9,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from inferd.errors import InvalidParameterError
+
 # Largest values accepted from callers; a request over these gets a ValueError naming the field.
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -42,6 +44,7 @@ class SamplingParams:
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
+    speculative: bool = True  # False: this request never verifies proposed tokens (the engine's policy aside)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,7 +57,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"{name} {why}")
+            raise InvalidParameterError(name, f"{name} {why}")
 
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"must be an integer >= 1, got {self.n!r}")
@@ -84,6 +87,8 @@ class SamplingParams:
             bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        if not isinstance(self.speculative, bool):
+            bad("speculative", f"must be true or false, got {self.speculative!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 bad("stop", "entries must be non-empty strings")
@@ -118,6 +123,9 @@ class Request:
       num_computed_tokens: how many of all_token_ids already have K/V in the cache.
       A step that schedules k tokens computes all_token_ids[num_computed_tokens : num_computed_tokens + k];
       when that reaches the end of all_token_ids the runner samples one new token.
+    Speculative decoding: spec_token_ids are proposed next tokens, not yet part of all_token_ids. A decode step
+    computes the last token plus these k proposals (k + 1 tokens) and gets 1..k + 1 tokens back: the accepted
+    proposals and one more. Rejected proposals were never in all_token_ids; only num_computed_tokens rolls back.
     """
 
     def __init__(
@@ -142,6 +150,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.spec_token_ids: list[int] = []  # proposed next tokens for the coming step (see above)
         self.num_cached_tokens = -1  # prompt tokens served from the prefix cache; -1 until first scheduled
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -173,6 +182,17 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens past the first `num_output_tokens` (a stop inside an accepted speculative run)."""
+        num_dropped = self.num_output_tokens - num_output_tokens
+        if num_dropped <= 0:
+            return
+        del self.output_token_ids[num_output_tokens:]
+        del self.all_token_ids[self.num_tokens - num_dropped:]
+        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
+        if self.logprobs is not None:
+            del self.logprobs[num_output_tokens:]
 
     def __repr__(self) -> str:
         return (

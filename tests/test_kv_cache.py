@@ -225,6 +225,28 @@ def test_reset_prefix_cache_forgets_hashes():
     assert [b.is_cached for b in kv.block_pool.blocks[:3]] == [False, False, True]
 
 
+def test_free_slots_past_drops_look_ahead_blocks_tail_first():
+    """Rejected proposals: the blocks past the kept tokens go back to the free queue's tail, last block first,
+    uncached; the blocks of computed tokens stay cached and shared."""
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = make_request("a", list(range(6)))
+    compute(kv, a, 5)  # 5 of 6 computed: block 0 full and cached
+    assert kv.allocate_slots(a, 1 + 6)  # the last known token + 6 proposals: positions 5..11
+    assert kv.get_block_ids("a") == [0, 1, 2]
+    a.num_computed_tokens += 1 + 1  # one proposal accepted ...
+    a.append_output_token(100)  # ... which joins the tokens,
+    a.append_output_token(101)  # and one more token comes after it: 8 tokens, 7 computed
+    kv.cache_full_blocks(a)
+    assert kv.free_slots_past(a, a.num_tokens) == 1  # block 2 held only rejected slots
+    assert kv.get_block_ids("a") == [0, 1]
+    assert free_queue_ids(kv)[-1] == 2 and not kv.block_pool.blocks[2].is_cached
+    assert kv.block_pool.blocks[0].is_cached and not kv.block_pool.blocks[1].is_cached
+    assert kv.free_slots_past(a, a.num_tokens) == 0
+    kv.check_integrity()
+    with pytest.raises(ValueError, match="prefix cache"):
+        kv.free_slots_past(a, 0)  # block 0 is registered: refusing keeps the books right
+
+
 def test_check_integrity_catches_corruption():
     kv = KVCacheManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
     a = make_request("a", [1, 2, 3])

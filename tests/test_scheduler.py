@@ -38,7 +38,7 @@ def step(sched: Scheduler) -> SchedulerOutput:
     """One engine step with a simulated runner; the engine's length stop check finishes requests."""
     out = sched.schedule()
     sampled = {
-        r.request_id: next_token(r)
+        r.request_id: [next_token(r)]
         for r in out.scheduled_requests
         if request_needs_sample(r, out.num_scheduled_tokens[r.request_id])
     }
@@ -215,7 +215,7 @@ def test_abort_between_schedule_and_update_is_ignored_by_update():
     sched.add_request(b)
     out = sched.schedule()
     sched.abort_request("a")
-    sched.update(out, {"a": 9, "b": 9})
+    sched.update(out, {"a": [9], "b": [9]})
     assert a.output_token_ids == [] and b.output_token_ids == [9]
     sched.kv_manager.check_integrity()
 
@@ -268,7 +268,7 @@ def test_update_rejects_a_missing_or_unexpected_sample():
     out = sched.schedule()
     assert out.num_scheduled_tokens == {"a": 4} and not request_needs_sample(out.scheduled_requests[0], 4)
     with pytest.raises(ValueError):
-        sched.update(out, {"a": 1})
+        sched.update(out, {"a": [1]})
     sched2 = make_scheduler()
     sched2.add_request(make_request("a", [1, 2, 3]))
     with pytest.raises(ValueError):
@@ -280,10 +280,13 @@ def _model(token_ids: tuple[int, ...]) -> int:
     return hashlib.sha256(repr(token_ids).encode()).digest()[0] % 7
 
 
-@pytest.mark.parametrize("enable_prefix_caching", [True, False])
-def test_randomized_workload_outputs_match_unbatched_reference(enable_prefix_caching):
+@pytest.mark.parametrize("enable_prefix_caching, speculative", [(True, False), (False, False), (True, True),
+                                                                 (False, True)])
+def test_randomized_workload_outputs_match_unbatched_reference(enable_prefix_caching, speculative):
     """Random arrivals (shared prefixes, n > 1 groups), aborts, a small pool: every request's outputs equal those
-    of running the model on it alone, and the simulated runner only ever reads K/V written for its own prefix."""
+    of running the model on it alone, and the simulated runner only ever reads K/V written for its own prefix.
+    With `speculative`, running requests carry random proposals (mostly right, some wrong) that the simulated runner
+    verifies greedily: rejected proposals' K/V must never be read as context or reach the prefix cache."""
     rng = random.Random(7)
     block_size = 4
     sched = make_scheduler(num_blocks=10, block_size=block_size, max_num_batched_tokens=12, max_num_seqs=5,
@@ -294,22 +297,44 @@ def test_randomized_workload_outputs_match_unbatched_reference(enable_prefix_cac
     finished: list[Request] = []
     aborted: set[str] = set()
     all_requests: list[Request] = []
+    num_proposed = num_accepted = 0
 
-    def run(out: SchedulerOutput) -> dict[str, int]:
+    def run(out: SchedulerOutput) -> dict[str, list[int]]:
+        nonlocal num_proposed, num_accepted
         sampled = {}
         for r in out.scheduled_requests:
             num_new = out.num_scheduled_tokens[r.request_id]
+            proposals = out.spec_token_ids.get(r.request_id, [])
+            tokens = r.all_token_ids + proposals
             table = out.block_ids[r.request_id]
             assert table == kv.get_block_ids(r.request_id)
+            assert r.num_computed_tokens + num_new <= len(tokens)
             for pos in range(r.num_computed_tokens):
                 slot = table[pos // block_size] * block_size + pos % block_size
                 assert slot_prefix[slot] == tuple(r.all_token_ids[: pos + 1])
             for pos in range(r.num_computed_tokens, r.num_computed_tokens + num_new):
                 slot = table[pos // block_size] * block_size + pos % block_size
-                slot_prefix[slot] = tuple(r.all_token_ids[: pos + 1])
+                slot_prefix[slot] = tuple(tokens[: pos + 1])
             if request_needs_sample(r, num_new):
-                sampled[r.request_id] = _model(tuple(r.all_token_ids))
+                emitted = []
+                for j in range(len(proposals) + 1):
+                    target = _model(tuple(r.all_token_ids + proposals[:j]))
+                    emitted.append(target)
+                    if j == len(proposals) or target != proposals[j]:
+                        break
+                num_proposed += len(proposals)
+                num_accepted += len(emitted) - 1
+                sampled[r.request_id] = emitted
         return sampled
+
+    def propose(r: Request) -> list[int]:
+        """Up to 3 proposals, capped so the accepted run cannot pass max_tokens; each right with p = 0.7."""
+        k = min(rng.randrange(0, 4), r.sampling_params.max_tokens - r.num_output_tokens - 1)
+        proposals: list[int] = []
+        for _ in range(max(0, k)):
+            right = _model(tuple(r.all_token_ids + proposals))
+            proposals.append(right if rng.random() < 0.7 else (right + 1) % 7)
+        return proposals
 
     step_count = 0
     while step_count < 300 and (step_count < 150 or sched.has_unfinished_requests()):
@@ -329,12 +354,18 @@ def test_randomized_workload_outputs_match_unbatched_reference(enable_prefix_cac
             kv.check_integrity()
         out = sched.schedule()
         assert out.total_num_scheduled_tokens <= 12 and len(out.scheduled_requests) <= 5
-        sched.update(out, run(out))
+        sampled = run(out)
+        sched.update(out, sampled)
         for r in out.scheduled_requests:
             if not r.is_finished and r.num_output_tokens >= r.sampling_params.max_tokens:
                 sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH)
                 finished.append(r)
+            elif speculative and r.request_id in sampled:
+                r.spec_token_ids = propose(r)
         kv.check_integrity()
+        for r in sched.running:  # the table never holds a block past the request's tokens after an update
+            if r.request_id in sampled:
+                assert len(kv.get_block_ids(r.request_id)) <= kv.num_blocks_for_tokens(r.num_tokens)
         assert sched.num_running <= 5
 
     assert not sched.has_unfinished_requests()
@@ -347,3 +378,72 @@ def test_randomized_workload_outputs_match_unbatched_reference(enable_prefix_cac
         assert r.all_token_ids == tokens
     assert sched.num_preemptions > 0
     assert (kv.num_prefix_cache_hits_tokens > 0) == enable_prefix_caching
+    if speculative:
+        assert 0 < num_accepted < num_proposed  # both accepts and rejects happened
+
+
+def test_proposals_are_budgeted_as_tokens_and_rolled_back():
+    """Exact numbers: 3 proposals ride on a decode, 1 is accepted, the look-ahead block goes back to the pool."""
+    sched = make_scheduler(block_size=4, max_num_batched_tokens=64)
+    kv = sched.kv_manager
+    a = make_request("a", [1, 2, 3], max_tokens=10)
+    sched.add_request(a)
+    step(sched)  # prefill: a = [1, 2, 3, 500], 3 computed, 1 block
+    assert kv.get_block_ids("a") == [0]
+    a.spec_token_ids = [7, 8, 9]
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"a": 4} and out.spec_token_ids == {"a": [7, 8, 9]}
+    assert out.total_num_scheduled_tokens == 4
+    assert out.block_ids == {"a": [0, 1]}  # slots for positions 3..6
+    assert a.spec_token_ids == []  # consumed
+    sched.update(out, {"a": [7, 42]})  # 7 accepted, 8 rejected (42 instead), 9 dropped
+    assert a.all_token_ids == [1, 2, 3, 500, 7, 42] and a.num_computed_tokens == 5
+    assert kv.get_block_ids("a") == [0, 1]  # 6 tokens still need 2 blocks
+    kv.check_integrity()
+    a.spec_token_ids = [1, 1, 1]
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"a": 4} and out.block_ids == {"a": [0, 1, 2]}
+    sched.update(out, {"a": [3]})  # all rejected: back to 1 token past the computed ones
+    assert a.num_computed_tokens == 6 and a.num_tokens == 7
+    assert kv.get_block_ids("a") == [0, 1]  # block 2 held only rejected slots
+    assert kv.block_pool.blocks[2].ref_cnt == 0 and not kv.block_pool.blocks[2].is_cached
+    kv.check_integrity()
+    with pytest.raises(ValueError, match="accepted prefix"):
+        a.spec_token_ids = [5, 6]
+        out = sched.schedule()
+        sched.update(out, {"a": [6, 6]})
+
+
+def test_proposals_yield_to_budget_and_cache_before_anyone_is_preempted():
+    sched = make_scheduler(num_blocks=2, block_size=4, max_num_batched_tokens=6, max_model_len=8)
+    a = make_request("a", [1, 2, 3], max_tokens=4)
+    b = make_request("b", [4, 5, 6], max_tokens=4)
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched)  # each holds 1 block; none is free
+    a.spec_token_ids = [9] * 8
+    out = sched.schedule()
+    # The look-ahead would need a third block: a decodes 1 token instead, and nobody is preempted.
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1} and out.spec_token_ids == {}
+    assert sched.num_preemptions == 0
+    sched.update(out, {"a": [1], "b": [1]})
+    sched.finish_request("b", RequestStatus.FINISHED_ABORTED)
+    a.spec_token_ids = [9] * 8
+    out = sched.schedule()
+    # a holds 5 tokens; max_model_len 8 leaves room for 3 proposals (positions 5..7, in the second block).
+    assert out.num_scheduled_tokens == {"a": 4} and out.spec_token_ids == {"a": [9, 9, 9]}
+    sched.kv_manager.check_integrity()
+
+
+def test_budget_reserves_a_token_for_each_running_request_behind():
+    sched = make_scheduler(block_size=4, max_num_batched_tokens=4)
+    reqs = [make_request(r, [1, 2, 3], max_tokens=20) for r in "abc"]
+    for r in reqs:
+        sched.add_request(r)
+    step(sched)  # budget 4: a gets 3 tokens, b gets 1 (chunk)
+    step(sched)
+    step(sched)
+    assert all(r.num_computed_tokens == r.num_tokens - 1 for r in reqs)
+    reqs[0].spec_token_ids = [9] * 8
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"a": 2, "b": 1, "c": 1} and out.spec_token_ids == {"a": [9]}

@@ -4,7 +4,9 @@
     step_result = runner.execute(...)
     scheduler.update(scheduler_output, step_result.sampled_token_ids)
 
-around which it tokenizes, checks stop conditions (EOS, stop ids, stop strings, max_tokens, max_model_len),
+around which it tokenizes, checks stop conditions (EOS, stop ids, stop strings, max_tokens, max_model_len) per
+new token (a speculative step returns several; a stop inside the run drops the tokens after it), proposes the
+next step's speculative tokens (spec_decode/),
 detokenizes incrementally and builds RequestOutputs. It is not thread-safe: async_engine.py owns one from a
 single thread.
 """
@@ -35,6 +37,7 @@ from inferd.request import (
 )
 from inferd.runner.model_runner import ModelRunner
 from inferd.scheduler.scheduler import Scheduler
+from inferd.spec_decode import SpeculativePolicy
 
 logger = logging.getLogger("inferd.engine")
 
@@ -51,6 +54,11 @@ class EngineStats:
     num_preemptions: int  # cumulative
     num_prompt_tokens: int  # cumulative, computed (not cached) and cached
     num_generation_tokens: int  # cumulative
+    num_spec_draft_tokens: int = 0  # cumulative: proposed tokens that were verified
+    num_spec_accepted_tokens: int = 0  # cumulative: of those, accepted
+    # cumulative request-steps that verified >= 1 proposal; mean acceptance length (vLLM's) is
+    # 1 + num_spec_accepted_tokens / num_spec_verify_steps
+    num_spec_verify_steps: int = 0
 
 
 class _Group:
@@ -87,6 +95,7 @@ class LLMEngine:
             block_size=config.block_size,
         )
         self.runner = ModelRunner(config, model, arch_config, num_blocks)
+        self.spec_policy = SpeculativePolicy(config.speculative, config.num_speculative_tokens)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._group_of_child: dict[str, _Group] = {}
@@ -230,37 +239,56 @@ class LLMEngine:
                     group.metrics.first_scheduled_time = now
                     self._num_prompt_tokens += r.num_prompt_tokens
         step_result = self.runner.execute(
-            scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens, block_ids_of
+            scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens, block_ids_of,
+            scheduler_output.spec_token_ids,
         )
         self.scheduler.update(scheduler_output, step_result.sampled_token_ids)
 
         now = time.monotonic()
         touched: dict[str, _Group] = {}
-        for request_id, token_id in step_result.sampled_token_ids.items():
+        still_running: list[Request] = []
+        for request_id, token_ids in step_result.sampled_token_ids.items():
             req = self.scheduler.get_request(request_id)
             group = self._group_of_child[request_id]
-            self._num_generation_tokens += 1
+            num_proposed = len(scheduler_output.spec_token_ids.get(request_id, ()))
+            if num_proposed:
+                self.spec_policy.record(request_id, num_proposed, len(token_ids) - 1)
             if req.first_token_time is None:
                 req.first_token_time = now
                 if group.metrics.first_token_time is None:
                     group.metrics.first_token_time = now
             req.last_token_time = now
-            lp = step_result.sampled_logprobs[request_id]
-            req.cumulative_logprob += lp
-            if req.logprobs is not None:
-                req.logprobs.append(step_result.logprobs[request_id])
             detok = group.detokenizers[req.index]
             params = req.sampling_params
-            is_stop_token = req.num_output_tokens >= params.min_tokens and (
-                (not params.ignore_eos and token_id in req.eos_token_ids) or token_id in params.stop_token_ids
-            )
-            stop_str = detok.update([token_id], stop_terminated=is_stop_token)
-            status = self._check_stop(req, token_id, stop_str)
+            num_output_before = req.num_output_tokens - len(token_ids)
+            status = None
+            for k, token_id in enumerate(token_ids):
+                num_output_tokens = num_output_before + k + 1
+                self._num_generation_tokens += 1
+                req.cumulative_logprob += step_result.sampled_logprobs[request_id][k]
+                if req.logprobs is not None:
+                    req.logprobs.append(step_result.logprobs[request_id][k])
+                is_stop_token = num_output_tokens >= params.min_tokens and (
+                    (not params.ignore_eos and token_id in req.eos_token_ids) or token_id in params.stop_token_ids
+                )
+                stop_str = detok.update([token_id], stop_terminated=is_stop_token)
+                status = self._check_stop(req, token_id, stop_str, num_output_tokens)
+                if status is not None:
+                    req.truncate_output(num_output_tokens)
+                    break
             if status is not None:
                 self.scheduler.finish_request(request_id, status)
                 req.status = status
                 self.runner.remove_request(request_id)
+            else:
+                still_running.append(req)
             touched[group.request_id] = group
+        if self.spec_policy.is_enabled:
+            num_running = self.scheduler.num_running
+            for req in still_running:
+                max_num_proposals = min(req.sampling_params.max_tokens - req.num_output_tokens,
+                                        self.max_tokens_per_sequence - req.num_tokens) - 1
+                req.spec_token_ids = self.spec_policy.propose(req, num_running, max_num_proposals)
 
         outputs = []
         for group in touched.values():
@@ -272,9 +300,11 @@ class LLMEngine:
                     self._forget_child(child.request_id)
         return outputs
 
-    def _check_stop(self, req: Request, token_id: int, stop_str: str | None) -> RequestStatus | None:
+    def _check_stop(self, req: Request, token_id: int, stop_str: str | None,
+                    num_output_tokens: int | None = None) -> RequestStatus | None:
+        """Whether the request ends at `token_id`, its `num_output_tokens`-th output token (default: the last)."""
         params = req.sampling_params
-        num_out = req.num_output_tokens
+        num_out = req.num_output_tokens if num_output_tokens is None else num_output_tokens
         if num_out >= params.min_tokens:
             if not params.ignore_eos and token_id in req.eos_token_ids:
                 req.stop_reason = None
@@ -285,7 +315,7 @@ class LLMEngine:
             if stop_str is not None:
                 req.stop_reason = stop_str
                 return RequestStatus.FINISHED_STOPPED
-        if num_out >= params.max_tokens or req.num_tokens >= self.max_tokens_per_sequence:
+        if num_out >= params.max_tokens or req.num_prompt_tokens + num_out >= self.max_tokens_per_sequence:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -327,6 +357,7 @@ class LLMEngine:
     def _forget_child(self, child_id: str) -> None:
         self._group_of_child.pop(child_id, None)
         self.runner.remove_request(child_id)
+        self.spec_policy.remove_request(child_id)
 
     # ------------------------------------------------------------------ stats
     def get_stats(self) -> EngineStats:
@@ -342,6 +373,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens,
+            num_spec_draft_tokens=self.spec_policy.num_draft_tokens,
+            num_spec_accepted_tokens=self.spec_policy.num_accepted_tokens,
+            num_spec_verify_steps=self.spec_policy.num_verify_steps,
         )
 
 

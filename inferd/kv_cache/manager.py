@@ -7,6 +7,7 @@ Life of a request's blocks:
   allocate_slots(req, k, hit_ids) take references on the hits, add blocks so the table covers
                                   num_computed_tokens + hit tokens + k tokens; all or nothing
   cache_full_blocks(req)          after the step ran: register blocks now full of computed tokens in the cache
+  free_slots_past(req, n)         rejected proposals: drop the blocks past the request's first n tokens
   free(req)                       finished, aborted or preempted: drop references, tail block first
 
 A block is cached only after its K/V has been written (cache_full_blocks runs after the step), so a request
@@ -150,6 +151,21 @@ class KVCacheManager:
         if hit_blocks:
             self.num_registered_blocks[rid] = len(hit_blocks)
         return True
+
+    def free_slots_past(self, request: Request, num_tokens: int) -> int:
+        """Drop the blocks of the request's table that hold no slot below `num_tokens` (look-ahead slots of
+        rejected proposals), last block first. They were never cached: only computed tokens are. Returns how many
+        blocks were dropped."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        if not blocks:
+            return 0
+        num_kept = self.num_blocks_for_tokens(num_tokens)
+        if num_kept < self.num_registered_blocks.get(request.request_id, 0):
+            raise ValueError(f"request {request.request_id!r}: cannot drop blocks registered in the prefix cache")
+        dropped = blocks[num_kept:]
+        del blocks[num_kept:]
+        self.block_pool.free_blocks(reversed(dropped))
+        return len(dropped)
 
     def free(self, request: Request) -> None:
         """Drop the request's references, last block first (see FreeBlockQueue). Freeing twice is a no-op."""

@@ -17,6 +17,17 @@ Rows whose request carries a seed get their own torch.Generator (made by the cal
 fill their own noise row from it, one row at a time: a seeded request then draws the same tokens whatever else
 is in the batch and whichever row it sits in. All other rows share one generator and are filled in one call.
 
+Speculative verification (`Sampler.verify`): a request that computed k proposed tokens has k + 1 rows, row j
+being the distribution after the known tokens and proposals[:j] (its penalties and min_tokens see those
+proposals as output). Greedy rows accept proposals while they equal the argmax and then emit the argmax. Random
+rows run the rejection sampler of Leviathan et al. / Chen et al. (2023): proposal d drawn from q is accepted with
+probability min(1, p(d) / q(d)), where p is the row's final sampling distribution (after penalties,
+temperature, top-k, top-p, min-p); on rejection a token is drawn from max(p - q, 0) renormalised and the run
+ends; when all k are accepted, one more token is drawn from row k. Each emitted token is then distributed
+exactly as p. A proposer without a distribution (n-gram lookup) is a point mass q = 1[d]: accept with p(d),
+else draw from p with d removed. Uniforms and the race noise come from the request's own generator when seeded,
+so a seeded request is reproducible; with no proposals its draws are those of the plain path.
+
 Work that no row needs is skipped: no count tensor without presence/frequency penalties, no seen-token mask
 without a repetition penalty, no noise when every row is greedy, no sort without top_p, and no full sort when
 every top_p row also has a top_k well below V (a partial topk ranks the candidates). Each filter and penalty
@@ -117,6 +128,15 @@ class SamplingMetadata:
             or self.repetition is not None
             or self.occurrence is not None
         )
+
+
+@dataclass
+class SpecSamplerOutput:
+    """Per request (not per row): the emitted tokens, accepted proposals first then one more (1..k + 1)."""
+
+    token_ids: list[list[int]]
+    sampled_logprobs: list[list[float]]  # raw-distribution logprob of each emitted token
+    logprobs: list[list[dict[int, float]] | None]  # per emitted token, when the request asked for logprobs
 
 
 @dataclass
@@ -465,3 +485,114 @@ class Sampler:
         return SamplerOutput(
             sampled_token_ids=sampled_id_list, logprobs=logprobs, sampled_logprobs=sampled_logprob_list
         )
+
+    # ------------------------------------------------------------------ speculative verification
+    def verify(
+        self,
+        logits: Tensor,
+        md: SamplingMetadata,
+        proposals: list[list[int]],
+        generators: list[torch.Generator | None],
+        proposal_probs: list[Tensor | None] | None = None,
+    ) -> SpecSamplerOutput:
+        """`logits` [N, V] with N = sum(k_i + 1): request i's k_i + 1 rows in a run, in request order; `md` built
+        for those N rows. `proposals[i]` holds k_i token ids; `generators[i]` is request i's own generator (None:
+        the sampler's shared one); `proposal_probs[i]` [k_i, V] is the proposer's distribution q (None: a point
+        mass on each proposal)."""
+        if logits.shape != (md.num_rows, md.vocab_size):
+            raise ValueError(f"logits shape {tuple(logits.shape)} != (rows, vocab) {(md.num_rows, md.vocab_size)}")
+        if sum(len(p) + 1 for p in proposals) != md.num_rows or len(generators) != len(proposals):
+            raise ValueError("verify: rows must be sum(len(proposal) + 1) and one generator per request")
+        raw_logits = logits.float()
+        edited_logits = apply_logit_edits(raw_logits, md)
+        num_rows = md.num_rows
+        # Host views: greedy targets per row, random-row position per row, p(proposal) per random proposal row.
+        greedy_target = [-1] * num_rows
+        if md.greedy_row_ids is not None:
+            targets = edited_logits.index_select(0, md.greedy_row_ids).argmax(dim=-1).tolist()
+            for row, target in zip(md.greedy_row_ids.tolist(), targets):
+                greedy_target[row] = target
+        random_position = [-1] * num_rows
+        probs = None
+        if md.random_row_ids is not None:
+            probs = apply_sampling_filters(edited_logits, md).softmax(dim=-1)  # [R, V]
+            for position, row in enumerate(md.random_row_ids.tolist()):
+                random_position[row] = position
+
+        token_ids: list[list[int]] = []
+        emitted_rows: list[int] = []
+        row = 0
+        for i, proposal in enumerate(proposals):
+            generator = generators[i] if generators[i] is not None else self.generator
+            q = proposal_probs[i] if proposal_probs is not None else None
+            emitted: list[int] = []
+            for j in range(len(proposal) + 1):
+                r = row + j
+                emitted_rows.append(r)
+                if random_position[r] < 0:
+                    emitted.append(greedy_target[r])
+                    if j < len(proposal) and greedy_target[r] == proposal[j]:
+                        continue
+                    break
+                p = probs[random_position[r]]  # [V]
+                if j == len(proposal):
+                    emitted.append(_race(p, generator))
+                    break
+                d = proposal[j]
+                q_d = 1.0 if q is None else float(q[j, d])
+                accept_probability = 1.0 if q_d <= 0.0 else min(1.0, float(p[d]) / q_d)
+                u = float(torch.rand(1, device=p.device, generator=generator))
+                if u < accept_probability:
+                    emitted.append(d)
+                    continue
+                if q is None:
+                    residual = p.clone()
+                    residual[d] = 0.0
+                else:
+                    residual = (p - q[j].to(p.dtype)).clamp_(min=0.0)
+                emitted.append(_race(residual, generator))
+                break
+            token_ids.append(emitted)
+            row += len(proposal) + 1
+
+        # Raw logprobs of the emitted tokens (exactly those a non-speculative run would report).
+        device = raw_logits.device
+        rows_t = torch.tensor(emitted_rows, dtype=torch.int64, device=device)
+        ids_t = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.int64, device=device)
+        emitted_logits = raw_logits.index_select(0, rows_t)  # [E, V]
+        log_normalizers = emitted_logits.logsumexp(dim=-1)
+        emitted_logprobs = (emitted_logits.gather(1, ids_t[:, None])[:, 0] - log_normalizers).tolist()
+        num_logprobs_of_row = dict(zip(md.logprob_row_ids, md.num_logprobs))
+        max_num = max((num_logprobs_of_row.get(r, 0) for r in emitted_rows), default=0)
+        top_ids: list[list[int]] = []
+        top_logprobs: list[list[float]] = []
+        if max_num > 0:
+            top = emitted_logits.topk(max_num, dim=-1)
+            top_ids = top.indices.tolist()
+            top_logprobs = (top.values - log_normalizers[:, None]).tolist()
+        sampled_logprobs: list[list[float]] = []
+        logprobs: list[list[dict[int, float]] | None] = []
+        e = 0
+        for ids in token_ids:
+            sampled_logprobs.append(emitted_logprobs[e : e + len(ids)])
+            if emitted_rows[e] in num_logprobs_of_row:
+                entries = []
+                for k, token_id in enumerate(ids):
+                    num = num_logprobs_of_row[emitted_rows[e + k]]
+                    entry = {token_id: emitted_logprobs[e + k]}
+                    if num > 0:
+                        for tid, lp in zip(top_ids[e + k][:num], top_logprobs[e + k][:num]):
+                            entry.setdefault(tid, lp)
+                    entries.append(entry)
+                logprobs.append(entries)
+            else:
+                logprobs.append(None)
+            e += len(ids)
+        return SpecSamplerOutput(token_ids=token_ids, sampled_logprobs=sampled_logprobs, logprobs=logprobs)
+
+
+def _race(weights: Tensor, generator: torch.Generator | None) -> int:
+    """One draw from the [V] non-negative `weights` (need not sum to 1) by the exponential race, with one row of
+    uniforms from `generator`: the same numbers the plain path draws for a seeded row."""
+    noise = torch.empty_like(weights).uniform_(generator=generator)
+    return int(weights.div(noise.log_().neg_()).argmax())

@@ -3,7 +3,9 @@
 One step lays the scheduled tokens of every request end to end (T tokens in all, no padding):
   input_ids[T], positions[T], slot_mapping[T]  (slot = block_id * block_size + offset inside the block)
   query_start_loc[B+1], seq_lens[B], block_tables[B, max_blocks]
-and samples one token for each request whose scheduled chunk reaches the end of its known tokens.
+and samples for each request whose scheduled chunk reaches the end of its known tokens. A request that also
+computes k proposed tokens (speculative decoding) gets logits at its last known token and at each proposal
+(k + 1 rows) and `Sampler.verify` returns the accepted proposals plus one token.
 Step inputs live in persistent host buffers sized once (max_num_batched_tokens, max_num_seqs) so a later
 CUDA-graph path can replay on fixed addresses.
 """
@@ -23,11 +25,11 @@ from inferd.request import Request
 
 @dataclass
 class StepResult:
-    """What one step produced for each request that sampled."""
+    """What one step produced for each request that sampled: 1 token, or 1..k + 1 with k proposals."""
 
-    sampled_token_ids: dict[str, int]
-    sampled_logprobs: dict[str, float]
-    logprobs: dict[str, dict[int, float]]  # only for requests that asked for logprobs
+    sampled_token_ids: dict[str, list[int]]
+    sampled_logprobs: dict[str, list[float]]
+    logprobs: dict[str, list[dict[int, float]]]  # only for requests that asked for logprobs; one per token
 
 
 class ModelRunner:
@@ -74,7 +76,10 @@ class ModelRunner:
         scheduled_requests: list[Request],
         num_scheduled_tokens: dict[str, int],
         block_ids_of: dict[str, list[int]],
+        spec_token_ids: dict[str, list[int]] | None = None,
     ) -> StepResult:
+        """`spec_token_ids`: request_id -> proposals scheduled after its last known token (SchedulerOutput)."""
+        spec_token_ids = spec_token_ids or {}
         bs = self.block_size
         num_seqs = len(scheduled_requests)
         query_start_loc = [0]
@@ -88,7 +93,11 @@ class ModelRunner:
             start = req.num_computed_tokens
             end = start + n
             block_ids = block_ids_of[req.request_id]
-            self._input_ids_np[t : t + n] = req.all_token_ids[start:end]
+            proposals = spec_token_ids.get(req.request_id, ())
+            known_end = end - len(proposals)
+            self._input_ids_np[t : t + n - len(proposals)] = req.all_token_ids[start:known_end]
+            if proposals:
+                self._input_ids_np[t + n - len(proposals) : t + n] = proposals
             pos = np.arange(start, end, dtype=np.int64)
             self._positions_np[t : t + n] = pos
             table = np.asarray(block_ids, dtype=np.int64)
@@ -98,9 +107,9 @@ class ModelRunner:
             query_start_loc.append(t)
             seq_lens.append(end)
             num_computed.append(start)
-            if end == req.num_tokens:
+            if known_end == req.num_tokens:
                 sample_rows.append(i)
-                logits_token_indices.append(t - 1)
+                logits_token_indices.extend(range(t - 1 - len(proposals), t))
         num_tokens = t
         max_blocks = max((seq_len + bs - 1) // bs for seq_len in seq_lens)
 
@@ -123,6 +132,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, idx))
 
         reqs = [scheduled_requests[i] for i in sample_rows]
+        if any(r.request_id in spec_token_ids for r in reqs):
+            return self._verify(logits, reqs, spec_token_ids)
         md = build_sampling_metadata(
             params=[r.sampling_params for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
@@ -136,10 +147,37 @@ class ModelRunner:
         result = StepResult({}, {}, {})
         for row, req in enumerate(reqs):
             rid = req.request_id
-            result.sampled_token_ids[rid] = out.sampled_token_ids[row]
-            result.sampled_logprobs[rid] = out.sampled_logprobs[row]
+            result.sampled_token_ids[rid] = [out.sampled_token_ids[row]]
+            result.sampled_logprobs[rid] = [out.sampled_logprobs[row]]
             if out.logprobs[row] is not None:
-                result.logprobs[rid] = out.logprobs[row]
+                result.logprobs[rid] = [out.logprobs[row]]
+        return result
+
+    def _verify(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]]) -> StepResult:
+        """`logits` [sum(k_i + 1), V]: each request's rows at its last known token and its k_i proposals. Row j of a
+        request sees proposals[:j] as output (penalties, min_tokens)."""
+        proposals = [spec_token_ids.get(r.request_id, []) for r in reqs]
+        row_reqs = [r for r, p in zip(reqs, proposals) for _ in range(len(p) + 1)]
+        row_outputs = [r.output_token_ids + p[:j] if j else r.output_token_ids
+                       for r, p in zip(reqs, proposals) for j in range(len(p) + 1)]
+        generators = [self._generator_for(r) for r in reqs]
+        md = build_sampling_metadata(
+            params=[r.sampling_params for r in row_reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in row_reqs],
+            output_token_ids=row_outputs,
+            generators=[None] * len(row_reqs),  # verify draws from each request's generator itself
+            eos_token_ids=[r.eos_token_ids for r in row_reqs],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        out = self.sampler.verify(logits, md, proposals, generators)
+        result = StepResult({}, {}, {})
+        for i, req in enumerate(reqs):
+            rid = req.request_id
+            result.sampled_token_ids[rid] = out.token_ids[i]
+            result.sampled_logprobs[rid] = out.sampled_logprobs[i]
+            if out.logprobs[i] is not None:
+                result.logprobs[rid] = out.logprobs[i]
         return result
 
 

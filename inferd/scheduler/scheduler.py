@@ -14,6 +14,13 @@ One step's policy:
      then finds them in the prefix cache instead of computing them again (prefix caching on only).
 So decodes always go first and a long prompt never stalls running streams.
 
+Speculative tokens: a running request at its decode point (one known token left to compute) that carries
+proposals (request.spec_token_ids) gets 1 + k tokens, k capped by the budget (one token stays reserved for each
+running request behind it), by max_model_len and by the KV cache: when its blocks cannot cover the look-ahead
+it decodes one token instead, and only then preempts anyone. `update` takes the accepted tokens, rolls
+num_computed_tokens back over the rejected proposals and frees the blocks that held only rejected slots; prefix
+cache hashes only ever cover computed tokens of all_token_ids, never a proposal.
+
 Precondition (the engine's job): every request fits the cache alone, num_tokens <= num_blocks * block_size,
 and is finished before num_tokens exceeds max_model_len.
 """
@@ -43,6 +50,8 @@ class SchedulerOutput:
     # their tokens served by the prefix cache (already counted in request.num_computed_tokens).
     new_request_ids: list[str] = field(default_factory=list)
     num_prefix_hit_tokens: dict[str, int] = field(default_factory=dict)
+    # request_id -> the k proposed tokens computed after its last known token this step (k >= 1 only).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -50,9 +59,9 @@ class SchedulerOutput:
 
 
 def request_needs_sample(request: Request, num_scheduled_tokens: int) -> bool:
-    """True when this step's chunk reaches the end of all_token_ids, so the runner samples a token.
-    Call before `Scheduler.update` (which advances num_computed_tokens)."""
-    return request.num_computed_tokens + num_scheduled_tokens == request.num_tokens
+    """True when this step's chunk reaches the end of all_token_ids (and any proposals past it), so the runner
+    samples. Call before `Scheduler.update` (which advances num_computed_tokens)."""
+    return request.num_computed_tokens + num_scheduled_tokens >= request.num_tokens
 
 
 class Scheduler:
@@ -133,14 +142,19 @@ class Scheduler:
         num_scheduled_tokens: dict[str, int] = {}
         preempted_ids: list[str] = []
 
+        spec_token_ids: dict[str, list[int]] = {}
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            proposals, request.spec_token_ids = request.spec_token_ids, []
             num_new_tokens = self._num_tokens_to_compute(request, budget)
             if num_new_tokens <= 0:
                 i += 1
                 continue
-            while not self.kv_manager.allocate_slots(request, num_new_tokens):
+            num_spec = self._num_spec_tokens(request, proposals, num_new_tokens, budget - (len(self.running) - i - 1))
+            if num_spec and not self.kv_manager.allocate_slots(request, num_new_tokens + num_spec):
+                num_spec = 0  # no look-ahead rather than a preemption
+            while not num_spec and not self.kv_manager.allocate_slots(request, num_new_tokens):
                 # Victims come from the tail, which was not scheduled yet this step (it is at index >= i).
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -149,8 +163,10 @@ class Scheduler:
                     break
             else:
                 scheduled.append(request)
-                num_scheduled_tokens[request.request_id] = num_new_tokens
-                budget -= num_new_tokens
+                num_scheduled_tokens[request.request_id] = num_new_tokens + num_spec
+                if num_spec:
+                    spec_token_ids[request.request_id] = proposals[:num_spec]
+                budget -= num_new_tokens + num_spec
                 i += 1
 
         new_request_ids: list[str] = []
@@ -167,7 +183,15 @@ class Scheduler:
             preempted_request_ids=preempted_ids,
             new_request_ids=new_request_ids,
             num_prefix_hit_tokens=num_prefix_hit_tokens,
+            spec_token_ids=spec_token_ids,
         )
+
+    def _num_spec_tokens(self, request: Request, proposals: list[int], num_new_tokens: int, budget: int) -> int:
+        """How many proposals ride along: only when this step reaches the end of the known tokens, within the
+        budget and below max_model_len (a proposal at position p needs p < max_model_len)."""
+        if not proposals or request.num_computed_tokens + num_new_tokens != request.num_tokens:
+            return 0
+        return max(0, min(len(proposals), budget - num_new_tokens, self.max_model_len - request.num_tokens))
 
     def _schedule_waiting(
         self,
@@ -234,17 +258,23 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_manager.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     # ------------------------------------------------------------------ after the step
-    def update(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> None:
-        """Advance num_computed_tokens by what was scheduled, cache blocks now full of computed tokens, and append
-        the sampled token of each request whose chunk reached the end of its tokens. Stop checks are the engine's.
+    def update(self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> None:
+        """Advance num_computed_tokens by what was scheduled, append the new tokens of each request whose chunk
+        reached the end of its tokens, and cache blocks now full of computed tokens. Stop checks are the engine's.
 
-        Raises ValueError when a request that had to sample got no token, or one that did not got one.
+        A request that computed k proposals gets 1..k + 1 tokens: the accepted proposals (a prefix of them) and
+        one more. num_computed_tokens rolls back over the rejected ones and the blocks past the request's tokens
+        are freed.
+
+        Raises ValueError when a request that had to sample got no token, one that did not got one, or the tokens
+        are not an accepted prefix of its proposals plus one.
         """
         for request in scheduler_output.scheduled_requests:
             rid = request.request_id
@@ -258,6 +288,18 @@ class Scheduler:
                     f"{'reaches' if is_sampling else 'does not reach'} the end of its tokens"
                 )
             request.num_computed_tokens += num_tokens
-            self.kv_manager.cache_full_blocks(request)
             if is_sampling:
-                request.append_output_token(sampled_token_ids[rid])
+                new_token_ids = sampled_token_ids[rid]
+                proposals = scheduler_output.spec_token_ids.get(rid, [])
+                num_accepted = len(new_token_ids) - 1
+                if not (0 <= num_accepted <= len(proposals)) or new_token_ids[:num_accepted] != proposals[:num_accepted]:
+                    raise ValueError(
+                        f"request {rid!r}: tokens {new_token_ids} are not an accepted prefix of the proposals "
+                        f"{proposals} plus one token"
+                    )
+                request.num_computed_tokens -= len(proposals) - num_accepted
+                for token_id in new_token_ids:
+                    request.append_output_token(token_id)
+                if len(proposals) > num_accepted:
+                    self.kv_manager.free_slots_past(request, request.num_tokens)
+            self.kv_manager.cache_full_blocks(request)

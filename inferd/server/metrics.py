@@ -61,6 +61,9 @@ class LLMMetrics:
             "num_generation_tokens": f["generation_tokens"].labels(model_name),
             "num_prefix_cache_queries_tokens": f["prefix_queries"].labels(model_name),
             "num_prefix_cache_hits_tokens": f["prefix_hits"].labels(model_name),
+            "num_spec_draft_tokens": f["spec_draft_tokens"].labels(model_name),
+            "num_spec_accepted_tokens": f["spec_accepted_tokens"].labels(model_name),
+            "num_spec_verify_steps": f["spec_drafts"].labels(model_name),
         }
         self._last_engine_counts = dict.fromkeys(self._engine_counters, 0)
 
@@ -85,7 +88,7 @@ class LLMMetrics:
         self._num_waiting.set(stats.num_waiting)
         self._kv_usage.set(stats.kv_cache_usage)
         for field_name, counter in self._engine_counters.items():
-            count = getattr(stats, field_name)
+            count = getattr(stats, field_name, 0)
             counter.inc(max(count - self._last_engine_counts[field_name], 0))
             self._last_engine_counts[field_name] = count
 
@@ -127,6 +130,10 @@ class ServerMetrics:
             "generation_tokens": counter("inferd:generation_tokens", "Tokens generated, aborted requests' included."),
             "prefix_queries": counter("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
             "prefix_hits": counter("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+            # Speculative decoding, vLLM's names: mean acceptance length = 1 + accepted / drafts.
+            "spec_draft_tokens": counter("inferd:spec_decode_num_draft_tokens", "Tokens proposed for verification."),
+            "spec_accepted_tokens": counter("inferd:spec_decode_num_accepted_tokens", "Proposed tokens accepted."),
+            "spec_drafts": counter("inferd:spec_decode_num_drafts", "Verify steps of requests with proposals."),
             "success": counter("inferd:request_success", "Finished completions by finish reason.",
                                ["model_name", "finished_reason"]),
         }

@@ -78,6 +78,7 @@ class SamplingRequestFields(_Body):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    speculative: StrictBool = Field(True, description="false: this request never uses speculative decoding.")
 
 
 class ResponseFormat(_Body):

@@ -112,6 +112,7 @@ def _sampling_params(
             logprobs=logprobs,
             logit_bias=logit_bias,
             skip_special_tokens=body.skip_special_tokens,
+            speculative=body.speculative,
         )
     except ValueError as exc:
         raise from_value_error(exc, param_names) from None
