@@ -18,7 +18,7 @@ import threading
 import torch
 
 _CSRC_DIR = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = [os.path.join(_CSRC_DIR, name) for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp")]
+_SOURCES = [os.path.join(_CSRC_DIR, name) for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp", "cpu_int8_linear.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "enabled": True}
 
@@ -34,6 +34,13 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags_summary() -> str:
+    """The CPU's SIMD flags that pick the kernel paths (for benchmark output)."""
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+    flags = set(_cpu_flags().split())
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
+
+
 def _march() -> str:
     """-march for the build: native, or INFERD_CPU_MARCH (e.g. x86-64-v3 to build and test the non-AVX-512 path on
     an AVX-512 machine)."""
@@ -42,7 +49,7 @@ def _march() -> str:
 
 def _extension_name() -> str:
     source = b""
-    for path in _SOURCES:
+    for path in sorted(os.path.join(_CSRC_DIR, name) for name in os.listdir(_CSRC_DIR)):  # sources and .inc
         with open(path, "rb") as f:
             source += f.read()
     tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + _march().encode()).hexdigest()[:12]
@@ -91,6 +98,17 @@ def has_avx512_kernels() -> bool:
     """Whether the built kernels have their AVX-512 paths (the quantized matmuls beat float32 there; the portable
     path is correct everywhere but slower than torch's float32 GEMM)."""
     return cpu_kernels_available() and bool(torch.ops.inferd.has_avx512())
+
+
+def int8_kernel_paths() -> list[str]:
+    """The int8-activation kernel paths this CPU runs, best first (the last is "portable"); [] without kernels.
+    The kernels use the first unless INFERD_INT8_KERNEL names another (e.g. avx2 on an AVX-512 machine)."""
+    return list(torch.ops.inferd.a8_kernel_paths()) if cpu_kernels_available() else []
+
+
+def has_int8_simd_kernels() -> bool:
+    """Whether the int8-activation kernels have a SIMD path here (AVX2 or better; they beat float32 there)."""
+    return int8_kernel_paths()[:1] not in ([], ["portable"])
 
 
 def use_cpu_ops(x: "torch.Tensor") -> bool:
