@@ -386,3 +386,23 @@ def test_portable_kernels_without_avx512(tmp_path):
             checked.add(path)
     expected = {"portable", "avx2"} if platform.machine() in ("x86_64", "AMD64") else {"portable"}
     assert expected <= checked
+
+
+# ---- the int8-activation scheme through the whole engine ---------------------------------------------------------
+
+
+def test_int8_activation_engine_is_batch_invariant(default_gguf_path):
+    """Each activation row is quantized on its own and the integer sums are exact, so with int8 activations too a
+    request's greedy tokens must not depend on its batch (the engine's contract, tests/test_engine.py, on the
+    float-activation kernels). Chunked prefill is not held to this: its attention rounds differently, and a
+    rounding-level change can move an activation across an int8 step, so near-ties may resolve differently."""
+    from inferd import LLM, SamplingParams
+
+    llm = LLM(model=str(default_gguf_path), kv_cache_memory="64MiB", max_model_len=512, quantization="gguf-int8act")
+    assert llm.engine.config.quantization == "gguf-int8act"
+    tok = llm.tokenizer
+    prompts = [tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,")]
+    prompts.append(tok.encode_chat([{"role": "user", "content": "Why is the sky blue?"}]))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == alone
