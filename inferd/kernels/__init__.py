@@ -18,7 +18,8 @@ import threading
 import torch
 
 _CSRC_DIR = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = [os.path.join(_CSRC_DIR, name) for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp", "cpu_int8_linear.cpp")]
+_SOURCES = [os.path.join(_CSRC_DIR, name)
+            for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp", "cpu_int8_linear.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "enabled": True}
 
@@ -49,7 +50,7 @@ def _march() -> str:
 
 def _extension_name() -> str:
     source = b""
-    for path in sorted(os.path.join(_CSRC_DIR, name) for name in os.listdir(_CSRC_DIR)):  # sources and .inc
+    for path in sorted(os.path.join(_CSRC_DIR, name) for name in os.listdir(_CSRC_DIR)):  # .cpp and .inc
         with open(path, "rb") as f:
             source += f.read()
     tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + _march().encode()).hexdigest()[:12]

@@ -28,8 +28,9 @@ from inferd.quant.linear import INT8_ACTIVATIONS_SUFFIX, QuantLinear
 
 INT8_ACT_METHOD_SUFFIX = "-int8act"
 # Whether auto picks int8 activations (gguf-int8act): set from the accuracy gate measured on the default model
-# (int8 activations <= +0.5% perplexity over float activations on the same weights; RESULTS.md).
-AUTO_INT8_ACTIVATIONS = False
+# (int8 activations <= +0.5% perplexity over float activations on the same weights). Measured: +0.42% on 51,200
+# tokens of the KJV (benchmarks/perplexity.py, RESULTS.md), so auto takes them wherever AVX2 runs.
+AUTO_INT8_ACTIVATIONS = True
 
 __all__ = [
     "GGUF_KIND",
