@@ -1,7 +1,7 @@
 """The block-quantized matmul kernels against float32 torch matmuls, over the row counts an engine step has.
 
     .venv/bin/python benchmarks/quant_kernels.py [--rows 1,4,16,64,128,256] [--repeats 5]
-        [--a8-paths avx512-vnni,avx2-vnni,avx2]
+        [--a8-paths avx512-vnni,avx2-vnni,avx2] [--threads N]
 
 Weights: the linear layers of SmolLM2-135M (30 layers of qkv 960x576, o 576x576, gate_up 3072x576,
 down 576x1536) plus the tied output projection 49152x576, random values, so a pass streams the whole model's
@@ -9,7 +9,9 @@ weights as a decode step does. Per row count it prints the time of one pass (med
 variants alternating within each repeat so that a noisy neighbour hits them alike) for: float32 F.linear,
 QuantLinear with float32 activations (q4/q8 kernels, the exact reference) and QuantLinear with int8
 activations on each kernel path of --a8-paths (default: every path this CPU runs but the portable one).
-INFERD_CPU_MARCH=x86-64-v3 builds the float-activation kernels as an AVX2-only CPU gets them.
+INFERD_CPU_MARCH=x86-64-v3 builds the float-activation kernels as an AVX2-only CPU gets them. --threads 1 keeps
+a busy machine from descheduling one of the threads a parallel kernel waits on (which then measures the
+neighbours, not the kernel).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ def main() -> int:
     ap.add_argument("--rows", default="1,4,16,64,128,256")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--a8-paths", default="", help="comma-separated int8 kernel paths (default: all but portable)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not cpu_kernels_available():
         raise SystemExit(f"inferd's CPU kernels did not build: {kernel_build_error()}")
     paths = args.a8_paths.split(",") if args.a8_paths else [p for p in torch.ops.inferd.a8_kernel_paths()
