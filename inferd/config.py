@@ -16,7 +16,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"  # the catalog entry every command uses 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 # Weight quantization schemes; inferd/quant/__init__.py says what each does and resolves "auto".
-QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+# "<scheme>-int8act": the same weights, activations quantized to int8 per 32-block (integer dot products).
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "gguf-int8act", "int8-int8act", "int4-int8act")
 # Speculative decoding modes; inferd/spec_decode/policy.py says what each does.
 SPECULATIVE_MODES = ("auto", "ngram", "off")
 
@@ -50,7 +51,7 @@ class EngineConfig:
     model: str  # resolved local path (HF directory or .gguf file)
     device: str  # "cpu" | "cuda"
     dtype: str  # "float32" | "bfloat16" | "float16"
-    quantization: str  # "none" | "gguf" | "int8" | "int4"
+    quantization: str  # "none" | "gguf" | "int8" | "int4", optionally with "-int8act"
     max_model_len: int  # prompt + output tokens per sequence
     block_size: int  # tokens per KV block
     kv_cache_memory_bytes: int | None  # None on CUDA = use gpu_memory_utilization of free memory
@@ -99,7 +100,8 @@ class EngineArgs:
         g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
         g.add_argument("--quantization", "-q", default=d.quantization, choices=QUANTIZATIONS,
                        help="weights: auto (keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks on CPU), none (float), "
-                            "gguf, int8 or int4 (quantize at load; CPU float32)")
+                            "gguf, int8 or int4 (quantize at load; CPU float32); a -int8act suffix (gguf-int8act) "
+                            "also quantizes activations to int8 (integer kernels, faster, slightly less exact)")
         g.add_argument("--max-model-len", type=int, default=d.max_model_len)
         g.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
                        help="KV cache size, e.g. 2GiB (default 2GiB on CPU, a memory fraction on CUDA)")

@@ -27,11 +27,14 @@ CHATS = [
     "Why is the sky blue?",
 ]
 NUM_NEW_TOKENS = 32
+# The float-activation kernels: exact to transformers' float32 on the file's weights (auto takes int8
+# activations, checked in tests/test_quant.py).
+EXACT = "gguf"
 
 
 @pytest.fixture(scope="module")
 def llm(default_gguf_path) -> LLM:
-    return LLM(model=str(default_gguf_path), kv_cache_memory="256MiB", max_model_len=2048)
+    return LLM(model=str(default_gguf_path), kv_cache_memory="256MiB", max_model_len=2048, quantization=EXACT)
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +85,20 @@ def test_prefix_cache_on_equals_off(default_gguf_path, llm, prompt_ids, greedy_a
     assert all(o.num_cached_tokens > 0 for o in outs)
     assert [o.outputs[0].token_ids for o in outs] == greedy_alone[len(PROMPTS):]
 
-    off = LLM(model=str(default_gguf_path), kv_cache_memory="64MiB", max_model_len=2048, enable_prefix_caching=False)
+    off = LLM(model=str(default_gguf_path), kv_cache_memory="64MiB", max_model_len=2048, quantization=EXACT,
+              enable_prefix_caching=False)
     assert greedy(off, prompt_ids) == greedy_alone
     assert off.engine.get_stats().num_prefix_cache_hits_tokens == 0
 
 
 def test_chunked_prefill_and_preemption_equal_whole(default_gguf_path, prompt_ids, greedy_alone):
     # 8-token budget: every prompt is computed in several chunks while others decode.
-    chunked = LLM(model=str(default_gguf_path), kv_cache_memory="64MiB", max_model_len=2048, max_num_batched_tokens=8)
+    chunked = LLM(model=str(default_gguf_path), kv_cache_memory="64MiB", max_model_len=2048, quantization=EXACT,
+                  max_num_batched_tokens=8)
     assert greedy(chunked, prompt_ids) == greedy_alone
     # A KV budget of 12 blocks (192 tokens) for 8 sequences of up to ~75 tokens forces recompute preemption.
     block_bytes = 2 * 30 * 16 * 3 * 64 * 4  # K and V x layers x block_size x kv heads x head_dim x fp32
-    tiny = LLM(model=str(default_gguf_path), kv_cache_memory=12 * block_bytes, max_model_len=2048)
+    tiny = LLM(model=str(default_gguf_path), kv_cache_memory=12 * block_bytes, max_model_len=2048, quantization=EXACT)
     assert tiny.engine.num_blocks == 12
     assert greedy(tiny, prompt_ids) == greedy_alone
     assert tiny.engine.get_stats().num_preemptions > 0

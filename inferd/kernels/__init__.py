@@ -13,12 +13,14 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import threading
 
 import torch
 
 _CSRC_DIR = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = [os.path.join(_CSRC_DIR, name) for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp")]
+_SOURCES = [os.path.join(_CSRC_DIR, name)
+            for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp", "cpu_int8_linear.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "enabled": True}
 
@@ -34,6 +36,13 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags_summary() -> str:
+    """The CPU's SIMD flags that pick the kernel paths (for benchmark output)."""
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+    flags = set(_cpu_flags().split())
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
+
+
 def _march() -> str:
     """-march for the build: native, or INFERD_CPU_MARCH (e.g. x86-64-v3 to build and test the non-AVX-512 path on
     an AVX-512 machine)."""
@@ -42,7 +51,7 @@ def _march() -> str:
 
 def _extension_name() -> str:
     source = b""
-    for path in _SOURCES:
+    for path in sorted(os.path.join(_CSRC_DIR, name) for name in os.listdir(_CSRC_DIR)):  # .cpp and .inc
         with open(path, "rb") as f:
             source += f.read()
     tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + _march().encode()).hexdigest()[:12]
@@ -54,7 +63,9 @@ def _build() -> None:
 
     name = _extension_name()
     try:  # a private torch helper, used only to say when a build is about to happen
-        is_built = os.path.exists(os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so"))
+        build_dir = cpp_extension._get_build_directory(name, verbose=False)
+        is_built = os.path.exists(os.path.join(build_dir, f"{name}.so"))
+        _remove_stale_build_lock(build_dir)
     except Exception:  # noqa: BLE001
         is_built = False
     if not is_built:
@@ -68,6 +79,24 @@ def _build() -> None:
         is_python_module=False,
         verbose=False,
     )
+
+
+# A build takes well under a minute; torch waits forever on the lock file of a build whose process was killed.
+_STALE_BUILD_LOCK_S = 600.0
+
+
+def _remove_stale_build_lock(build_dir: str) -> None:
+    lock_path = os.path.join(build_dir, "lock")
+    try:
+        age_s = time.time() - os.path.getmtime(lock_path)
+    except OSError:
+        return  # no lock: nobody is building
+    if age_s > _STALE_BUILD_LOCK_S:
+        print(f"inferd: removing a stale kernel-build lock ({age_s:.0f} s old; its build was killed)", file=sys.stderr)
+        try:
+            os.remove(lock_path)
+        except OSError:
+            pass
 
 
 def cpu_kernels_available() -> bool:
@@ -91,6 +120,17 @@ def has_avx512_kernels() -> bool:
     """Whether the built kernels have their AVX-512 paths (the quantized matmuls beat float32 there; the portable
     path is correct everywhere but slower than torch's float32 GEMM)."""
     return cpu_kernels_available() and bool(torch.ops.inferd.has_avx512())
+
+
+def int8_kernel_paths() -> list[str]:
+    """The int8-activation kernel paths this CPU runs, best first (the last is "portable"); [] without kernels.
+    The kernels use the first unless INFERD_INT8_KERNEL names another (e.g. avx2 on an AVX-512 machine)."""
+    return list(torch.ops.inferd.a8_kernel_paths()) if cpu_kernels_available() else []
+
+
+def has_int8_simd_kernels() -> bool:
+    """Whether the int8-activation kernels have a SIMD path here (AVX2 or better; they beat float32 there)."""
+    return int8_kernel_paths()[:1] not in ([], ["portable"])
 
 
 def use_cpu_ops(x: "torch.Tensor") -> bool:

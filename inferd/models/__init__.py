@@ -61,7 +61,7 @@ def load_model(
     if is_gguf_file(path):
         return load_gguf_model(path, device, torch_dtype, quantization)
     if is_hf_model_dir(path):
-        if quantization == "gguf":
+        if quantization.startswith("gguf"):
             raise ValueError("quantization 'gguf' needs a .gguf model file; use int8 or int4 for other checkpoints")
         return load_hf_model(path, device, torch_dtype, quantization)
     raise ValueError(f"{path!r} is neither a .gguf file nor a Hugging Face model directory with config.json")

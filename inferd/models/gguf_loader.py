@@ -242,7 +242,7 @@ def load_gguf_model(
     plan = plan_quantization(model.quantizable_linears(), quantization, source_kinds)
     model.quantize_linears(plan)
     keep_blocks = frozenset()
-    if quantization == "gguf":  # the planned layers take the file's own blocks
+    if quantization.startswith("gguf"):  # gguf, gguf-int8act: the planned layers take the file's own blocks
         linears = model.quantizable_linears()
         keep_blocks = frozenset(name for path in plan for name in linears[path][1])
     model.load_weights(iter_gguf_tensors(reader, arch_config, keep_blocks))

@@ -7,9 +7,13 @@ Schemes (`--quantization`):
 - int8:  quantize float weights at load to 8 bits per weight, a float16 scale per 32 (Q8_0-like).
 - int4:  quantize float weights at load to 4 bits, a float16 scale and min per 32 (Q4_1-like); the output
          projection (lm_head) gets int8, as llama.cpp's Q4 mixes keep it at higher precision.
-- auto:  gguf for a GGUF file when the AVX-512 kernels run here (CPU, float32), else none (without AVX-512 the
-         portable kernels are correct but slower than float32 GEMMs; gguf / int8 / int4 can still be asked for, to
-         save memory).
+- <scheme>-int8act (gguf-int8act, int8-int8act, int4-int8act): the same weights; each activation row is
+         quantized to int8 per block of 32 inside the kernel (as llama.cpp's q8_0 / q8_1) and the dot products
+         run in integers (AVX-512 VNNI / BW, AVX2 with or without AVX-VNNI, portable; chosen at run time).
+- auto:  for a GGUF file on CPU in float32: gguf-int8act where AUTO_INT8_ACTIVATIONS (its accuracy cost is within
+         the gate: benchmarks/perplexity.py, RESULTS.md) and the CPU has AVX2; else gguf when the AVX-512
+         float-activation kernels run here; else none (the portable float-activation kernels are correct but
+         slower than float32 GEMMs). Any scheme can still be asked for explicitly.
 The kernels are CPU float32 only for now: the quantized schemes on CUDA or in 16-bit dtypes raise a clear error.
 """
 
@@ -18,18 +22,34 @@ from __future__ import annotations
 import sys
 
 from inferd.config import QUANTIZATIONS
-from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_build_error
+from inferd.kernels import cpu_kernels_available, has_avx512_kernels, has_int8_simd_kernels, kernel_build_error
 from inferd.quant.formats import GGUF_KIND, BlockQuantized, can_quantize
-from inferd.quant.linear import QuantLinear
+from inferd.quant.linear import INT8_ACTIVATIONS_SUFFIX, QuantLinear
+
+INT8_ACT_METHOD_SUFFIX = "-int8act"
+# Whether auto picks int8 activations (gguf-int8act): set from the accuracy gate measured on the default model
+# (int8 activations <= +0.5% perplexity over float activations on the same weights). Measured: +0.42% on 51,200
+# tokens of the KJV (benchmarks/perplexity.py, RESULTS.md), so auto takes them wherever AVX2 runs.
+AUTO_INT8_ACTIVATIONS = True
 
 __all__ = [
     "GGUF_KIND",
     "QUANTIZATIONS",
     "BlockQuantized",
     "QuantLinear",
+    "AUTO_INT8_ACTIVATIONS",
     "plan_quantization",
     "resolve_quantization",
+    "split_quantization",
 ]
+
+
+def split_quantization(method: str) -> tuple[str, bool]:
+    """"gguf-int8act" -> ("gguf", True); "int4" -> ("int4", False)."""
+    if method.endswith(INT8_ACT_METHOD_SUFFIX):
+        return method[: -len(INT8_ACT_METHOD_SUFFIX)], True
+    return method, False
+
 
 
 def resolve_quantization(method: str, *, is_gguf: bool, device: str, dtype: str) -> str:
@@ -41,14 +61,17 @@ def resolve_quantization(method: str, *, is_gguf: bool, device: str, dtype: str)
     runs_here = device == "cpu" and dtype == "float32"
     if method == "auto":
         if is_gguf and runs_here:
+            if AUTO_INT8_ACTIVATIONS and has_int8_simd_kernels():
+                return "gguf" + INT8_ACT_METHOD_SUFFIX
             if has_avx512_kernels():
                 return "gguf"
-            reason = kernel_build_error() or "no AVX-512 on this CPU (the portable kernels are slower than float32)"
+            reason = kernel_build_error() or ("no AVX-512 on this CPU (the portable kernels are slower than float32; "
+                                              "--quantization gguf-int8act runs integer AVX2 kernels)")
             print(f"inferd: keeping the GGUF's blocks needs inferd's AVX-512 kernels; using float32 weights: {reason}",
                   file=sys.stderr)
         return "none"
-    if method == "gguf" and not is_gguf:
-        raise ValueError("quantization 'gguf' needs a .gguf model file; use int8 or int4 for other checkpoints")
+    if split_quantization(method)[0] == "gguf" and not is_gguf:
+        raise ValueError(f"quantization {method!r} needs a .gguf model file; use int8 or int4 for other checkpoints")
     if not runs_here:
         raise ValueError(f"quantization {method!r} runs on CPU in float32 only (got device {device}, dtype {dtype})")
     if not cpu_kernels_available():
@@ -66,10 +89,12 @@ def plan_quantization(
 
     linears: module path -> ([out_features, in_features], the checkpoint tensor names that fill it); the output
     projection's path is "lm_head". source_kinds (gguf): checkpoint tensor name -> its block kind or None.
-    A layer is quantized only when its shape fits the kernels and, for gguf, all its tensors share one kind."""
+    A layer is quantized only when its shape fits the kernels and, for gguf, all its tensors share one kind.
+    For a -int8act method every kind carries QuantLinear's int8-activation suffix ("q4+a8")."""
     plan: dict[str, str] = {}
     if method == "none":
         return plan
+    method, int8_activations = split_quantization(method)
     for path, (shape, sources) in linears.items():
         if not can_quantize(shape):
             continue
@@ -83,4 +108,6 @@ def plan_quantization(
             plan[path] = "q8" if path == "lm_head" else "q4"
         else:
             raise ValueError(f"no quantization plan for method {method!r}")
+    if int8_activations:
+        plan = {path: kind + INT8_ACTIVATIONS_SUFFIX for path, kind in plan.items()}
     return plan

@@ -4,7 +4,8 @@
 - GGUF Q4_0 / Q4_1 / Q8_0 tensors, bit-exact (`from_gguf`): the file's own weights, not a re-quantization;
 - float weights quantized at load (`quantize`, for `--quantization int8|int4`): int8 as Q8_0 (symmetric,
   scale = absmax / 127), int4 as Q4_1 (asymmetric, scale = (max - min) / 15, min kept).
-`pack` turns it into the tile-interleaved layout the CPU kernels read (see csrc/cpu_quant_linear.cpp).
+`pack` turns it into the tile-interleaved layout the float-activation CPU kernels read (csrc/cpu_quant_linear.cpp),
+`pack_a8` into the one the int8-activation kernels read (csrc/cpu_int8_linear.cpp); `unpack_a8` inverts it.
 `dequantize` is the float32 reference both the kernels and the tests compare against.
 """
 
@@ -127,3 +128,45 @@ def pack(bq: BlockQuantized) -> dict[str, torch.Tensor]:
     else:
         out["qs"] = tiles(bq.q.to(torch.int8))
     return out
+
+
+def pack_a8(bq: BlockQuantized) -> dict[str, torch.Tensor]:
+    """Layout of the int8-activation kernels: {"qs", "scales"[, "mins"]}; output rows in tiles of 16 with 4
+    consecutive k of a row in one dword: q4 qs uint8 [N/16, K/8, 64] (low nibbles k 8g..8g+3, high nibbles
+    8g+4..8g+7), q8 qs int8 [N/16, K/4, 64]; scales and mins float16 [N/16, K/32, 16] as in `pack`."""
+    n, k = bq.shape
+    if not can_quantize((n, k)):
+        raise ValueError(f"weight [{n}, {k}] cannot be packed: N must be a multiple of {TILE_ROWS}, K of {BLOCK_SIZE}")
+    t = n // TILE_ROWS
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N/16, C, 16]
+        return x.reshape(t, TILE_ROWS, x.shape[-1]).transpose(1, 2).contiguous()
+
+    out = {"scales": tiles(_as_f16_exactly(bq.scales, "scales"))}
+    if bq.kind == "q4":
+        q = bq.q.to(torch.uint8).view(t, TILE_ROWS, k // 8, 2, 4)  # [T, j, g, half, i], k = 8g + 4 half + i
+        nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [T, j, g, i]
+        out["qs"] = nibbles.permute(0, 2, 1, 3).reshape(t, k // 8, 64).contiguous()
+        out["mins"] = tiles(_as_f16_exactly(bq.mins, "mins"))
+    else:
+        q = bq.q.to(torch.int8).view(t, TILE_ROWS, k // 4, 4)  # [T, j, g, i], k = 4g + i
+        out["qs"] = q.permute(0, 2, 1, 3).reshape(t, k // 4, 64).contiguous()
+    return out
+
+
+def unpack_a8(kind: str, packed: dict[str, torch.Tensor]) -> BlockQuantized:
+    """The inverse of `pack_a8`: BlockQuantized with float32 scales and mins."""
+    qs = packed["qs"]
+    t = qs.shape[0]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [N/16, C, 16] -> [N, C] float32
+        return x.transpose(1, 2).reshape(t * TILE_ROWS, x.shape[1]).to(torch.float32)
+
+    if kind == "q4":
+        k = qs.shape[1] * 8
+        b = qs.view(t, k // 8, TILE_ROWS, 4).permute(0, 2, 1, 3)  # [T, j, g, i]
+        q = torch.stack([b & 0x0F, b >> 4], dim=3).reshape(t * TILE_ROWS, k)  # [T, j, g, half, i]
+        return BlockQuantized("q4", q.contiguous(), rows(packed["scales"]), rows(packed["mins"]))
+    k = qs.shape[1] * 4
+    q = qs.view(t, k // 4, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(t * TILE_ROWS, k)
+    return BlockQuantized("q8", q.contiguous(), rows(packed["scales"]), None)

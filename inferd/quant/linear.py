@@ -1,4 +1,6 @@
-"""Layer 2: QuantLinear, a Linear whose weight is block-quantized (q4 or q8, see formats.py).
+"""Layer 2: QuantLinear, a Linear whose weight is block-quantized (q4 or q8, see formats.py), with float32
+activations (the exact reference kernels) or int8 activations (each row quantized per block of 32 inside the
+kernel, integer dot products: csrc/cpu_int8_linear.cpp).
 
 Loading fills a row-major staging copy shard by shard (stacked projections such as qkv arrive as three
 tensors); `finalize()` packs it into the kernels' tile layout and drops the staging copy.
@@ -12,17 +14,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inferd.quant.formats import BLOCK_SIZE, BlockQuantized, pack, quantize
+from inferd.quant.formats import BLOCK_SIZE, BlockQuantized, pack, pack_a8, quantize, unpack_a8
+
+INT8_ACTIVATIONS_SUFFIX = "+a8"  # a plan's kind "q4+a8": q4 weights, int8 activations
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, kind: str, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, kind: str, bias: bool,
+                 int8_activations: bool = False) -> None:
+        """kind: "q4" | "q8", or with INT8_ACTIVATIONS_SUFFIX ("q4+a8"), as plan_quantization gives it, for
+        int8_activations=True."""
         super().__init__()
+        if kind.endswith(INT8_ACTIVATIONS_SUFFIX):
+            kind, int8_activations = kind[: -len(INT8_ACTIVATIONS_SUFFIX)], True
         if kind not in ("q4", "q8"):
             raise ValueError(f"QuantLinear kind must be q4 or q8, got {kind!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.kind = kind
+        self.int8_activations = int8_activations
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._staging: BlockQuantized | None = None
         # Packed tensors (buffers, set by finalize): qs, scales and, for q4, mins.
@@ -33,7 +43,9 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+        activations = "int8" if self.int8_activations else "float32"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
+                f"activations={activations}")
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load_rows(self, row_offset: int, weight: torch.Tensor | BlockQuantized) -> None:
@@ -65,7 +77,8 @@ class QuantLinear(nn.Module):
     def finalize(self) -> None:
         if self._staging is None:
             raise ValueError("QuantLinear.finalize before any weight rows were loaded")
-        for name, tensor in pack(self._staging).items():
+        packed = pack_a8(self._staging) if self.int8_activations else pack(self._staging)
+        for name, tensor in packed.items():
             setattr(self, name, tensor)
         self._staging = None
         self._refresh_kernel_args()
@@ -74,7 +87,11 @@ class QuantLinear(nn.Module):
         # The kernel's tensor arguments as one plain attribute: buffers go through nn.Module.__getattr__, about a
         # microsecond each, ~500 times a decode step.
         self._kernel_args = (self.qs, self.scales) if self.kind == "q8" else (self.qs, self.scales, self.mins)
-        self._kernel = torch.ops.inferd.q8_linear if self.kind == "q8" else torch.ops.inferd.q4_linear
+        ops = torch.ops.inferd
+        if self.int8_activations:
+            self._kernel = ops.q8_a8_linear if self.kind == "q8" else ops.q4_a8_linear
+        else:
+            self._kernel = ops.q8_linear if self.kind == "q8" else ops.q4_linear
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / ...: keep the plain attribute on the new buffers
         result = super()._apply(fn, recurse)
@@ -88,6 +105,9 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out_features, in_features] (a transposed view of a contiguous [in, out] matrix, which GEMMs
         take as is), bit-exact to formats.BlockQuantized.dequantize."""
+        if self.int8_activations:
+            packed = {"qs": self.qs, "scales": self.scales, "mins": self.mins}
+            return unpack_a8(self.kind, packed).dequantize().t().contiguous().t()
         if self.kind == "q4":
             return torch.ops.inferd.q4_dequantize_t(self.qs, self.scales, self.mins).t()
         return torch.ops.inferd.q8_dequantize_t(self.qs, self.scales).t()

@@ -1,0 +1,411 @@
+// inferd CPU kernels with int8 activations: y = x @ W^T for block-quantized W (Q4_0 / Q4_1 as "q4",
+// Q8_0 as "q8"; see cpu_quant_linear.cpp for the float-activation reference kernels).
+//
+// Each activation row is quantized per block of 32 values, as llama.cpp's q8_0 / q8_1 activations:
+//   d = max|x| / 127, q = round_half_even(x / d) in -127..127 (x * (1 / d), float32), dsum = d * sum(q).
+// A block's contribution to an output is then integer work plus two float multiply-adds:
+//   q4 (w = s * u + min, u in 0..15):   s * d * sum(u * q)  + min * dsum
+//   q8 (w = s * v, v in -127..127):     s * d * sum(v * q)
+// The integer dot products run as u8 x s8 -> int32 sums of 4 (vpdpbusd with VNNI, vpmaddubsw + vpmaddwd
+// without); signed q8 weights are made unsigned by adding 128 under VNNI (the extra 128 * sum(q) is removed
+// through the min term, min = -128 s) or take the sign trick (|v| times q with v's sign) otherwise.
+//
+// Packed layout (output rows in tiles of 16, like the float kernels, but 4 consecutive k per row in one dword so
+// that one int32 lane accumulates one output row):
+//   q4: qs uint8 [N/16, K/8, 64]: byte [t, g, 4j + i] = u[16t+j, 8g+i] | u[16t+j, 8g+4+i] << 4   (i in 0..3)
+//   q8: qs int8  [N/16, K/4, 64]: byte [t, g, 4j + i] = v[16t+j, 4g+i]
+//   scales, mins: float16 [N/16, K/32, 16], as the float kernels.
+//
+// Code paths, chosen at run time (one build carries all the x86 ones through per-region target pragmas):
+// avx512-vnni, avx512 (BW), avx2-vnni (AVX-VNNI), avx2, portable. The default is the best the CPU has;
+// INFERD_INT8_KERNEL=<path> or the a8_kernel_path op forces one (tests run every path a machine can).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define INFERD_A8_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+enum class Format { kQ4, kQ8 };
+using Half = c10::Half;
+
+struct A8Packed {
+  const uint8_t* qs;
+  const Half* scales;
+  const Half* mins;  // nullptr for q8
+  int64_t K;
+  int64_t qs_tile_bytes() const { return mins ? K / 2 * 16 : K * 16; }
+  int64_t scale_tile_count() const { return K / kBlock * 16; }
+};
+
+// Quantized activations: q int8 [M, K], d and dsum float32 [M, K/32].
+struct A8Rows {
+  const int8_t* q;
+  const float* d;
+  const float* dsum;
+};
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* dsum) {
+  const int64_t num_blocks = K / kBlock;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        const float* xb = x + m * K + b * kBlock;
+        float amax = 0.f;
+        for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+        const float scale = amax / 127.f;
+        const float inv = scale != 0.f ? 1.f / scale : 0.f;
+        int8_t* qb = q + m * K + b * kBlock;
+        int32_t sum = 0;
+        for (int k = 0; k < kBlock; ++k) {
+          const int32_t v = std::min(127, std::max(-127, static_cast<int32_t>(std::nearbyint(xb[k] * inv))));
+          qb[k] = static_cast<int8_t>(v);
+          sum += v;
+        }
+        d[m * num_blocks + b] = scale;
+        dsum[m * num_blocks + b] = scale * static_cast<float>(sum);
+      }
+    }
+  });
+}
+
+// ---- portable path ------------------------------------------------------------------------------------------
+
+template <Format F>
+void portable_tiles(const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, int64_t t1, float* y, int64_t N) {
+  const int64_t K = w.K, num_blocks = K / kBlock;
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* qt = w.qs + t * w.qs_tile_bytes();
+    for (int64_t m = 0; m < M; ++m) {
+      for (int j = 0; j < 16; ++j) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < num_blocks; ++b) {
+          const int8_t* xb = x.q + m * K + b * kBlock;
+          int32_t dot = 0;
+          if constexpr (F == Format::kQ4) {
+            for (int g = 0; g < 4; ++g)
+              for (int i = 0; i < 4; ++i) {
+                const uint8_t byte = qt[(b * 4 + g) * 64 + 4 * j + i];
+                dot += (byte & 0x0F) * xb[8 * g + i] + (byte >> 4) * xb[8 * g + 4 + i];
+              }
+          } else {
+            for (int g = 0; g < 8; ++g)
+              for (int i = 0; i < 4; ++i)
+                dot += static_cast<int8_t>(qt[(b * 8 + g) * 64 + 4 * j + i]) * xb[4 * g + i];
+          }
+          const int64_t si = t * w.scale_tile_count() + b * 16 + j;
+          const int64_t xi = m * num_blocks + b;
+          acc = std::fma(static_cast<float>(dot), static_cast<float>(w.scales[si]) * x.d[xi], acc);
+          if constexpr (F == Format::kQ4) acc = std::fma(static_cast<float>(w.mins[si]), x.dsum[xi], acc);
+        }
+        y[m * N + t * 16 + j] = acc;
+      }
+    }
+  }
+}
+
+void portable_run_tiles(bool is_q4, const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, int64_t t1, float* y,
+                        int64_t N) {
+  if (is_q4) portable_tiles<Format::kQ4>(x, M, w, t0, t1, y, N);
+  else portable_tiles<Format::kQ8>(x, M, w, t0, t1, y, N);
+}
+
+#if defined(INFERD_A8_X86)
+// ---- AVX-512: VNNI and BW-only ---------------------------------------------------------------------------------
+#define INFERD_A8_AVX512_COMMON                                                                                    \
+  constexpr int kLanes = 16, kMaxRows = 4, kGroupTiles = 2;                                                        \
+  using VI = __m512i;                                                                                              \
+  using VF = __m512;                                                                                               \
+  inline VI load_i(const uint8_t* p) { return _mm512_loadu_si512(p); }                                             \
+  inline VI bcast4(const int8_t* p) {                                                                              \
+    int32_t v;                                                                                                     \
+    std::memcpy(&v, p, 4);                                                                                         \
+    return _mm512_set1_epi32(v);                                                                                   \
+  }                                                                                                                \
+  inline VI nib_lo(VI v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }                                  \
+  inline VI nib_hi(VI v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }             \
+  inline VI zero_i() { return _mm512_setzero_si512(); }                                                            \
+  inline VF zero_f() { return _mm512_setzero_ps(); }                                                               \
+  inline VF load_h(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); } \
+  inline VF set1_f(float v) { return _mm512_set1_ps(v); }                                                          \
+  inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }                                           \
+  inline VF mul_f(VF a, VF b) { return _mm512_mul_ps(a, b); }                                                      \
+  inline VF cvt_i2f(VI v) { return _mm512_cvtepi32_ps(v); }                                                        \
+  inline void store_f(float* p, VF v) { _mm512_storeu_ps(p, v); }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+namespace avx512_vnni {
+INFERD_A8_AVX512_COMMON
+inline VI dot4(VI acc, VI u, VI s) { return _mm512_dpbusd_epi32(acc, u, s); }
+struct Q8W {
+  VI u;
+};
+inline Q8W q8_prep(VI v) { return {_mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)))}; }
+inline VI q8_dot(VI acc, Q8W w, VI x) { return dot4(acc, w.u, x); }
+constexpr float kQ8MinScale = -128.f;
+#include "int8_tiles.inc"
+}  // namespace avx512_vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+namespace avx512_bw {
+INFERD_A8_AVX512_COMMON
+inline VI dot4(VI acc, VI u, VI s) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+struct Q8W {
+  VI magnitude;
+  __mmask64 negative;
+};
+inline Q8W q8_prep(VI v) { return {_mm512_abs_epi8(v), _mm512_movepi8_mask(v)}; }
+inline VI q8_dot(VI acc, Q8W w, VI x) {
+  return dot4(acc, w.magnitude, _mm512_mask_sub_epi8(x, w.negative, _mm512_setzero_si512(), x));
+}
+constexpr float kQ8MinScale = 0.f;
+#include "int8_tiles.inc"
+}  // namespace avx512_bw
+#pragma GCC pop_options
+
+// ---- AVX2: with AVX-VNNI and without --------------------------------------------------------------------------
+#define INFERD_A8_AVX2_COMMON                                                                                      \
+  constexpr int kLanes = 8, kMaxRows = 2, kGroupTiles = 1;                                                         \
+  using VI = __m256i;                                                                                              \
+  using VF = __m256;                                                                                               \
+  inline VI load_i(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }           \
+  inline VI bcast4(const int8_t* p) {                                                                              \
+    int32_t v;                                                                                                     \
+    std::memcpy(&v, p, 4);                                                                                         \
+    return _mm256_set1_epi32(v);                                                                                   \
+  }                                                                                                                \
+  inline VI nib_lo(VI v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }                                   \
+  inline VI nib_hi(VI v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }             \
+  inline VI zero_i() { return _mm256_setzero_si256(); }                                                            \
+  inline VF zero_f() { return _mm256_setzero_ps(); }                                                               \
+  inline VF load_h(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); } \
+  inline VF set1_f(float v) { return _mm256_set1_ps(v); }                                                          \
+  inline VF fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }                                           \
+  inline VF mul_f(VF a, VF b) { return _mm256_mul_ps(a, b); }                                                      \
+  inline VF cvt_i2f(VI v) { return _mm256_cvtepi32_ps(v); }                                                        \
+  inline void store_f(float* p, VF v) { _mm256_storeu_ps(p, v); }
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace avx2_vnni {
+INFERD_A8_AVX2_COMMON
+inline VI dot4(VI acc, VI u, VI s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+struct Q8W {
+  VI u;
+};
+inline Q8W q8_prep(VI v) { return {_mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)))}; }
+inline VI q8_dot(VI acc, Q8W w, VI x) { return dot4(acc, w.u, x); }
+constexpr float kQ8MinScale = -128.f;
+#include "int8_tiles.inc"
+}  // namespace avx2_vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+INFERD_A8_AVX2_COMMON
+inline VI dot4(VI acc, VI u, VI s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+struct Q8W {
+  VI magnitude;
+  VI sign;
+};
+inline Q8W q8_prep(VI v) { return {_mm256_abs_epi8(v), v}; }
+inline VI q8_dot(VI acc, Q8W w, VI x) { return dot4(acc, w.magnitude, _mm256_sign_epi8(x, w.sign)); }
+constexpr float kQ8MinScale = 0.f;
+#include "int8_tiles.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // INFERD_A8_X86
+
+// ---- run-time choice of the path ----------------------------------------------------------------------------
+
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512 = 3, kAvx512Vnni = 4, kNumPaths = 5 };
+const char* const kPathNames[kNumPaths] = {"portable", "avx2", "avx2-vnni", "avx512", "avx512-vnni"};
+
+bool cpu_runs(int path) {
+  if (path == kPortable) return true;
+#if defined(INFERD_A8_X86)
+  __builtin_cpu_init();
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  switch (path) {
+    case kAvx2: return avx2;
+    case kAvx2Vnni: {
+      // AVX-VNNI: CPUID.(EAX=7, ECX=1):EAX bit 4 (the OS saves ymm state when AVX2 is reported usable).
+      const bool vnni = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+      return avx2 && vnni;
+    }
+    case kAvx512: return avx512;
+    case kAvx512Vnni: return avx512 && __builtin_cpu_supports("avx512vnni");
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
+int path_by_name(const std::string& name) {
+  for (int p = 0; p < kNumPaths; ++p)
+    if (name == kPathNames[p]) return p;
+  TORCH_CHECK(false, "inferd int8 kernels: unknown path '", name,
+              "' (one of auto, avx512-vnni, avx512, avx2-vnni, avx2, portable)");
+  return kPortable;
+}
+
+int best_path() {
+  for (int p = kNumPaths - 1; p > 0; --p)
+    if (cpu_runs(p)) return p;
+  return kPortable;
+}
+
+std::atomic<int> g_path{-1};
+
+int set_path(const std::string& name) {
+  const int p = name == "auto" ? best_path() : path_by_name(name);
+  TORCH_CHECK(cpu_runs(p), "inferd int8 kernels: this CPU cannot run the '", name, "' path");
+  g_path.store(p);
+  return p;
+}
+
+int current_path() {
+  int p = g_path.load();
+  if (p < 0) {
+    const char* env = std::getenv("INFERD_INT8_KERNEL");
+    p = set_path(env && *env ? env : "auto");
+  }
+  return p;
+}
+
+// ---- ops ----------------------------------------------------------------------------------------------------
+
+A8Packed check_a8_packed(bool is_q4, const at::Tensor& qs, const at::Tensor& scales,
+                         const c10::optional<at::Tensor>& mins, int64_t K) {
+  TORCH_CHECK(qs.device().is_cpu() && scales.device().is_cpu(), "inferd int8 linear: CPU tensors only");
+  TORCH_CHECK(K % kBlock == 0, "inferd int8 linear: input features must be a multiple of 32, got ", K);
+  const int64_t num_tiles = qs.size(0);
+  TORCH_CHECK(qs.is_contiguous() && qs.dim() == 3 && qs.size(2) == 64 && qs.size(1) == (is_q4 ? K / 8 : K / 4) &&
+                  qs.scalar_type() == (is_q4 ? at::kByte : at::kChar),
+              is_q4 ? "q4 a8: qs must be contiguous uint8 [N/16, K/8, 64]" : "q8 a8: qs must be contiguous int8 [N/16, K/4, 64]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({num_tiles, K / kBlock, 16}),
+              "scales must be contiguous float16 [N/16, K/32, 16]");
+  A8Packed w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<Half>(), nullptr, K};
+  if (is_q4) {
+    TORCH_CHECK(mins.has_value() && mins->sizes() == scales.sizes() && mins->scalar_type() == at::kHalf &&
+                    mins->is_contiguous(), "q4 a8: mins must be contiguous float16 [N/16, K/32, 16]");
+    w.mins = mins->data_ptr<Half>();
+  }
+  return w;
+}
+
+at::Tensor a8_linear(bool is_q4, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& mins) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "inferd int8 linear: x must be CPU float32");
+  const int64_t K = x_in.size(-1);
+  const A8Packed w = check_a8_packed(is_q4, qs, scales, mins, K);
+  const int64_t num_tiles = qs.size(0);
+  const int64_t N = num_tiles * 16;
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y.view(out_shape);
+
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xd(M * (K / kBlock)), xdsum(M * (K / kBlock));
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xdsum.data());
+  const A8Rows rows{xq.data(), xd.data(), xdsum.data()};
+  float* yp = y.data_ptr<float>();
+  const int path = current_path();
+  // Grain in tile pairs, so that pairs never straddle two threads.
+  at::parallel_for(0, (num_tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+    const int64_t t0 = 2 * p0, t1 = std::min(num_tiles, 2 * p1);
+    switch (path) {
+#if defined(INFERD_A8_X86)
+      case kAvx512Vnni: avx512_vnni::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
+      case kAvx512: avx512_bw::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
+      case kAvx2Vnni: avx2_vnni::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
+      case kAvx2: avx2::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
+#endif
+      default: portable_run_tiles(is_q4, rows, M, w, t0, t1, yp, N);
+    }
+  });
+  return y.view(out_shape);
+}
+
+at::Tensor q4_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins) {
+  return a8_linear(true, x, qs, scales, mins);
+}
+at::Tensor q8_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales) {
+  return a8_linear(false, x, qs, scales, c10::nullopt);
+}
+
+// x float32 [M, K] -> (q int8 [M, K], d float32 [M, K/32], dsum float32 [M, K/32]): the kernels' own activation
+// quantization, for tests.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> a8_quantize_rows(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
+              "a8_quantize_rows: x must be CPU float32 [M, K]");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % kBlock == 0, "a8_quantize_rows: K must be a multiple of 32");
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, K / kBlock}, x.options());
+  at::Tensor dsum = at::empty({M, K / kBlock}, x.options());
+  quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), d.data_ptr<float>(), dsum.data_ptr<float>());
+  return {q, d, dsum};
+}
+
+// "" -> the current path; a path name (or "auto") -> switch to it and return it.
+std::string a8_kernel_path(const std::string& name) {
+  return kPathNames[name.empty() ? current_path() : set_path(name)];
+}
+
+std::vector<std::string> a8_kernel_paths() {
+  std::vector<std::string> out;
+  for (int p = kNumPaths - 1; p >= 0; --p)
+    if (cpu_runs(p)) out.emplace_back(kPathNames[p]);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(inferd, m) {
+  m.def("q4_a8_linear(Tensor x, Tensor qs, Tensor scales, Tensor mins) -> Tensor");
+  m.def("q8_a8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
+  m.def("a8_quantize_rows(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("a8_kernel_path(str name) -> str", &a8_kernel_path);
+  m.def("a8_kernel_paths() -> str[]", &a8_kernel_paths);
+}
+
+TORCH_LIBRARY_IMPL(inferd, CPU, m) {
+  m.impl("q4_a8_linear", &q4_a8_linear);
+  m.impl("q8_a8_linear", &q8_a8_linear);
+  m.impl("a8_quantize_rows", &a8_quantize_rows);
+}
