@@ -13,8 +13,8 @@ import hashlib
 import os
 import platform
 import sys
-import time
 import threading
+import time
 
 import torch
 
