@@ -13,12 +13,16 @@ stamp=".venv/.inferd-installed${extra:+-$extra}"
 # Reinstall only when the project's dependency list changed since the last install.
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+  # Quiet on success: pip's and the build backend's output goes to a log that is shown only if a step fails.
+  log="$(mktemp)"
+  trap 'rm -f "$log"' EXIT
+  quietly() { "$@" >>"$log" 2>&1 || { cat "$log" >&2; echo "setup: failed: $*" >&2; exit 1; }; }
   # torch first, pinned to the CPU wheel these machines carry; the project's range admits it.
-  .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>/dev/null || .venv/bin/python -m pip install --quiet "torch>=2.4,<2.14"
+  .venv/bin/python -m pip install --quiet "torch==2.13.0" >>"$log" 2>&1 || quietly .venv/bin/python -m pip install --quiet "torch>=2.4,<2.14"
   if [ -n "$extra" ]; then
-    .venv/bin/python -m pip install --quiet -e ".[$extra]"
+    quietly .venv/bin/python -m pip install --quiet -e ".[$extra]"
   else
-    .venv/bin/python -m pip install --quiet -e .
+    quietly .venv/bin/python -m pip install --quiet -e .
   fi
   touch "$stamp"
 fi
