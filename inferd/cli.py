@@ -5,6 +5,7 @@
   inferd chat --model M                          interactive terminal chat, streamed
   inferd serve [...]                             OpenAI-compatible HTTP server
   inferd bench serve|plot [...]                  serving benchmark for any OpenAI-compatible server
+  inferd collections create|load|query|list|delete   vector collections on a running server
 
 Imports are lazy per command: `inferd bench` must run without torch installed.
 """
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser(sub)
     except ImportError as exc:
         _add_unavailable(sub, "serve", exc)
+    from inferd.collections.commands import add_collections_parser
+
+    add_collections_parser(sub)
     try:
         from inferd.bench.serve import add_bench_parser
 

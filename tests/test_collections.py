@@ -331,3 +331,12 @@ def test_kill_9_keeps_every_acknowledged_write(tmp_path):
                 col.get(item_id)
         col.close()
     assert len(acked) > 50
+
+
+def test_usearch_is_imported_in_one_module_lazily():
+    importers = [p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "inferd").rglob("*.py")
+                 if "usearch" in p.read_text() and ("import usearch" in p.read_text() or "from usearch" in p.read_text())]
+    assert importers == ["inferd/collections/index.py"]
+    code = "import sys, inferd.collections, inferd.collections.client; assert 'usearch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})

@@ -1,0 +1,222 @@
+"""Layer 5: the collections API (similarity search over persistent vector collections).
+
+    POST   /v1/collections                      {"name", "model" | "dimension", "metric"}     -> collection
+    GET    /v1/collections                      -> {"object": "list", "data": [collection, ...]}
+    GET    /v1/collections/{name}               -> collection (count, dimension, index kind, bytes)
+    DELETE /v1/collections/{name}               -> {"name", "deleted": true}
+    POST   /v1/collections/{name}/items         {"items": [{"id", "text" | "vector", "metadata"}]} -> {"upserted", "count"}
+    GET    /v1/collections/{name}/items/{id}    -> {"id", "metadata", "text"?, "vector"}
+    DELETE /v1/collections/{name}/items/{id}    -> {"id", "deleted": true}
+    POST   /v1/collections/{name}/query         {"text" | "vector" | "id", "k", "filter", "exclude"}
+                                                -> {"results": [{"id", "score", "metadata"}]} best first
+
+The store (every collection under $INFERD_HOME/collections) opens in this router's lifespan, so a restarted
+server answers with every collection it acknowledged writes to. Text is embedded by the collection's model,
+served by this same server (`state.get_model(model, ModelKind.EMBED)`). Collection work runs on worker threads:
+an upsert returns after its log record is fsync'd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from inferd.collections import Collection, CollectionError, CollectionStore, Item
+from inferd.collections.collection import MAX_K
+from inferd.serving import ModelKind
+from inferd.server.errors import APIError, bad_request
+
+logger = logging.getLogger("inferd.server")
+
+MAX_ITEMS_PER_REQUEST = 10_000
+MAX_TEXT_CHARS = 100_000
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if getattr(app.state, "collections", None) is None:
+        app.state.collections = await asyncio.to_thread(CollectionStore)
+        logger.info("collections: %d loaded from %s", len(app.state.collections.list()), app.state.collections.root)
+    try:
+        yield
+    finally:
+        app.state.collections.close()
+
+
+router = APIRouter(lifespan=lifespan)
+
+
+# ---------------------------------------------------------------------------------------------------- bodies
+class CreateCollectionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model: str | None = None
+    dimension: int | None = None
+    metric: str = "cosine"
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    text: str | None = None
+    vector: list[float] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class UpsertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[ItemIn] = Field(max_length=MAX_ITEMS_PER_REQUEST)
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    vector: list[float] | None = None
+    id: str | None = None
+    k: int = 10
+    filter: dict[str, Any] | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _store(request: Request) -> CollectionStore:
+    return request.app.state.collections
+
+
+def _api_error(exc: CollectionError) -> APIError:
+    code = {404: "not_found", 409: "already_exists"}.get(exc.status_code, "invalid_value")
+    return APIError(exc.status_code, exc.message, param=exc.param, code=code)
+
+
+async def _call(fn, *args, **kwargs):
+    """Run collection work on a worker thread; its errors become OpenAI-shaped API errors."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except CollectionError as exc:
+        raise _api_error(exc) from None
+
+
+def _collection(request: Request, name: str) -> Collection:
+    try:
+        return _store(request).get(name)
+    except CollectionError as exc:
+        raise _api_error(exc) from None
+
+
+def _embed_engine(request: Request, collection: Collection, param: str):
+    if collection.config.model is None:
+        raise bad_request(f"{param}: collection {collection.name!r} has no embedding model (it was created with a "
+                          "dimension): send vectors", param)
+    state = request.app.state.inferd
+    return state.get_model(collection.config.model, ModelKind.EMBED).engine
+
+
+async def embed_texts(engine: Any, texts: Sequence[str]) -> np.ndarray:
+    """[n, dim] float32 through an embedding engine (AsyncEmbedEngine): tokenize, truncate, embed."""
+    token_id_lists = []
+    for text in texts:
+        ids = engine.tokenizer.encode(text)
+        token_id_lists.append(list(ids[: engine.max_seq_length]))
+    return np.asarray(await engine.embed(token_id_lists), dtype=np.float32)
+
+
+def _describe(collection: Collection) -> dict[str, Any]:
+    return {"object": "collection", **collection.describe()}
+
+
+# ---------------------------------------------------------------------------------------------------- routes
+@router.post("/v1/collections")
+async def create_collection(request: Request, body: CreateCollectionRequest) -> dict[str, Any]:
+    dimension = body.dimension
+    if body.model is None and dimension is None:
+        raise bad_request("give a model (embedding model served here, for text) or a dimension (raw vectors)",
+                          "model")
+    if body.model is not None:
+        engine = request.app.state.inferd.get_model(body.model, ModelKind.EMBED).engine
+        model_dimension = int(engine.dimension)
+        if dimension is not None and dimension != model_dimension:
+            raise bad_request(f"dimension: {dimension} differs from model {body.model!r}'s {model_dimension}; "
+                              "leave it out", "dimension")
+        dimension = model_dimension
+    collection = await _call(_store(request).create, body.name, dimension=dimension, metric=body.metric,
+                             model=body.model)
+    return _describe(collection)
+
+
+@router.get("/v1/collections")
+async def list_collections(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_describe(c) for c in _store(request).list()]}
+
+
+@router.get("/v1/collections/{name}")
+async def describe_collection(request: Request, name: str) -> dict[str, Any]:
+    return _describe(_collection(request, name))
+
+
+@router.delete("/v1/collections/{name}")
+async def delete_collection(request: Request, name: str) -> dict[str, Any]:
+    await _call(_store(request).delete, name)
+    return {"object": "collection.deleted", "name": name, "deleted": True}
+
+
+@router.post("/v1/collections/{name}/items")
+async def upsert_items(request: Request, name: str, body: UpsertRequest) -> dict[str, Any]:
+    collection = _collection(request, name)
+    if not body.items:
+        raise bad_request("items must hold at least one item", "items")
+    text_positions = []
+    for i, item in enumerate(body.items):
+        if item.vector is None and item.text is None:
+            raise bad_request(f"items[{i}]: give a text or a vector", f"items[{i}]")
+        if item.text is not None and len(item.text) > MAX_TEXT_CHARS:
+            raise bad_request(f"items[{i}].text: longer than {MAX_TEXT_CHARS} characters", f"items[{i}].text")
+        if item.vector is None:
+            text_positions.append(i)
+    vectors: list[Any] = [item.vector for item in body.items]
+    if text_positions:
+        engine = _embed_engine(request, collection, f"items[{text_positions[0]}].text")
+        embedded = await embed_texts(engine, [body.items[i].text for i in text_positions])
+        for i, row in zip(text_positions, embedded):
+            vectors[i] = row
+    items = [Item(id=it.id, vector=v, metadata=it.metadata, text=it.text) for it, v in zip(body.items, vectors)]
+    num_upserted = await _call(collection.upsert, items)
+    return {"object": "collection.upsert", "upserted": num_upserted, "count": len(collection)}
+
+
+@router.get("/v1/collections/{name}/items/{item_id}")
+async def get_item(request: Request, name: str, item_id: str) -> dict[str, Any]:
+    collection = _collection(request, name)
+    return {"object": "collection.item", **await _call(collection.get, item_id)}
+
+
+@router.delete("/v1/collections/{name}/items/{item_id}")
+async def delete_item(request: Request, name: str, item_id: str) -> dict[str, Any]:
+    collection = _collection(request, name)
+    if await _call(collection.delete, [item_id]) == 0:
+        raise APIError(404, f"no item {item_id!r} in collection {name!r}", param="id", code="not_found")
+    return {"object": "collection.item.deleted", "id": item_id, "deleted": True}
+
+
+@router.post("/v1/collections/{name}/query")
+async def query(request: Request, name: str, body: QueryRequest) -> dict[str, Any]:
+    collection = _collection(request, name)
+    given = [f for f in ("text", "vector", "id") if getattr(body, f) is not None]
+    if len(given) != 1:
+        raise bad_request(f"give exactly one of text, vector and id (got {given or 'none'})", "text")
+    if not 1 <= body.k <= MAX_K:
+        raise bad_request(f"k must be from 1 to {MAX_K}, got {body.k}", "k")
+    vector = body.vector
+    if body.text is not None:
+        if len(body.text) > MAX_TEXT_CHARS:
+            raise bad_request(f"text: longer than {MAX_TEXT_CHARS} characters", "text")
+        vector = (await embed_texts(_embed_engine(request, collection, "text"), [body.text]))[0]
+    results = await _call(collection.query, vector, id=body.id, k=body.k, filter=body.filter, exclude=body.exclude)
+    return {"object": "list",
+            "results": [{"id": r.id, "score": r.score, "metadata": r.metadata} for r in results]}
