@@ -80,6 +80,9 @@ class ConflictError(CollectionError):
 
 
 def collections_root() -> Path:
+    """$INFERD_COLLECTIONS_DIR if set, else $INFERD_HOME/collections (INFERD_HOME defaults to ~/.cache/inferd)."""
+    if os.environ.get("INFERD_COLLECTIONS_DIR"):
+        return Path(os.environ["INFERD_COLLECTIONS_DIR"]).expanduser()
     home = os.environ.get("INFERD_HOME") or Path.home() / ".cache" / "inferd"
     return Path(home).expanduser() / "collections"
 
