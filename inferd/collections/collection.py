@@ -12,12 +12,20 @@ memory or return, so an acknowledged write survives `kill -9`. Compaction writes
 directory, fsyncs it, renames it into place, starts wal-(G+1).log and only then removes generation G; a crash
 at any point leaves either G (+ its log) or G+1 complete, and loading picks the newest complete snapshot.
 
-Index: exact search (numpy) until a collection holds more than `exact_max_vectors` vectors, then an HNSW graph
-(usearch); the crossover was measured by `benchmarks/vector_index.py --crossover`. Filtered queries are answered
-exactly over the keys that match the filter when there are few of them, else by the graph with oversampling
-(falling back to exact when the graph returns too few matches).
+Index: two parts, both searched by every query and merged by score.
+  - `flat` (ExactIndex, numpy): every vector while the collection holds at most `exact_max_vectors` of them
+    (exact search is as fast as the graph there: `benchmarks/vector_index.py --crossover`); past that, only the
+    vectors not yet in the graph.
+  - `graph` (HnswIndex, usearch), from the first time the collection grows past `exact_max_vectors`: a
+    background indexer thread moves vectors from `flat` into it in chunks. An upsert is acknowledged once its log
+    record is on disk and its vectors are in `flat`, so bulk loads run at log speed, not graph-insert speed,
+    and every acknowledged vector is searchable at once (exactly, until the indexer reaches it).
+Filtered queries are answered exactly over the keys that match the filter when there are few of them, else by
+the graph with oversampling (falling back to exact when it returns too few matches).
 
-Threading: every public method takes the collection's lock; call them from worker threads, not the event loop.
+Threading: public methods take the collection's lock (`_lock`) and are called from worker threads, not the
+event loop. Graph mutations also take `_graph_lock`; the indexer inserts a chunk holding only `_graph_lock`,
+so queries keep running while it works. Lock order: `_lock` before `_graph_lock`.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ DEFAULT_EXACT_MAX_VECTORS = 20_000
 # Compact (snapshot + new log) when the log grows past max(this, the last snapshot's size).
 DEFAULT_COMPACT_WAL_BYTES = 256 << 20
 MAX_K = 1000
+# Vectors the indexer moves from `flat` into the graph per step (~0.1-1 s of graph inserts on 2 cores).
+INDEXER_CHUNK = 512
 MAX_DIMENSION = 16384
 MAX_ID_CHARS = 512
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -118,6 +128,13 @@ def _write_json_durably(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _exact_scores(matrix: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "l2":
+        diff = matrix - query
+        return -np.einsum("ij,ij->i", diff, diff)
+    return matrix @ query
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -131,7 +148,11 @@ class Collection:
         self.exact_max_vectors = exact_max_vectors
         self.compact_wal_bytes = compact_wal_bytes
         self._lock = threading.RLock()
-        self._index: ExactIndex | HnswIndex = ExactIndex(config.dimension, config.metric)
+        self._graph_lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the indexer waits here for vectors in `flat`
+        self._flat = ExactIndex(config.dimension, config.metric)
+        self._graph: HnswIndex | None = None
+        self._indexer: threading.Thread | None = None
         self._key_by_id: dict[str, int] = {}
         self._id_by_key: dict[int, str] = {}
         self._metadata_by_key: dict[int, dict[str, Any]] = {}  # only items with non-empty metadata
@@ -160,16 +181,17 @@ class Collection:
                 "dimension": self.config.dimension,
                 "metric": self.config.metric,
                 "count": len(self._key_by_id),
-                "index": self._index.kind,
-                "index_bytes": self._index.num_bytes,
+                "index": "exact" if self._graph is None else "hnsw",
+                "unindexed": 0 if self._graph is None else len(self._flat),  # acknowledged, not yet in the graph
+                "index_bytes": self._flat.num_bytes + (self._graph.num_bytes if self._graph is not None else 0),
                 "disk_bytes": self._snapshot_bytes + wal_bytes,
                 "created_at": self.config.created_at,
             }
 
     # ------------------------------------------------------------------------------------------ validation
     def _check_open(self) -> None:
-        if self._is_deleted:
-            raise NotFoundError(f"collection {self.config.name!r} was deleted", "name")
+        if self._is_deleted or self._wal is None:
+            raise NotFoundError(f"collection {self.config.name!r} was deleted or closed", "name")
 
     def prepare_vectors(self, vectors: np.ndarray | Sequence[Sequence[float]], param: str,
                         positions: Sequence[int] | None = None) -> np.ndarray:
@@ -275,7 +297,7 @@ class Collection:
         replaced = [self._key_by_id[i] for i in header["ids"] if i in self._key_by_id]
         if replaced:
             self._forget(replaced)
-        self._index.add(keys, vectors)
+        self._flat.add(keys, vectors)
         for key, item_id, metadata, text in zip(keys.tolist(), header["ids"], header["metadata"], header["texts"]):
             self._key_by_id[item_id] = key
             self._id_by_key[key] = item_id
@@ -285,18 +307,28 @@ class Collection:
             if text is not None:
                 self._text_by_key[key] = text
         self._next_key = max(self._next_key, int(keys[-1]) + 1)
-        if isinstance(self._index, ExactIndex) and len(self._index) > self.exact_max_vectors:
-            t0 = time.perf_counter()
-            all_keys, all_vectors = self._index.all()
-            self._index = HnswIndex.from_vectors(all_keys, all_vectors, self.config.dimension, self.config.metric)
-            logger.info("collection %s: %d vectors, switched to an HNSW index (built in %.1f s)",
-                        self.config.name, len(all_keys), time.perf_counter() - t0)
+        if self._graph is None and len(self._flat) > self.exact_max_vectors:
+            logger.info("collection %s: %d vectors, past %d: building an HNSW graph in the background",
+                        self.config.name, len(self._flat), self.exact_max_vectors)
+            self._graph = HnswIndex(self.config.dimension, self.config.metric)
+        if self._graph is not None and self._wal is not None:  # not while replaying the log in open()
+            self._start_indexer()
+            self._work.notify()
 
     def _apply_delete(self, header: Mapping[str, Any]) -> None:
         self._forget([self._key_by_id[i] for i in header["ids"] if i in self._key_by_id])
 
     def _forget(self, keys: list[int]) -> None:
-        self._index.remove(np.asarray(keys, dtype=np.int64))
+        for key in keys:
+            if self._flat.has(key):
+                self._flat.remove(np.array([key], dtype=np.int64))
+        if self._graph is not None:
+            # A key can sit in both while the indexer moves it (or in a snapshot taken meanwhile).
+            with self._graph_lock:
+                keys_array = np.asarray(keys, dtype=np.int64)
+                in_graph = keys_array[self._graph.contains(keys_array)]
+                if len(in_graph):
+                    self._graph.remove(in_graph)
         for key in keys:
             item_id = self._id_by_key.pop(key)
             del self._key_by_id[item_id]
@@ -316,15 +348,26 @@ class Collection:
             if key in self._text_by_key:
                 out["text"] = self._text_by_key[key]
             if include_vector:
-                out["vector"] = self._index.get(np.array([key], dtype=np.int64))[0].tolist()
+                out["vector"] = self._vectors(np.array([key], dtype=np.int64))[0].tolist()
             return out
+
+    def _vectors(self, keys: np.ndarray) -> np.ndarray:
+        """[n, dim] float32 of live keys, from `flat` or the graph (float16 there)."""
+        out = np.empty((len(keys), self.config.dimension), dtype=np.float32)
+        in_flat = np.array([self._flat.has(k) for k in keys.tolist()], dtype=bool)
+        if in_flat.any():
+            out[in_flat] = self._flat.get(keys[in_flat])
+        if not in_flat.all():
+            assert self._graph is not None
+            out[~in_flat] = self._graph.get(keys[~in_flat])
+        return out
 
     def vector_of(self, item_id: str, param: str = "id") -> np.ndarray:
         with self._lock:
             key = self._key_by_id.get(item_id)
             if key is None:
                 raise NotFoundError(f"no item {item_id!r} in collection {self.config.name!r}", param)
-            return self._index.get(np.array([key], dtype=np.int64))[0].copy()
+            return self._vectors(np.array([key], dtype=np.int64))[0]
 
     def query(self, vector: np.ndarray | None = None, *, id: str | None = None, k: int = 10,
               filter: Mapping[str, Any] | None = None, exclude: Sequence[str] = ()) -> list[QueryResult]:
@@ -364,28 +407,97 @@ class Collection:
     def _public_score(self, score: float) -> float:
         return math.sqrt(max(-score, 0.0)) if self.config.metric == "l2" else float(score)
 
+    def _merge(self, parts: list[tuple[np.ndarray, np.ndarray]], k: int, excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Best k of several (keys, scores) lists: one entry per key, live keys only, excluded keys dropped.
+
+        A key can come from both parts while the indexer moves it, and the graph can still return a key deleted
+        during that move (`_id_by_key` no longer has it).
+        """
+        keys = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int64)
+        scores = np.concatenate([p[1] for p in parts]).astype(np.float32) if parts else np.empty(0, np.float32)
+        order = np.lexsort((keys, -scores))
+        out_keys, out_scores, seen = [], [], set()
+        for i in order.tolist():
+            key = int(keys[i])
+            if key in seen or key in excluded or key not in self._id_by_key:
+                continue
+            seen.add(key)
+            out_keys.append(key)
+            out_scores.append(scores[i])
+            if len(out_keys) == k:
+                break
+        return np.array(out_keys, dtype=np.int64), np.array(out_scores, dtype=np.float32)
+
     def _search_all(self, query: np.ndarray, k: int, excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:
-        keys, scores = self._index.search(query, k + len(excluded))
-        if excluded:
-            keep = np.array([key not in excluded for key in keys.tolist()], dtype=bool)
-            keys, scores = keys[keep], scores[keep]
-        return keys[:k], scores[:k]
+        num_fetch = k + len(excluded)
+        parts = [self._flat.search(query, num_fetch)]
+        if self._graph is not None:
+            parts.append(self._graph.search(query, num_fetch))
+        return self._merge(parts, k, excluded)
 
     def _search_subset(self, query: np.ndarray, k: int, allowed: set[int]) -> tuple[np.ndarray, np.ndarray]:
         if not allowed:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        total = len(self._index)
-        if isinstance(self._index, HnswIndex) and len(allowed) > self.exact_max_vectors:
-            # Many matches: the graph, asked for enough neighbours that ~2k of them should pass the filter.
-            num_fetch = min(total, max(4 * k, int(2 * k * total / len(allowed))))
-            keys, scores = self._index.search(query, num_fetch)
-            keep = np.array([key in allowed for key in keys.tolist()], dtype=bool)
-            if keep.sum() >= k:
-                return keys[keep][:k], scores[keep][:k]
         subset = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
-        scores = self._index.exact_scores(subset, query)
+        if self._graph is not None and len(allowed) > self.exact_max_vectors:
+            # Many matches: the graph, asked for enough neighbours that ~2k of them should pass the filter, and
+            # the matching vectors not yet in the graph exactly.
+            total = len(self._graph)
+            num_fetch = min(total, max(4 * k, int(2 * k * total / len(allowed))))
+            graph_keys, graph_scores = self._graph.search(query, num_fetch)
+            keep = np.array([key in allowed for key in graph_keys.tolist()], dtype=bool)
+            flat_keys = np.array([key for key in subset.tolist() if self._flat.has(key)], dtype=np.int64)
+            flat_part = (flat_keys, self._flat.exact_scores(flat_keys, query)) if len(flat_keys) else None
+            merged = self._merge([(graph_keys[keep], graph_scores[keep])] + ([flat_part] if flat_part else []),
+                                 k, set())
+            if keep.sum() >= k:
+                return merged
+        scores = _exact_scores(self._vectors(subset), query, self.config.metric)
         best = top_k(scores, k)
         return subset[best], scores[best]
+
+    # ------------------------------------------------------------------------------------------ the indexer
+    def _start_indexer(self) -> None:
+        if self._indexer is None or not self._indexer.is_alive():
+            self._indexer = threading.Thread(target=self._index_loop, name=f"collection-indexer-{self.name}",
+                                             daemon=True)
+            self._indexer.start()
+
+    def _index_loop(self) -> None:
+        """Move vectors from `flat` into the graph, a chunk at a time, until the collection closes."""
+        while True:
+            with self._lock:
+                while len(self._flat) == 0 and self._wal is not None:
+                    self._work.wait()
+                if self._wal is None or self._graph is None:
+                    return
+                keys, vectors = self._flat.first_rows(INDEXER_CHUNK)
+                graph = self._graph
+            with self._graph_lock:  # queries and upserts go on meanwhile
+                is_new = ~graph.contains(keys)  # a snapshot taken mid-move can hold a key in both parts
+                graph.add(keys[is_new], vectors[is_new])
+            with self._lock:
+                gone = []
+                for key in keys.tolist():
+                    if self._flat.has(key):
+                        self._flat.remove(np.array([key], dtype=np.int64))
+                    else:
+                        gone.append(key)  # deleted or replaced while it was being inserted
+                if gone:
+                    with self._graph_lock:
+                        graph.remove(np.asarray(gone, dtype=np.int64))
+                self._work.notify_all()
+
+    def wait_indexed(self, timeout_s: float | None = None) -> bool:
+        """Block until every vector is in the graph (or the collection has none); False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            while self._graph is not None and len(self._flat) > 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._work.wait(remaining)
+        return True
 
     # ------------------------------------------------------------------------------------------ persistence
     def open(self) -> None:
@@ -408,14 +520,17 @@ class Collection:
                 num_records += 1
             wal.open_for_append()
             self._wal = wal
+            if self._graph is not None:
+                self._start_indexer()
             self._remove_older_generations()
             logger.info("collection %s: %d items (generation %d, %d log records replayed)",
                         self.config.name, len(self), self._generation, num_records)
 
     def _load_snapshot(self, snapshot: Path) -> None:
         state = json.loads((snapshot / "state.json").read_text())
-        index_class = {"exact": ExactIndex, "hnsw": HnswIndex}[state["index"]]
-        self._index = index_class.load(snapshot, self.config.dimension, self.config.metric)
+        self._flat = ExactIndex.load(snapshot, self.config.dimension, self.config.metric)
+        if state["has_graph"]:
+            self._graph = HnswIndex.load(snapshot, self.config.dimension, self.config.metric)
         with open(snapshot / "items.jsonl") as f:
             for line in f:
                 key, item_id, metadata, text = json.loads(line)
@@ -445,21 +560,23 @@ class Collection:
 
     def compact(self) -> None:
         """Write the whole state as snapshot G+1 and start an empty log (see the module docstring)."""
-        with self._lock:
+        with self._lock, self._graph_lock:
             self._check_open()
             t0 = time.perf_counter()
             generation = self._generation + 1
             tmp = self.directory / f"snapshot-{generation}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            self._index.save(tmp)
+            self._flat.save(tmp)
+            if self._graph is not None:
+                self._graph.save(tmp)
             with open(tmp / "items.jsonl", "w") as f:
                 for key, item_id in self._id_by_key.items():
                     f.write(json.dumps([key, item_id, self._metadata_by_key.get(key), self._text_by_key.get(key)],
                                        separators=(",", ":")))
                     f.write("\n")
-            _write_json_durably(tmp / "state.json", {"next_key": self._next_key, "index": self._index.kind,
-                                                     "count": len(self)})
+            _write_json_durably(tmp / "state.json", {"next_key": self._next_key, "count": len(self),
+                                                     "has_graph": self._graph is not None})
             for path in tmp.iterdir():
                 _fsync_file(path)
             fsync_dir(tmp)
@@ -482,6 +599,9 @@ class Collection:
             if self._wal is not None:
                 self._wal.close()
                 self._wal = None
+            self._work.notify_all()  # the indexer sees `_wal is None` and exits
+        if self._indexer is not None and self._indexer is not threading.current_thread():
+            self._indexer.join(timeout=60)
 
 
 class CollectionStore:
@@ -543,10 +663,10 @@ class CollectionStore:
     def delete(self, name: str) -> None:
         with self._lock:
             collection = self.get(name)
+            del self._collections[name]
+            collection.close()  # writes after this raise NotFoundError; the indexer thread has stopped
             with collection._lock:
-                collection.close()
                 collection._is_deleted = True
-                del self._collections[name]
                 graveyard = self.root / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
                 os.rename(collection.directory, graveyard)
                 fsync_dir(self.root)
