@@ -55,7 +55,10 @@ def test_http_answers_equal_python_api_and_numpy(server, tmp_path):
     created = client.create("same", dimension=DIM, metric="cosine")
     assert created["dimension"] == DIM and created["count"] == 0 and created["index"] == "exact"
     for start_ in range(0, len(items), 200):
-        assert client.upsert("same", items[start_:start_ + 200])["upserted"] == 200
+        batch = items[start_:start_ + 200]
+        if start_ == 200:  # numpy vectors travel as base64 float32: the same answers as JSON numbers
+            batch = [{**it, "vector": np.array(it["vector"], np.float32)} for it in batch]
+        assert client.upsert("same", batch)["upserted"] == 200
     local = CollectionStore(tmp_path).create("same", dimension=DIM, metric="cosine")
     local.upsert([Item(it["id"], np.array(it["vector"], np.float32), it["metadata"]) for it in items])
 
@@ -124,10 +127,17 @@ def test_bad_input_gets_4xx_naming_the_field_and_the_server_lives_on(server):
         (post("/v1/collections/strict/items", '{"items": [{"id": "a", "text": "no model here"}]}'), 400,
          "items[0].text"),
         (post("/v1/collections/strict/items", '{"items": [{"id": "a"}]}'), 400, "items[0]"),
+        (post("/v1/collections/strict/items", '{"items": [{"id": "a", "vector": "not base64!"}]}'), 400,
+         "items[0].vector"),
+        (post("/v1/collections/strict/items", '{"items": [{"id": "a", "vector": "AACAPw=="}]}'), 400,
+         "items[0].vector"),  # one float32, the collection has 4
+        (post("/v1/collections/strict/items", '{"items": [{"id": "a", "vector": [1, 0, 0, 0]}'), 400, None),
+        (post("/v1/collections/strict/items", '{"items": "x"}'), 400, "items"),
         (post("/v1/collections/strict/items", '{"items": [{"id": 5, "vector": [1, 0, 0, 0]}]}'), 400, "items"),
         (post("/v1/collections/strict/query", '{"vector": [1, 0, 0, 0], "k": 0}'), 400, "k"),
         (post("/v1/collections/strict/query", '{"vector": [1, 0, 0, 0], "k": 1001}'), 400, "k"),
         (post("/v1/collections/strict/query", '{"vector": [1, 0, 0]}'), 400, "vector"),
+        (post("/v1/collections/strict/query", '{"vector": "AACAPw=="}'), 400, "vector"),
         (post("/v1/collections/strict/query", '{"vector": [1, 0, 0, 0], "filter": {"year": {"$gt": "1990"}}}'),
          400, "filter.year.$gt"),
         (post("/v1/collections/strict/query", '{"vector": [1, 0, 0, 0], "filter": {"genre": {"x": 1}}}'),
@@ -152,7 +162,7 @@ def test_bad_input_gets_4xx_naming_the_field_and_the_server_lives_on(server):
         assert response.status_code == status, (param, response.text)
         error = response.json()["error"]
         assert error["param"] == param, (param, error)
-        assert error["message"]
+        assert error["message"] and (param is None or param.split(".")[0].split("[")[0] in error["message"])
         # the server keeps serving
         assert client.query("strict", vector=[1, 0, 0, 0], k=1)[0]["id"] == "ok"
     assert client.describe("strict")["count"] == 1  # nothing half-written

@@ -7,11 +7,13 @@
     client.query("docs", text="...", k=5, filter={"lang": "en"}) -> [{"id", "score", "metadata"}, ...]
     client.query("docs", id="a", k=5)                          # more like this (leaves "a" out)
 
+Numpy vectors travel as base64 float32 (exact, and far cheaper to parse than JSON numbers); lists as JSON numbers.
 Errors from the server raise `CollectionsAPIError(status_code, message, param)`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import numpy as np
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Items per request when loading a file: ~1.5 MiB of JSON at 384-d vectors, under the server's 4 MiB default.
@@ -134,8 +137,11 @@ class CollectionsClient:
         return num_loaded
 
 
-def _as_list(vector: Any) -> list[float]:
-    return vector.tolist() if hasattr(vector, "tolist") else list(vector)
+def _as_list(vector: Any) -> list[float] | str:
+    """A numpy vector as base64 of little-endian float32; anything else as a list of numbers."""
+    if isinstance(vector, np.ndarray):
+        return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return list(vector)
 
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
