@@ -37,6 +37,13 @@ EF_SEARCH_VALUES = (32, 64, 128)
 NUM_BUILD_THREADS = 2
 
 
+def limit_blas_threads() -> None:
+    """Exact search as inferd runs it: numpy with one BLAS thread (inferd/collections/index.py says why)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def make_dataset(kind: str, num_vectors: int, num_queries: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (base [num_vectors, dim], queries [num_queries, dim]), float32, unit rows."""
     rng = np.random.default_rng(seed)
@@ -350,8 +357,9 @@ def run_child(lib_name: str, paths: dict[str, str], num_queries: int) -> dict:
 
 
 def crossover(cache_dir: Path, dim: int, sizes: list[int]) -> list[dict]:
-    """Single-query latency of exact numpy search vs usearch (ef=64) as the collection grows."""
-    from usearch.index import Index
+    """Single-query latency of exact numpy search vs inferd's graph (usearch, float16, its M/ef settings) by size."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from inferd.collections.index import HnswIndex
 
     rows = []
     base_all, queries = make_dataset("clustered", max(sizes), 200, dim, seed=0)
@@ -360,13 +368,12 @@ def crossover(cache_dir: Path, dim: int, sizes: list[int]) -> list[dict]:
         truth = exact_top_k(base, queries, K)
         exact = NumpyExact()
         exact.build(base)
-        index = Index(ndim=dim, metric="ip", dtype="f32", connectivity=HNSW_M, expansion_add=HNSW_EF_CONSTRUCTION,
-                      expansion_search=64)
+        index = HnswIndex(dim, "cosine")
         t = time.perf_counter()
-        index.add(np.arange(n), base, threads=NUM_BUILD_THREADS)
+        index.add(np.arange(n), base, num_threads=NUM_BUILD_THREADS)
         build_s = time.perf_counter() - t
         row = {"n": n, "usearch_build_s": build_s}
-        for name, fn in (("exact", lambda q: exact.search(q, K, None)), ("usearch", lambda q: index.search(q, K).keys)):
+        for name, fn in (("exact", lambda q: exact.search(q, K, None)), ("usearch", lambda q: index.search(q, K)[0])):
             fn(queries[0])
             lat, found = [], []
             for q in queries:
@@ -406,9 +413,10 @@ def main() -> int:
     ap.add_argument("--libs", default="numpy,usearch,usearch-f16,faiss,hnswlib,sqlite-vec")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "inferd-vector-bench"))
     ap.add_argument("--crossover", action="store_true", help="exact vs usearch latency at growing sizes")
-    ap.add_argument("--crossover-sizes", default="1000,2000,5000,10000,20000,50000,100000")
+    ap.add_argument("--crossover-sizes", default="1000,2000,5000,10000,20000,50000")
     ap.add_argument("--child", nargs=2, metavar=("LIB", "DATASET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    limit_blas_threads()
     cache_dir = Path(args.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if args.child:
@@ -418,7 +426,7 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine_line()}")
     if args.crossover:
         rows = crossover(cache_dir, args.dim, [int(s) for s in args.crossover_sizes.split(",")])
-        print("\n| vectors | exact p50 ms | usearch p50 ms (ef=64) | usearch recall@10 | usearch build s |")
+        print("\n| vectors | exact p50 ms | inferd graph p50 ms (usearch f16, ef=128) | graph recall@10 | graph build s |")
         print("|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['n']:,} | {r['exact_p50_ms']:.3f} | {r['usearch_p50_ms']:.3f} | {r['usearch_recall']:.3f} "

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from inferd.collections.filters import FilterError, MetadataIndex, parse_filter
-from inferd.collections.index import METRICS, ExactIndex, HnswIndex, top_k
+from inferd.collections.index import METRICS, ExactIndex, HnswIndex, limit_blas_threads, require_usearch, top_k
 from inferd.collections.wal import WriteAheadLog, fsync_dir
 
 logger = logging.getLogger("inferd.collections")
@@ -252,6 +252,11 @@ class Collection:
         vectors = self.prepare_vectors([item.vector for item in items], "items[{i}].vector")
         with self._lock:
             self._check_open()
+            if self._graph is None and len(self._flat) + len(items) > self.exact_max_vectors:
+                try:  # before the log record: a write that cannot be applied must not be logged
+                    require_usearch()
+                except ImportError as exc:
+                    raise CollectionError(str(exc)) from exc
             keys = np.arange(self._next_key, self._next_key + len(items), dtype=np.int64)
             header = {"op": "upsert", "keys": keys.tolist(), "ids": [it.id for it in items],
                       "metadata": [it.metadata or None for it in items], "texts": [it.text for it in items]}
@@ -609,6 +614,7 @@ class CollectionStore:
 
     def __init__(self, root: Path | str | None = None, *, exact_max_vectors: int = DEFAULT_EXACT_MAX_VECTORS,
                  compact_wal_bytes: int = DEFAULT_COMPACT_WAL_BYTES) -> None:
+        limit_blas_threads()
         self.root = Path(root) if root is not None else collections_root()
         self.root.mkdir(parents=True, exist_ok=True)
         self._options = {"exact_max_vectors": exact_max_vectors, "compact_wal_bytes": compact_wal_bytes}

@@ -118,7 +118,7 @@ def _store(request: Request) -> CollectionStore:
 
 
 def _api_error(exc: CollectionError) -> APIError:
-    code = {404: "not_found", 409: "already_exists"}.get(exc.status_code, "invalid_value")
+    code = {404: "not_found", 409: "already_exists", 500: None}.get(exc.status_code, "invalid_value")
     return APIError(exc.status_code, exc.message, param=exc.param, code=code)
 
 
