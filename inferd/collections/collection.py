@@ -55,7 +55,7 @@ logger = logging.getLogger("inferd.collections")
 
 # Below this many vectors a query scans them all (exact, and faster than the graph at this size on our 2-core
 # machines: benchmarks/vector_index.py --crossover). The graph is built when a collection grows past it.
-DEFAULT_EXACT_MAX_VECTORS = 20_000
+DEFAULT_EXACT_MAX_VECTORS = 10_000
 # Compact (snapshot + new log) when the log grows past max(this, the last snapshot's size).
 DEFAULT_COMPACT_WAL_BYTES = 256 << 20
 MAX_K = 1000

@@ -238,8 +238,6 @@ def build_app(
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ops_router)
-    from inferd.server.routes.collections import router as collections_router
-    app.include_router(collections_router)
     app.add_middleware(GuardMiddleware, state=state)
     return app
 
