@@ -117,7 +117,7 @@ def main() -> int:
     parser.add_argument("--kv-cache-memory", default="1GiB", help="same KV size both sides (two engines share a GPU)")
     args = parser.parse_args()
 
-    from inferd.engine.llm import LLM
+    from inferd import LLM
 
     llm = LLM(model=args.model, device=args.device, max_model_len=args.max_model_len,
               kv_cache_memory=args.kv_cache_memory, max_num_seqs=max(args.concurrency, 1))  # fmt: skip

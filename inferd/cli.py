@@ -3,7 +3,7 @@
   inferd pull NAME | list | rm NAME              model store
   inferd generate --model M --prompt P [...]     one completion on stdout (only the completion)
   inferd chat --model M                          interactive terminal chat, streamed
-  inferd serve [...]                             OpenAI-compatible HTTP server
+  inferd serve [--model M ...] [--models-file F]  HTTP server for several models (LLMs, embeddings)
   inferd bench serve|plot [...]                  serving benchmark for any OpenAI-compatible server
   inferd collections create|load|query|list|delete   vector collections on a running server
 
@@ -80,7 +80,7 @@ def cmd_rm(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from inferd.engine.llm import LLM
+    from inferd.api import LLM
 
     params = sampling_params_from(ns)
     llm = LLM(**vars(EngineArgs.from_cli(ns)))
@@ -94,7 +94,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    from inferd.engine.llm import LLM
+    from inferd.api import LLM
 
     llm = LLM(**vars(EngineArgs.from_cli(ns)))
     engine = llm.engine
@@ -140,6 +140,17 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": text})
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from inferd.config import DEFAULT_MODEL
+    from inferd.server.app import serve_main
+    from inferd.store.model_specs import resolve_model_table
+
+    model_args = ns.model or ([] if ns.models_file or ns.model_repository else [DEFAULT_MODEL])
+    specs = resolve_model_table(model_args, models_file=ns.models_file, model_repository=ns.model_repository,
+                                kind=ns.kind, served_model_name=ns.served_model_name)
+    return serve_main(ns, specs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inferd",
@@ -176,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from inferd.server.app import add_serve_parser
 
-        add_serve_parser(sub)
+        add_serve_parser(sub).set_defaults(func=cmd_serve)
     except ImportError as exc:
         _add_unavailable(sub, "serve", exc)
     from inferd.collections.commands import add_collections_parser

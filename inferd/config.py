@@ -81,12 +81,14 @@ class EngineArgs:
         return {f.name for f in fields(cls)}
 
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
-        """The engine flags shared by `inferd generate`, `chat` and `serve` (one per field above)."""
+    def add_cli_args(cls, parser: argparse.ArgumentParser, *, include_model: bool = True) -> None:
+        """The engine flags shared by `inferd generate`, `chat` and `serve` (one per field above); `serve` has its
+        own repeatable --model, so it leaves this one out."""
         d = cls()
         g = parser.add_argument_group("engine")
-        g.add_argument("--model", default=DEFAULT_MODEL,
-                       help="catalog name (see `inferd list`), a Hugging Face directory or a .gguf file")
+        if include_model:
+            g.add_argument("--model", default=DEFAULT_MODEL,
+                           help="catalog name (see `inferd list`), a Hugging Face directory or a .gguf file")
         g.add_argument("--device", default=d.device, choices=DEVICES)
         g.add_argument("--dtype", default=d.dtype, choices=DTYPES)
         g.add_argument("--quantization", "-q", default=d.quantization, choices=QUANTIZATIONS,
@@ -105,7 +107,7 @@ class EngineArgs:
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> "EngineArgs":
         return cls(
-            model=ns.model,
+            model=getattr(ns, "model", None) if isinstance(getattr(ns, "model", None), str) else None,
             device=ns.device,
             dtype=ns.dtype,
             quantization=ns.quantization,

@@ -54,17 +54,20 @@ def log_tail(process: subprocess.Popen, num_chars: int = 6000) -> str:
 def start_inferd_server(
     extra_args: Sequence[str] = (),
     *,
-    model: str = DEFAULT_MODEL,
+    model: str | Sequence[str] = DEFAULT_MODEL,
     env: dict[str, str] | None = None,
     health_headers: dict[str, str] | None = None,
 ) -> InferdServer:
-    """Start `inferd serve` and wait until /health answers 200."""
+    """Start `inferd serve` with one model or several (each `[NAME=]SOURCE`) and wait until /health answers 200;
+    `model_name` of the result is the first model's served name."""
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="inferd-serve-", suffix=".log", delete=False)
     process_env = {**os.environ, **(env or {})}
     process_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), process_env.get("PYTHONPATH")]))
     process_env.setdefault("PYTHONUNBUFFERED", "1")
-    command = [sys.executable, "-c", _CLI, "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+    models = [model] if isinstance(model, str) else list(model)
+    model_flags = [flag for m in models for flag in ("--model", m)]
+    command = [sys.executable, "-c", _CLI, "serve", *model_flags, "--host", "127.0.0.1", "--port", str(port),
                *SMALL_SERVER_ARGS, *extra_args]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=process_env, stdout=log_file, stderr=subprocess.STDOUT)
     process.log_path = log_file.name  # type: ignore[attr-defined]
@@ -84,7 +87,8 @@ def start_inferd_server(
                 stop_inferd_server(process)
                 raise RuntimeError(f"inferd serve was not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{log_tail(process)}")
             time.sleep(0.25)
-    served_name = next((extra_args[i + 1] for i, a in enumerate(extra_args[:-1]) if a == "--served-model-name"), model)
+    served_name = next((extra_args[i + 1] for i, a in enumerate(extra_args[:-1]) if a == "--served-model-name"),
+                       models[0].partition("=")[0] if "=" in models[0] else models[0])
     return InferdServer(base_url, served_name, process)
 
 

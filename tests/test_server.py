@@ -69,18 +69,24 @@ def metric(samples: dict[tuple[str, frozenset], float], name: str, model: str, *
     return samples.get((name, frozenset({"model_name": model, **labels}.items())), 0.0)
 
 
-def wait_until_idle(http: httpx.Client, model: str, idle_kv_usage: float, timeout_s: float = 120.0) -> dict:
-    """Poll /metrics until nothing runs or waits and the KV usage is back at its idle value."""
+def wait_until_idle(
+    http: httpx.Client, model: str, idle_kv_usage: float, timeout_s: float = 120.0, min_aborts: float = 0.0
+) -> dict:
+    """Poll /metrics until nothing runs or waits, the KV usage is back at its idle value, and at least `min_aborts`
+    aborted requests were recorded (a disconnect is recorded by the server after the client has gone: on a busy
+    machine the engine may look idle before the aborted request was even queued)."""
     deadline = time.monotonic() + timeout_s
     while True:
         samples = scrape(http)
         running = metric(samples, "inferd:num_requests_running", model)
         waiting = metric(samples, "inferd:num_requests_waiting", model)
         usage = metric(samples, "inferd:kv_cache_usage_ratio", model)
-        if running == 0 and waiting == 0 and usage == idle_kv_usage:
+        aborts = metric(samples, "inferd:request_success_total", model, finished_reason="abort")
+        if running == 0 and waiting == 0 and usage == idle_kv_usage and aborts >= min_aborts:
             return samples
         if time.monotonic() > deadline:
-            pytest.fail(f"server not idle after {timeout_s} s: running={running} waiting={waiting} kv={usage}")
+            pytest.fail(f"server not idle after {timeout_s} s: running={running} waiting={waiting} kv={usage} "
+                        f"aborts={aborts} (want >= {min_aborts})")
         time.sleep(0.1)
 
 
@@ -414,7 +420,7 @@ def test_stream_disconnect_aborts_and_frees_kv(inferd_server: InferdServer, http
         during = scrape(http)
         assert metric(during, "inferd:num_requests_running", model) == 1
         assert metric(during, "inferd:kv_cache_usage_ratio", model) > 0.0
-    after = wait_until_idle(http, model, idle_kv_usage=0.0)
+    after = wait_until_idle(http, model, idle_kv_usage=0.0, min_aborts=aborts_before + 1)
     assert metric(after, "inferd:request_success_total", model, finished_reason="abort") == aborts_before + 1
     # The engine stopped generating when the client left: far fewer than the 1500 tokens asked for.
     num_generated = metric(after, "inferd:generation_tokens_total", model) - metric(idle, "inferd:generation_tokens_total", model)
@@ -427,7 +433,7 @@ def test_non_streaming_disconnect_aborts(inferd_server: InferdServer, http: http
     body = {"model": model, "prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{inferd_server.base_url}/v1/completions", json=body, timeout=httpx.Timeout(300, read=2.0))
-    after = wait_until_idle(http, model, idle_kv_usage=0.0)
+    after = wait_until_idle(http, model, idle_kv_usage=0.0, min_aborts=aborts_before + 1)
     assert metric(after, "inferd:request_success_total", model, finished_reason="abort") == aborts_before + 1
     num_generated = metric(after, "inferd:generation_tokens_total", model) - metric(idle, "inferd:generation_tokens_total", model)
     assert num_generated < 1500

@@ -144,11 +144,18 @@ def test_10mb_body_is_413(http: httpx.Client, inferd_server: InferdServer) -> No
     assert_still_serving(http, inferd_server.model_name)
 
 
-def test_model_that_fails_to_load_exits_1(inferd_home: Path) -> None:
-    """The model loads after uvicorn starts; a failure must end the process (status 1), not leave a 503 forever."""
+def test_model_that_fails_to_load_exits_1(inferd_home: Path, tmp_path: Path) -> None:
+    """Models load after uvicorn starts; a failure must end the process (status 1), not leave a 503 forever.
+    A name that resolves to nothing is refused before the server starts (status 2, the usage-error status)."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "no-such"}')
     with pytest.raises(RuntimeError, match="exited with 1") as info:
+        start_inferd_server(model=str(broken))
+    assert "NoSuchForCausalLM" in str(info.value) or "no-such" in str(info.value)
+    with pytest.raises(RuntimeError, match="exited with 2") as info:
         start_inferd_server(model="no-such-model-anywhere")
-    assert "no-such-model-anywhere" in str(info.value)
+    assert "unknown model 'no-such-model-anywhere'" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- key, queue, drain

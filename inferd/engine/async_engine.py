@@ -16,11 +16,12 @@ import asyncio
 import collections
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from inferd.request import RequestOutput, SamplingParams
+from inferd.serving import ModelKind
 
 logger = logging.getLogger("inferd.engine")
 
@@ -98,6 +99,10 @@ class RequestStream:
 
 
 class AsyncEngine:
+    """The `generate` kind of `inferd.serving.ServedEngine`."""
+
+    kind = ModelKind.GENERATE
+
     def __init__(self, engine: Any) -> None:
         """`engine`: an LLMEngine (add_request, abort_request, step, has_unfinished_requests, get_stats)."""
         self.engine = engine
@@ -114,10 +119,17 @@ class AsyncEngine:
         self._num_unpublished_adds = 0
 
     @classmethod
-    def from_engine_args(cls, engine_args: Any) -> AsyncEngine:
+    def from_path(cls, path: str, options: Mapping[str, Any] | None = None, *, on_batch: Any = None) -> AsyncEngine:
+        """Load an LLM from a local path; `options` are EngineArgs fields (unknown keys -> ValueError listing them).
+        `on_batch` is accepted for the model-table loader's uniform signature; LLM steps report through stats."""
+        from inferd.config import EngineArgs
         from inferd.engine.llm_engine import LLMEngine
 
-        return cls(LLMEngine.from_engine_args(engine_args))
+        options = dict(options or {})
+        unknown = sorted(set(options) - EngineArgs.field_names() - {"model"})
+        if unknown:
+            raise ValueError(f"options: unknown LLM option(s) {unknown}; known: {sorted(EngineArgs.field_names() - {'model'})}")
+        return cls(LLMEngine.from_engine_args(EngineArgs(**{**options, "model": path})))
 
     @property
     def config(self) -> Any:
@@ -214,6 +226,8 @@ class AsyncEngine:
         """The engine's stats as of the end of its latest step (or of the latest abort when idle)."""
         with self._lock:
             return self._stats
+
+    get_stats = latest_stats  # the ServedEngine protocol's name
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

@@ -1,4 +1,5 @@
-"""Layer 4: the offline Python API.
+"""Layer 4: the offline Python API over a local model path (`inferd.LLM`, in inferd/api.py, resolves catalog
+names through the model store first and is what users import).
 
     from inferd import LLM, SamplingParams
     llm = LLM(model="smollm2-135m-instruct")
@@ -20,7 +21,8 @@ from inferd.request import RequestOutput, SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_args) -> None:
+    def __init__(self, model: str, **engine_args) -> None:
+        """`model`: a local .gguf file or Hugging Face folder."""
         unknown = set(engine_args) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments {sorted(unknown)}; supported: {sorted(EngineArgs.field_names())}")

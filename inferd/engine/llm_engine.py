@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 
-from inferd.config import DEFAULT_MODEL, EngineArgs, EngineConfig
+from inferd.config import EngineArgs, EngineConfig
 from inferd.device import resolve_device, resolve_dtype, torch_dtype
 from inferd.engine.detokenizer import IncrementalDetokenizer
 from inferd.engine.tokenizer import Tokenizer
@@ -34,7 +35,6 @@ from inferd.request import (
 )
 from inferd.runner.model_runner import ModelRunner
 from inferd.scheduler.scheduler import Scheduler
-from inferd.store import resolve_model
 
 logger = logging.getLogger("inferd.engine")
 
@@ -96,22 +96,28 @@ class LLMEngine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        """`args.model` is a resolved local path (a .gguf file or a Hugging Face folder): the engine never looks
+        names up in the model store; `inferd.LLM` and the CLI resolve catalog names first."""
         args.validate_static()
-        resolved = resolve_model(args.model or DEFAULT_MODEL)
+        if not args.model:
+            raise ValueError("model: a local model path is required (a .gguf file or a Hugging Face folder)")
+        model_path = Path(args.model)
+        if not model_path.exists():
+            raise ValueError(f"model: {args.model!r} is not an existing path (resolve catalog names with inferd.LLM)")
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         quantization = resolve_quantization(
-            args.quantization, is_gguf=is_gguf_file(str(resolved.path)), device=device, dtype=dtype)
-        model, arch_config = load_model(str(resolved.path), device=device, dtype=torch_dtype(dtype),
+            args.quantization, is_gguf=is_gguf_file(str(model_path)), device=device, dtype=dtype)
+        model, arch_config = load_model(str(model_path), device=device, dtype=torch_dtype(dtype),
                                         quantization=quantization)
         weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        print(f"inferd: {resolved.name} on {device}, {dtype} activations, quantization {quantization}: "
-              f"{weight_bytes / 1e6:.0f} MB of weights", file=sys.stderr)
-        tokenizer = Tokenizer.from_pretrained(str(resolved.path))
         if args.served_model_name is None:
-            args.served_model_name = args.model or resolved.name
+            args.served_model_name = model_path.stem if model_path.is_file() else model_path.name
+        print(f"inferd: {args.served_model_name} on {device}, {dtype} activations, quantization {quantization}: "
+              f"{weight_bytes / 1e6:.0f} MB of weights", file=sys.stderr)
+        tokenizer = Tokenizer.from_pretrained(str(model_path))
         config = args.resolve(
-            model_path=str(resolved.path), device=device, dtype=dtype, quantization=quantization,
+            model_path=str(model_path), device=device, dtype=dtype, quantization=quantization,
             model_max_len=arch_config.max_position_embeddings,
         )
         bytes_per_block = kv_cache_bytes_per_block(arch_config, config.block_size, torch_dtype(dtype))

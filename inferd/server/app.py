@@ -1,9 +1,9 @@
 """Layer 5: the FastAPI app and `inferd serve`.
 
-    build_app(options, engine_args)   the ASGI app; the model loads in the background after startup (/health is
-                                      503 until it is ready), or pass `engine=` an LLMEngine already loaded
-    add_serve_parser(subparsers)      the `serve` subcommand's flags (cli.py wires it)
-    serve_main(args) -> int           run uvicorn until SIGTERM/SIGINT; returns the process exit status
+    build_app(options, specs)         the ASGI app over a model table; models load in the background after startup
+                                      (/health is 503 until all are ready), or pass `loaded=` engines already loaded
+    add_serve_parser(subparsers)      the `serve` subcommand's flags (cli.py wires it and resolves the models)
+    serve_main(args, specs) -> int    run uvicorn until SIGTERM/SIGINT; returns the process exit status
 
 Every HTTP request first meets `GuardMiddleware` (a plain ASGI middleware, so streaming is untouched): API key,
 drain state, body size (Content-Length and the bytes actually received), UTF-8, and the in-flight count that
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import hmac
 import logging
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
@@ -33,10 +33,11 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
-from inferd.engine.async_engine import AsyncEngine
 from inferd.server.errors import error_response, install_error_handlers
+from inferd.server.routes.collections import router as collections_router
 from inferd.server.routes.openai import router as openai_router
 from inferd.server.routes.ops import router as ops_router
+from inferd.serving import ModelKind, ModelSpec
 from inferd.server.state import (
     ARRIVAL_TIME_SCOPE_KEY,
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -149,85 +150,46 @@ def _replay_body(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def _load_engine_in_thread(engine_args: EngineArgs) -> asyncio.Future[Any]:
-    """LLMEngine.from_engine_args on a daemon thread (a shutdown during loading must not wait for it)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def load() -> None:
-        try:
-            from inferd.engine.llm_engine import LLMEngine
-
-            engine = LLMEngine.from_engine_args(engine_args)
-        except BaseException as exc:  # noqa: BLE001 - reported to the event loop
-            loop.call_soon_threadsafe(settle, None, exc)
-            return
-        loop.call_soon_threadsafe(settle, engine, None)
-
-    threading.Thread(target=load, name="inferd-model-load", daemon=True).start()
-    return future
-
-
 def build_app(
     options: ServerOptions,
-    engine_args: EngineArgs | None = None,
+    specs: Sequence[ModelSpec] = (),
     *,
-    engine: Any = None,
-    on_load_failure: Callable[[], None] | None = None,
+    loaded: Sequence[tuple[ModelSpec, Any]] = (),
+    on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """The inferd ASGI app. Give `engine_args` (loaded in the background) or `engine` (an LLMEngine)."""
-    if (engine_args is None) == (engine is None):
-        raise ValueError("build_app needs exactly one of engine_args or engine")
+    """The inferd ASGI app serving a model table.
+
+    `specs` (resolved: local path and kind) load one after another in the background once the app starts; /health
+    is 503 until all are ready. `loaded` are (spec, engine) pairs already loaded (tests, benchmarks): started at
+    once. `on_load_failure(name)` is called if a model of `specs` fails to load.
+    """
+    if not specs and not loaded:
+        raise ValueError("build_app needs at least one model (specs or loaded)")
     state = ServerState(options)
+    state.add_models(list(specs))
+    state.on_load_failure = on_load_failure
 
     async def load_in_background() -> None:
-        assert engine_args is not None
-        started = time.monotonic()
-        try:
-            llm_engine = await _load_engine_in_thread(engine_args)
-        except Exception as exc:
-            state.load_error = f"{type(exc).__name__}: {exc}"
-            logger.error("model failed to load: %s", state.load_error, exc_info=exc)
-            if on_load_failure is not None:
-                on_load_failure()
-            return
-        start_engine(llm_engine)
-        logger.info("model %s ready in %.1f s", state.served_model_name, time.monotonic() - started)
-
-    def start_engine(llm_engine: Any) -> None:
-        async_engine = AsyncEngine(llm_engine)
-        async_engine.start()
-        state.engine = async_engine
+        for spec in specs:
+            await state.load_model(spec)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        load_task = None
-        if engine is not None:
-            start_engine(engine)
-        else:
-            load_task = asyncio.create_task(load_in_background())
+        for spec, engine in loaded:
+            state.add_loaded_engine(spec, engine)
+        load_task = asyncio.create_task(load_in_background()) if specs else None
         try:
             yield
         finally:
             if load_task is not None and not load_task.done():
                 load_task.cancel()
-            if state.engine is not None:
-                state.engine.shutdown()
-
-    from inferd import __version__
+            state.shutdown()
 
     app = FastAPI(
         title="inferd",
-        version=__version__,
-        description="OpenAI-compatible LLM serving (routes tagged `OpenAI-compatible`) plus inferd's own routes.",
+        version=importlib.metadata.version("inferd"),
+        description="One server for LLMs (OpenAI-compatible chat and completions), embedding models "
+                    "(OpenAI-compatible embeddings) and inferd's own routes. Every request names its model.",
         lifespan=lifespan,
         openapi_tags=[
             {"name": "OpenAI-compatible", "description": "OpenAI's API shape; the official openai client works."},
@@ -238,6 +200,7 @@ def build_app(
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(ops_router)
+    app.include_router(collections_router)
     app.add_middleware(GuardMiddleware, state=state)
     return app
 
@@ -302,26 +265,35 @@ def _configure_logging(level: str) -> None:
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `serve` to the CLI: the engine flags shared with other commands, then the server's own."""
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
-    EngineArgs.add_cli_args(p)
+    """Add `serve` to the CLI: the model table, the engine flags every LLM starts from, then the server's own.
+    cli.py resolves the model table through the store and calls `serve_main(args, specs)`."""
+    p = subparsers.add_parser("serve", help="HTTP server: OpenAI-compatible LLMs and embeddings, several models at once")
+    t = p.add_argument_group("models")
+    t.add_argument("--model", action="append", default=None, metavar="[NAME=]SOURCE",
+                   help=f"a model to serve (repeatable): catalog name, Hugging Face folder, .gguf file; NAME= sets the "
+                        f"name clients send (default: SOURCE). Default: {DEFAULT_MODEL}")
+    t.add_argument("--models-file", default=None, help="YAML list of models with name, source, kind, options")
+    t.add_argument("--model-repository", default=None, metavar="DIR",
+                   help="a Triton-style repository: one tabular model per folder (<name>/<version>/model.onnx)")
+    t.add_argument("--kind", default=None, choices=[k.value for k in ModelKind],
+                   help="the kind of the single --model when it cannot be inferred")
+    t.add_argument("--served-model-name", default=None, help="the name clients send for the single --model")
+    EngineArgs.add_cli_args(p, include_model=False)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
-    g.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="answer 429 when more than this many requests wait to be scheduled")
     g.add_argument("--max-body-bytes", default=str(DEFAULT_MAX_BODY_BYTES), help="largest request body, e.g. 4MiB")
     g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="seconds in-flight requests may run after SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=serve_main)
     return p
 
 
-def serve_main(args: argparse.Namespace) -> int:
-    """Serve until stopped; 0 after a clean stop (SIGTERM drain included), 1 if the model failed to load."""
+def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
+    """Serve until stopped; 0 after a clean stop (SIGTERM drain included), 1 if a model failed to load."""
     _configure_logging(args.log_level)
     engine_args = EngineArgs.from_cli(args)
     engine_args.validate_static()
@@ -329,23 +301,24 @@ def serve_main(args: argparse.Namespace) -> int:
         raise ValueError(f"max_queue must be >= 1, got {args.max_queue}")
     if args.drain_timeout < 0:
         raise ValueError(f"drain_timeout must be >= 0 seconds, got {args.drain_timeout}")
+    llm_defaults = {k: v for k, v in vars(engine_args).items() if k not in ("model", "served_model_name")}
     options = ServerOptions(
-        served_model_name=args.served_model_name or args.model or DEFAULT_MODEL,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_queue=args.max_queue,
         max_body_bytes=parse_size_bytes(args.max_body_bytes, "max_body_bytes"),
         drain_timeout_s=args.drain_timeout,
+        llm_defaults=llm_defaults,
     )
     exit_status = 0
     server: Any = None
 
-    def on_load_failure() -> None:
+    def on_load_failure(_name: str) -> None:
         nonlocal exit_status
         exit_status = 1
         if server is not None:
             server.should_exit = True
 
-    app = build_app(options, engine_args, on_load_failure=on_load_failure)
+    app = build_app(options, specs, on_load_failure=on_load_failure)
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -53,6 +53,13 @@ class APIError(Exception):
         self.headers = headers
 
 
+class InvalidParameter(APIError):
+    """A 400 about one request field, named by `param` (OpenAI's `error.param`)."""
+
+    def __init__(self, param: str, message: str, *, code: str = "invalid_value", status_code: int = 400) -> None:
+        super().__init__(status_code, message, param=param, code=code)
+
+
 def error_body(status_code: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     error_type = _TYPE_BY_STATUS.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
@@ -69,7 +76,9 @@ def error_response(
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code="invalid_value" if param else None)
+    if param is not None:
+        return InvalidParameter(param, message)
+    return APIError(400, message)
 
 
 def from_value_error(exc: ValueError, param_names: dict[str, str] | None = None) -> APIError:
@@ -79,6 +88,12 @@ def from_value_error(exc: ValueError, param_names: dict[str, str] | None = None)
     `logprobs`; chat's `prompt` is `messages`).
     """
     message = str(exc)
+    param_of_error = getattr(exc, "param", None)  # inferd.errors.InvalidParameterError names its field
+    if isinstance(param_of_error, str):
+        public = (param_names or {}).get(param_of_error, param_of_error)
+        if message.startswith(param_of_error):
+            message = public + message[len(param_of_error):]
+        return InvalidParameter(public, message)
     first_word = message.split(" ", 1)[0].rstrip(":")
     param = first_word if first_word.isidentifier() else None
     if param is not None and param_names and param in param_names:

@@ -1,7 +1,8 @@
 """Layer 5: turns plain engine and request statistics into Prometheus series.
 
 The ONLY module that imports prometheus_client. Each app owns its own CollectorRegistry, so two apps in one
-process (tests, benchmarks) never share or clash over series. Every series carries the label `model_name`.
+process (tests, benchmarks) never share or clash over series. Every series carries the label `model_name`
+(vLLM's convention), one per served model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ _TOKEN_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5
 )
 _REQUEST_BUCKETS_S = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 240.0, 480.0)
+
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_BATCH_COST_BUCKETS = (1, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -35,54 +39,28 @@ class FinishedRequestStats:
     time_per_output_token_s: float | None
 
 
-class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+class LLMMetrics:
+    """The series of one `generate` model: its children of the shared families, bound to its model_name."""
+
+    def __init__(self, families: dict[str, Any], model_name: str) -> None:
         self.model_name = model_name
-        labels = ["model_name"]
-        r = self.registry
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
-
-        def gauge(name: str, doc: str) -> Any:
-            return Gauge(name, doc, labels, registry=r).labels(model_name)
-
-        def counter(name: str, doc: str) -> Any:  # exported as NAME_total
-            return Counter(name, doc, labels, registry=r).labels(model_name)
-
-        self._ttft = histogram(
-            "inferd:time_to_first_token_seconds", "Time from arrival to the first output token.", _TTFT_BUCKETS_S
-        )
-        self._itl = histogram(
-            "inferd:inter_token_latency_seconds", "Time between successive outputs of a request.", _TOKEN_BUCKETS_S
-        )
-        self._tpot = histogram(
-            "inferd:time_per_output_token_seconds", "Mean time per output token after the first.", _TOKEN_BUCKETS_S
-        )
-        self._e2e = histogram(
-            "inferd:e2e_request_latency_seconds", "Time from arrival to the last output.", _REQUEST_BUCKETS_S
-        )
-        self._queue = histogram(
-            "inferd:request_queue_time_seconds", "Time from arrival to first scheduled.", _REQUEST_BUCKETS_S
-        )
-        self._num_running = gauge("inferd:num_requests_running", "Requests in the running batch.")
-        self._num_waiting = gauge("inferd:num_requests_waiting", "Requests waiting to be scheduled.")
-        self._kv_usage = gauge("inferd:kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1).")
-        self._prompt_tokens = counter("inferd:prompt_tokens", "Prompt tokens scheduled (computed or cached).")
-        self._generation_tokens = counter("inferd:generation_tokens", "Tokens generated, aborted requests' included.")
-        self._prefix_queries = counter("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
-        self._prefix_hits = counter("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
-        self._success = Counter(
-            "inferd:request_success", "Finished completions by finish reason.", ["model_name", "finished_reason"], registry=r
-        )
+        f = families
+        self._ttft = f["ttft"].labels(model_name)
+        self._itl = f["itl"].labels(model_name)
+        self._tpot = f["tpot"].labels(model_name)
+        self._e2e = f["e2e"].labels(model_name)
+        self._queue = f["queue"].labels(model_name)
+        self._num_running = f["num_running"].labels(model_name)
+        self._num_waiting = f["num_waiting"].labels(model_name)
+        self._kv_usage = f["kv_usage"].labels(model_name)
+        self._success = f["success"]
         # The engine's token counters are cumulative; each Prometheus counter advances by the difference since the
         # previous read, keyed by the EngineStats field it mirrors.
         self._engine_counters = {
-            "num_prompt_tokens": self._prompt_tokens,
-            "num_generation_tokens": self._generation_tokens,
-            "num_prefix_cache_queries_tokens": self._prefix_queries,
-            "num_prefix_cache_hits_tokens": self._prefix_hits,
+            "num_prompt_tokens": f["prompt_tokens"].labels(model_name),
+            "num_generation_tokens": f["generation_tokens"].labels(model_name),
+            "num_prefix_cache_queries_tokens": f["prefix_queries"].labels(model_name),
+            "num_prefix_cache_hits_tokens": f["prefix_hits"].labels(model_name),
         }
         self._last_engine_counts = dict.fromkeys(self._engine_counters, 0)
 
@@ -110,6 +88,90 @@ class ServerMetrics:
             count = getattr(stats, field_name)
             counter.inc(max(count - self._last_engine_counts[field_name], 0))
             self._last_engine_counts[field_name] = count
+
+
+class ServerMetrics:
+    """Every series of one app. LLM series are vLLM's set under `inferd:`; models of the batched kinds (embed,
+    tabular) share request / batch series (Triton's ideas: queue time, compute time, batch size) with a `kind`
+    label beside `model_name`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        m = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], labels: list[str] = m) -> Any:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, m, registry=r)
+
+        def counter(name: str, doc: str, labels: list[str] = m) -> Any:  # exported as NAME_total
+            return Counter(name, doc, labels, registry=r)
+
+        self._families = {
+            "ttft": histogram("inferd:time_to_first_token_seconds", "Time from arrival to the first output token.",
+                              _TTFT_BUCKETS_S),
+            "itl": histogram("inferd:inter_token_latency_seconds", "Time between successive outputs of a request.",
+                             _TOKEN_BUCKETS_S),
+            "tpot": histogram("inferd:time_per_output_token_seconds", "Mean time per output token after the first.",
+                              _TOKEN_BUCKETS_S),
+            "e2e": histogram("inferd:e2e_request_latency_seconds", "Time from arrival to the last output.",
+                             _REQUEST_BUCKETS_S),
+            "queue": histogram("inferd:request_queue_time_seconds", "Time from arrival to first scheduled.",
+                               _REQUEST_BUCKETS_S),
+            "num_running": gauge("inferd:num_requests_running", "Requests in the running batch."),
+            "num_waiting": gauge("inferd:num_requests_waiting", "Requests waiting to be scheduled."),
+            "kv_usage": gauge("inferd:kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1)."),
+            "prompt_tokens": counter("inferd:prompt_tokens", "Prompt tokens scheduled (computed or cached)."),
+            "generation_tokens": counter("inferd:generation_tokens", "Tokens generated, aborted requests' included."),
+            "prefix_queries": counter("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+            "prefix_hits": counter("inferd:prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+            "success": counter("inferd:request_success", "Finished completions by finish reason.",
+                               ["model_name", "finished_reason"]),
+        }
+        kind_labels = ["model_name", "kind"]
+        self._requests = counter("inferd:requests", "Requests answered, by status (ok, error, aborted).",
+                                 ["model_name", "kind", "status"])
+        self._request_duration = histogram("inferd:request_duration_seconds",
+                                           "Time from arrival to the answer (embed, tabular).", _TTFT_BUCKETS_S,
+                                           kind_labels)
+        self._request_items = counter("inferd:request_items", "Inputs answered (texts, rows).", kind_labels)
+        self._request_tokens = counter("inferd:request_tokens", "Input tokens processed (embed).", kind_labels)
+        self._batch_queue = histogram("inferd:batch_queue_time_seconds",
+                                      "Per input: time from submit to the start of its batch.", _TTFT_BUCKETS_S,
+                                      kind_labels)
+        self._batch_compute = histogram("inferd:batch_compute_time_seconds", "Time one batch ran the model.",
+                                        _TTFT_BUCKETS_S, kind_labels)
+        self._batch_size = histogram("inferd:batch_size", "Inputs per batch.", _BATCH_SIZE_BUCKETS, kind_labels)
+        self._batch_cost = histogram("inferd:batch_tokens", "Cost per batch (tokens for embed, rows for tabular).",
+                                     _BATCH_COST_BUCKETS, kind_labels)
+        self._llm: dict[str, LLMMetrics] = {}
+
+    def llm(self, model_name: str) -> LLMMetrics:
+        metrics = self._llm.get(model_name)
+        if metrics is None:
+            metrics = self._llm[model_name] = LLMMetrics(self._families, model_name)
+        return metrics
+
+    def observe_batch(self, model_name: str, kind: Any, record: Any) -> None:
+        """`record`: an inferd.batching.BatchRecord (called on the batcher's worker thread; the client is thread-safe)."""
+        labels = (model_name, str(getattr(kind, "value", kind)))
+        queue = self._batch_queue.labels(*labels)
+        for seconds in record.queue_times_s:
+            queue.observe(max(seconds, 0.0))
+        self._batch_compute.labels(*labels).observe(record.compute_time_s)
+        self._batch_size.labels(*labels).observe(record.num_items)
+        self._batch_cost.labels(*labels).observe(record.cost)
+
+    def observe_request(self, model_name: str, kind: Any, status: str, duration_s: float, num_items: int,
+                        num_tokens: int = 0) -> None:
+        kind_name = str(getattr(kind, "value", kind))
+        self._requests.labels(model_name, kind_name, status).inc()
+        self._request_duration.labels(model_name, kind_name).observe(max(duration_s, 0.0))
+        self._request_items.labels(model_name, kind_name).inc(num_items)
+        if num_tokens:
+            self._request_tokens.labels(model_name, kind_name).inc(num_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -165,8 +165,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "inferd"
-    root: str | None = None
-    max_model_len: int | None = None
+    root: str | None = None  # the local path the model was loaded from
+    kind: Literal["generate", "embed", "tabular"] = "generate"  # inferd's extension: what the model does
+    status: str | None = None  # loading | ready | failed | unloaded | stopped
+    max_model_len: int | None = None  # tokens per sequence (generate: prompt + output; embed: input)
+    dimensions: int | None = None  # embed: the length of each vector
 
 
 class ModelList(BaseModel):

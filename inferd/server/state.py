@@ -1,16 +1,27 @@
-"""Layer 5: what every route of one app shares: options, the engine once loaded, metrics, drain state."""
+"""Layer 5: what every route of one app shares: options, the model table, metrics, drain state.
+
+The model table maps a served name to a `ServedModel`: its spec (resolved path, kind, options), its engine (any
+`inferd.serving.ServedEngine`) once loaded, and its status. Routes find their model with
+`state.get_model(body.model, kind)`, which answers 404 (unknown name, listing the served ones), 400 (a model of
+another kind) or 503 (loading, failed, unloaded) itself.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from inferd.engine.async_engine import AsyncEngine
-from inferd.server.errors import APIError
-from inferd.server.metrics import FinishedRequestStats, ServerMetrics
+from inferd.serving import ModelKind, ModelSpec, ServedEngine
+from inferd.server.errors import APIError, InvalidParameter
+from inferd.server.metrics import FinishedRequestStats, LLMMetrics, ServerMetrics
 
+logger = logging.getLogger("inferd.server")
 request_logger = logging.getLogger("inferd.requests")
 
 # The guard middleware stamps each HTTP request's arrival (time.monotonic()) into its ASGI scope under this key.
@@ -21,56 +32,212 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 # Logprobs must be JSON numbers; -inf (an impossible token) is reported as this, as OpenAI-compatible servers do.
 MIN_LOGPROB = -9999.0
 
+# What each kind of route serves, for the wrong-kind error.
+_KIND_ROUTES = {
+    ModelKind.GENERATE: "chat/completions and completions",
+    ModelKind.EMBED: "embeddings",
+    ModelKind.TABULAR: "Open Inference Protocol inference (/v2/models/{name}/infer)",
+}
+
 
 @dataclass(frozen=True)
 class ServerOptions:
-    served_model_name: str
     api_key: str | None = None
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting (not yet running) beyond this get 429
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     retry_after_s: int = 1
+    # Engine flags every `generate` model starts from (the CLI's --device, --quantization, ...); a models-file
+    # entry's options override them for that model.
+    llm_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _load_generate(spec: ModelSpec, options: Mapping[str, Any], on_batch: Any) -> ServedEngine:
+    from inferd.engine.async_engine import AsyncEngine
+
+    return AsyncEngine.from_path(spec.source, options, on_batch=on_batch)
+
+
+def _load_embed(spec: ModelSpec, options: Mapping[str, Any], on_batch: Any) -> ServedEngine:
+    from inferd.embeddings import AsyncEmbedEngine
+
+    return AsyncEmbedEngine.from_path(spec.source, options, on_batch=on_batch)
+
+
+def _load_tabular(spec: ModelSpec, options: Mapping[str, Any], on_batch: Any) -> ServedEngine:
+    from inferd.tabular import TabularEngine
+
+    return TabularEngine.from_path(spec.source, options, on_batch=on_batch)
+
+
+# The loader of each kind, run on a loading thread: (spec, options, on_batch) -> an engine not yet started.
+ENGINE_LOADERS: dict[ModelKind, Callable[[ModelSpec, Mapping[str, Any], Any], ServedEngine]] = {
+    ModelKind.GENERATE: _load_generate,
+    ModelKind.EMBED: _load_embed,
+    ModelKind.TABULAR: _load_tabular,
+}
+
+
+class ServedModel:
+    """One row of the model table."""
+
+    def __init__(self, spec: ModelSpec, metrics: ServerMetrics) -> None:
+        assert spec.kind is not None, "specs reach the server resolved"
+        self.spec = spec
+        self.kind: ModelKind = spec.kind
+        self.engine: Any = None  # a ServedEngine once loaded
+        self.status = "loading"  # loading | ready | failed | unloaded
+        self.load_error: str | None = None
+        self.load_time_s: float | None = None
+        self.llm_metrics: LLMMetrics | None = metrics.llm(spec.name) if spec.kind is ModelKind.GENERATE else None
+        self._token_texts: dict[int, str] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == "ready" and self.engine is not None and self.engine.is_running
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token decodes to on its own (special tokens kept), cached per id (generate models)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_texts[token_id] = text
+        return text
+
+    def describe(self) -> dict[str, Any]:
+        status = "stopped" if self.status == "ready" and not self.is_ready else self.status
+        entry: dict[str, Any] = {"kind": self.kind.value, "status": status}
+        if self.load_error is not None:
+            entry["error"] = self.load_error
+        return entry
 
 
 class ServerState:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
-        self.metrics = ServerMetrics(options.served_model_name)
-        self.engine: AsyncEngine | None = None
-        self.load_error: str | None = None
+        self.metrics = ServerMetrics()
+        self.models: dict[str, ServedModel] = {}
         self.is_draining = False
         self.num_in_flight = 0  # HTTP requests inside the app (streams count until their last byte)
-        self._token_texts: dict[int, str] = {}
+        self.on_load_failure: Callable[[str], None] | None = None
 
-    @property
-    def served_model_name(self) -> str:
-        return self.options.served_model_name
+    # ------------------------------------------------------------------------------------------ the table
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and self.engine.is_running and not self.is_draining
+        return bool(self.models) and all(m.is_ready for m in self.models.values()) and not self.is_draining
 
-    def require_engine(self) -> AsyncEngine:
+    def get_model(self, name: str | None, kind: ModelKind) -> ServedModel:
+        """The ready model a request names (None: the only model of that kind), or the APIError that explains."""
         if self.is_draining:
             raise APIError(503, "server is shutting down", code="shutting_down")
-        if self.load_error is not None:
-            raise APIError(503, f"model failed to load: {self.load_error}", code="model_load_failed")
-        if self.engine is None:
-            raise APIError(503, "model is still loading; retry shortly", code="model_loading", headers={"Retry-After": "1"})
-        if not self.engine.is_running:
-            raise APIError(503, "engine is not running", code="engine_stopped")
-        return self.engine
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
-            raise APIError(
-                404,
-                f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
-                param="model",
-                code="model_not_found",
+        if name is None:
+            of_kind = [m for m in self.models.values() if m.kind is kind]
+            if len(of_kind) != 1:
+                raise InvalidParameter("model", f"model is required: this server serves {self._names_by_kind()}")
+            served = of_kind[0]
+        else:
+            served = self.models.get(name)
+            if served is None:
+                raise APIError(
+                    404, f"model {name!r} does not exist; served models: {self._names_by_kind()}",
+                    param="model", code="model_not_found",
+                )
+        if served.kind is not kind:
+            raise InvalidParameter(
+                "model",
+                f"model {served.name!r} is a {served.kind.value} model; this route needs a {kind.value} model "
+                f"(it serves {_KIND_ROUTES[served.kind]})",
+                code="wrong_model_kind",
             )
+        if served.status == "loading":
+            raise APIError(503, f"model {served.name!r} is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "1"})
+        if served.status == "failed":
+            raise APIError(503, f"model {served.name!r} failed to load: {served.load_error}", code="model_load_failed")
+        if served.status == "unloaded":
+            raise APIError(503, f"model {served.name!r} is unloaded; load it again first", code="model_unloaded")
+        if not served.engine.is_running:
+            raise APIError(503, f"the engine of model {served.name!r} is not running", code="engine_stopped")
+        return served
 
-    def check_queue(self, engine: AsyncEngine, num_new_requests: int) -> None:
+    def _names_by_kind(self) -> str:
+        return ", ".join(f"{name!r} ({m.kind.value})" for name, m in self.models.items()) or "none"
+
+    def add_models(self, specs: list[ModelSpec]) -> list[ServedModel]:
+        added = []
+        for spec in specs:
+            if spec.name in self.models:
+                raise ValueError(f"model name {spec.name!r} is served already")
+            added.append(ServedModel(spec, self.metrics))
+            self.models[spec.name] = added[-1]
+        return added
+
+    def add_loaded_engine(self, spec: ModelSpec, engine: Any) -> ServedModel:
+        """Put an engine that is already loaded into the table and start it (tests, benchmarks)."""
+        (served,) = self.add_models([spec])
+        self._start(served, engine)
+        return served
+
+    async def load_model(self, spec: ModelSpec) -> ServedModel:
+        """Load (or reload) a model on a loading thread, then start it; returns its row, ready or failed."""
+        served = self.models.get(spec.name)
+        if served is None:
+            (served,) = self.add_models([spec])
+        else:
+            if served.engine is not None:
+                served.engine.shutdown()
+            served.spec, served.engine, served.status, served.load_error = spec, None, "loading", None
+        started = time.monotonic()
+        options = dict(spec.options)
+        if served.kind is ModelKind.GENERATE:
+            options = {**self.options.llm_defaults, **options, "served_model_name": spec.name}
+        kind = served.kind
+
+        def on_batch(record: Any) -> None:
+            self.metrics.observe_batch(spec.name, kind, record)
+
+        try:
+            engine = await _run_in_daemon_thread(ENGINE_LOADERS[kind], spec, options, on_batch)
+        except Exception as exc:
+            served.status, served.load_error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.error("model %s failed to load: %s", spec.name, served.load_error, exc_info=exc)
+            if self.on_load_failure is not None:
+                self.on_load_failure(spec.name)
+            return served
+        self._start(served, engine)
+        served.load_time_s = time.monotonic() - started
+        logger.info("model %s (%s) ready in %.1f s", spec.name, kind.value, served.load_time_s)
+        return served
+
+    def _start(self, served: ServedModel, engine: Any) -> None:
+        engine.start()
+        served.engine = engine
+        served.status = "ready"
+
+    async def unload_model(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            raise APIError(404, f"model {name!r} does not exist; served models: {self._names_by_kind()}",
+                           param="model", code="model_not_found")
+        if served.engine is not None:
+            engine, served.engine = served.engine, None
+            await asyncio.to_thread(engine.shutdown)
+        served.status = "unloaded"
+        return served
+
+    def shutdown(self) -> None:
+        for served in self.models.values():
+            if served.engine is not None:
+                served.engine.shutdown()
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def check_queue(self, engine: Any, num_new_requests: int) -> None:
         num_waiting = engine.num_waiting_requests()
         if num_waiting + num_new_requests > self.options.max_queue:
             raise APIError(
@@ -80,27 +247,55 @@ class ServerState:
                 headers={"Retry-After": str(self.options.retry_after_s)},
             )
 
-    def token_text(self, token_id: int) -> str:
-        """The text one token decodes to on its own (special tokens kept), cached per id."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            assert self.engine is not None
-            text = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._token_texts[token_id] = text
-        return text
+    def record_request(
+        self, served: ServedModel, request_id: str, stats: FinishedRequestStats, status: str, duration_s: float
+    ) -> None:
+        assert served.llm_metrics is not None
+        served.llm_metrics.observe_finished_request(stats)
+        log_request(served.name, request_id, stats, status, duration_s)
 
-    def record_request(self, request_id: str, stats: FinishedRequestStats, status: str, duration_s: float) -> None:
-        self.metrics.observe_finished_request(stats)
-        log_request(request_id, stats, status, duration_s)
+    def refresh_engine_metrics(self) -> None:
+        """Copy every LLM engine's latest stats into its gauges and counters (before /metrics renders)."""
+        for served in self.models.values():
+            if served.llm_metrics is not None and served.engine is not None:
+                stats = served.engine.get_stats()
+                if stats is not None:
+                    served.llm_metrics.set_engine_stats(stats)
 
 
-def log_request(request_id: str, stats: FinishedRequestStats, status: str, duration_s: float) -> None:
+def _run_in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """fn(*args) on a daemon thread (a shutdown during loading must not wait for it), awaited on this loop."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - reported to the event loop
+            loop.call_soon_threadsafe(settle, None, exc)
+            return
+        loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="inferd-model-load", daemon=True).start()
+    return future
+
+
+def log_request(model_name: str, request_id: str, stats: FinishedRequestStats, status: str, duration_s: float) -> None:
     """One JSON line per request (to the `inferd.requests` logger)."""
     if not request_logger.isEnabledFor(logging.INFO):
         return
     line: dict[str, Any] = {
         "event": "request",
         "id": request_id,
+        "model": model_name,
         "status": status,
         "prompt_tokens": stats.num_prompt_tokens,
         "output_tokens": stats.num_generation_tokens,

@@ -34,7 +34,8 @@ from inferd.server.protocol import (
     ErrorResponse,
     SamplingRequestFields,
 )
-from inferd.server.state import ARRIVAL_TIME_SCOPE_KEY, MIN_LOGPROB, ServerState
+from inferd.server.state import ARRIVAL_TIME_SCOPE_KEY, MIN_LOGPROB, ServedModel, ServerState
+from inferd.serving import ModelKind
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -161,8 +162,11 @@ class _TrackedRequest:
     """One engine request as the server sees it: its outputs feed the inter-token histogram, and when it ends
     (finished, aborted by a disconnect, or failed) its metrics and its JSON log line are recorded once."""
 
-    def __init__(self, state: ServerState, stream: RequestStream, arrival_time: float, num_prompt_tokens: int) -> None:
+    def __init__(
+        self, state: ServerState, served: ServedModel, stream: RequestStream, arrival_time: float, num_prompt_tokens: int
+    ) -> None:
         self.state = state
+        self.served = served
         self.stream = stream
         self.arrival_time = arrival_time
         self.num_prompt_tokens = num_prompt_tokens
@@ -172,7 +176,8 @@ class _TrackedRequest:
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         previous_output_time: float | None = None
-        observe_itl = self.state.metrics.observe_inter_token_latency
+        assert self.served.llm_metrics is not None
+        observe_itl = self.served.llm_metrics.observe_inter_token_latency
         try:
             async for output in self.stream:
                 now = time.monotonic()
@@ -196,7 +201,7 @@ class _TrackedRequest:
         self._is_closed = True
         await self.stream.aclose()
         stats = _finished_stats(self._last, self.num_prompt_tokens)
-        self.state.record_request(self.stream.request_id, stats, self._status, time.monotonic() - self.arrival_time)
+        self.state.record_request(self.served, self.stream.request_id, stats, self._status, time.monotonic() - self.arrival_time)
 
 
 async def _collect(tracked: _TrackedRequest) -> RequestOutput:
@@ -303,7 +308,7 @@ def _top(candidates: dict[int, float], num_top: int) -> list[tuple[int, float]]:
 
 
 def _chat_logprobs(
-    state: ServerState, completion: CompletionOutput, token_ids: Sequence[int], start: int, num_top: int
+    served: ServedModel, completion: CompletionOutput, token_ids: Sequence[int], start: int, num_top: int
 ) -> list[dict[str, Any]]:
     """OpenAI chat `logprobs.content` entries for completion.token_ids[start : start + len(token_ids)].
 
@@ -313,10 +318,10 @@ def _chat_logprobs(
     all_candidates = completion.logprobs or []
     for offset, token_id in enumerate(token_ids):
         candidates = all_candidates[start + offset] if start + offset < len(all_candidates) else {}
-        text = state.token_text(token_id)
+        text = served.token_text(token_id)
         top = []
         for top_id, top_logprob in _top(candidates, num_top):
-            top_text = state.token_text(top_id)
+            top_text = served.token_text(top_id)
             top.append({"token": top_text, "logprob": _json_logprob(top_logprob), "bytes": list(top_text.encode())})
         entries.append(
             {"token": text, "logprob": _json_logprob(candidates.get(token_id)), "bytes": list(text.encode()), "top_logprobs": top}
@@ -325,7 +330,7 @@ def _chat_logprobs(
 
 
 def _completion_logprobs(
-    state: ServerState,
+    served: ServedModel,
     completion: CompletionOutput,
     token_ids: Sequence[int],
     start: int,
@@ -340,10 +345,10 @@ def _completion_logprobs(
     all_candidates = completion.logprobs or []
     for offset, token_id in enumerate(token_ids):
         candidates = all_candidates[start + offset] if start + offset < len(all_candidates) else {}
-        text = state.token_text(token_id)
+        text = served.token_text(token_id)
         tokens.append(text)
         token_logprobs.append(_json_logprob(candidates.get(token_id)))
-        top_logprobs.append({state.token_text(i): _json_logprob(lp) for i, lp in _top(candidates, num_top)})
+        top_logprobs.append({served.token_text(i): _json_logprob(lp) for i, lp in _top(candidates, num_top)})
         text_offsets.append(text_offset)
         text_offset += len(text)
     logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offsets}
@@ -361,6 +366,117 @@ def _error_event(exc: BaseException) -> str:
     return _sse(error_body(500, f"generation failed: {exc}"))
 
 
+# ---------------------------------------------------------------------------------------------- shared path
+
+
+async def _start_requests(
+    state: ServerState,
+    served: ServedModel,
+    request_id: str,
+    prompt_token_ids_list: list[list[int]],
+    params: SamplingParams,
+    arrival_time: float,
+    param_names: dict[str, str],
+) -> list[_TrackedRequest]:
+    """Queue one engine request per prompt (all or none: a rejected one aborts those already queued)."""
+    engine: AsyncEngine = served.engine
+    state.check_queue(engine, len(prompt_token_ids_list))
+    tracked: list[_TrackedRequest] = []
+    try:
+        for i, prompt_token_ids in enumerate(prompt_token_ids_list):
+            engine_request_id = request_id if len(prompt_token_ids_list) == 1 else f"{request_id}-{i}"
+            stream = await _add_request(engine, engine_request_id, prompt_token_ids, params, arrival_time, param_names)
+            tracked.append(_TrackedRequest(state, served, stream, arrival_time, len(prompt_token_ids)))
+    except BaseException:
+        for t in tracked:
+            await t.close()
+        raise
+    return tracked
+
+
+# (choice index, completion, new text, new token ids) -> one choice of a stream chunk
+ChunkChoice = Callable[[int, CompletionOutput, str, Sequence[int]], dict[str, Any]]
+
+
+async def _event_stream(
+    tracked: Sequence[_TrackedRequest],
+    base: dict[str, Any],
+    n: int,
+    include_usage: bool,
+    first_choices: list[dict[str, Any]] | None,
+    chunk_choice: ChunkChoice,
+) -> AsyncIterator[str]:
+    """The SSE events of a chat or completions stream: `first_choices` (chat's role delta, completions' echo), one
+    chunk per engine output with a choice per completion that advanced (index = prompt index * n + completion
+    index), usage last when asked, an error event if the engine failed, then [DONE]."""
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        payload = {**base, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return _sse(payload)
+
+    async with aclosing(_merge(tracked)) as outputs:
+        try:
+            if first_choices:
+                yield chunk(first_choices)
+            finished_indices: set[int] = set()
+            last_outputs: dict[int, RequestOutput] = {}
+            async for prompt_index, output in outputs:
+                last_outputs[prompt_index] = output
+                choices = []
+                for position, completion in enumerate(output.outputs):
+                    index = prompt_index * n + completion.index
+                    if index in finished_indices:
+                        continue
+                    delta_text = output.delta_texts[position]
+                    delta_ids = output.delta_token_ids[position]
+                    if not delta_text and not delta_ids and completion.finish_reason is None:
+                        continue
+                    choices.append(chunk_choice(index, completion, delta_text, delta_ids))
+                    if completion.finish_reason is not None:
+                        finished_indices.add(index)
+                if choices:
+                    yield chunk(choices)
+            if include_usage and last_outputs:
+                yield chunk([], _usage([last_outputs[i] for i in sorted(last_outputs)]))
+        except RequestError as exc:
+            yield _error_event(exc)
+        yield _DONE
+
+
+async def _respond(
+    request: Request,
+    tracked: list[_TrackedRequest],
+    *,
+    stream: bool,
+    base: dict[str, Any],
+    n: int,
+    include_usage: bool,
+    first_choices: list[dict[str, Any]] | None,
+    chunk_choice: ChunkChoice,
+    final_choice: Callable[[int, int, CompletionOutput], dict[str, Any]],
+    response_type: Callable[..., Any],
+) -> Any:
+    """Stream (SSE) or collect the final outputs into one response; a client that left aborts every request."""
+    if stream:
+        return _EventStreamResponse(_event_stream(tracked, base, n, include_usage, first_choices, chunk_choice), tracked)
+    outputs = await _collect_unless_disconnected(request, tracked)
+    if outputs is None:
+        return Response(status_code=_CLIENT_CLOSED_STATUS)
+    choices = [
+        final_choice(prompt_index * n + completion.index, prompt_index, completion)
+        for prompt_index, output in enumerate(outputs)
+        for completion in output.outputs
+    ]
+    return response_type(id=base["id"], created=base["created"], model=base["model"], choices=choices,
+                         usage=_usage(outputs))
+
+
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 # ---------------------------------------------------------------------------------------------- chat
 
 
@@ -373,8 +489,8 @@ def _error_event(exc: BaseException) -> str:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     state = _state(request)
     arrival_time = _arrival_time(request)
-    engine = state.require_engine()
-    state.check_model(body.model)
+    served = state.get_model(body.model, ModelKind.GENERATE)
+    engine: AsyncEngine = served.engine
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
 
@@ -402,93 +518,44 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         logprobs=num_top_logprobs,
         param_names=param_names,
     )
-    state.check_queue(engine, 1)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await _add_request(engine, request_id, prompt_token_ids, params, arrival_time, param_names)
-    tracked = _TrackedRequest(state, stream, arrival_time, len(prompt_token_ids))
-    created = int(time.time())
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _EventStreamResponse(
-            _chat_stream(state, tracked, request_id, created, body.n, include_usage, num_top_logprobs), [tracked]
-        )
+    tracked = await _start_requests(state, served, request_id, [prompt_token_ids], params, arrival_time, param_names)
 
-    outputs = await _collect_unless_disconnected(request, [tracked])
-    if outputs is None:
-        return Response(status_code=_CLIENT_CLOSED_STATUS)
-    output = outputs[0]
-    choices = []
-    for completion in output.outputs:
-        logprobs = None
-        if num_top_logprobs is not None:
-            logprobs = {"content": _chat_logprobs(state, completion, completion.token_ids, 0, num_top_logprobs)}
-        choices.append(
-            {
-                "index": completion.index,
-                "message": {"role": "assistant", "content": completion.text},
-                "logprobs": logprobs,
-                "finish_reason": completion.finish_reason,
-            }
-        )
-    return ChatCompletionResponse(
-        id=request_id, created=created, model=state.served_model_name, choices=choices, usage=_usage(outputs)
+    def logprobs_of(completion: CompletionOutput, token_ids: Sequence[int]) -> dict[str, Any] | None:
+        if num_top_logprobs is None:
+            return None
+        start = len(completion.token_ids) - len(token_ids)
+        return {"content": _chat_logprobs(served, completion, token_ids, start, num_top_logprobs)}
+
+    def chunk_choice(index: int, completion: CompletionOutput, delta_text: str, delta_ids: Sequence[int]) -> dict[str, Any]:
+        return {
+            "index": index,
+            "delta": {"content": delta_text} if (delta_text or delta_ids) else {},
+            "logprobs": logprobs_of(completion, delta_ids) if delta_ids else None,
+            "finish_reason": completion.finish_reason,
+        }
+
+    def final_choice(index: int, _prompt_index: int, completion: CompletionOutput) -> dict[str, Any]:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": completion.text},
+            "logprobs": logprobs_of(completion, completion.token_ids),
+            "finish_reason": completion.finish_reason,
+        }
+
+    role_delta = {"role": "assistant", "content": ""}
+    return await _respond(
+        request,
+        tracked,
+        stream=body.stream,
+        base={"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": served.name},
+        n=body.n,
+        include_usage=_include_usage(body),
+        first_choices=[{"index": i, "delta": role_delta, "logprobs": None, "finish_reason": None} for i in range(body.n)],
+        chunk_choice=chunk_choice,
+        final_choice=final_choice,
+        response_type=ChatCompletionResponse,
     )
-
-
-async def _chat_stream(
-    state: ServerState,
-    tracked: _TrackedRequest,
-    request_id: str,
-    created: int,
-    n: int,
-    include_usage: bool,
-    num_top_logprobs: int | None,
-) -> AsyncIterator[str]:
-    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.served_model_name}
-
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        payload = {**base, "choices": choices}
-        if include_usage:
-            payload["usage"] = usage
-        return _sse(payload)
-
-    async with aclosing(tracked.outputs()) as outputs:
-        try:
-            role_delta = {"role": "assistant", "content": ""}
-            yield chunk([{"index": i, "delta": role_delta, "logprobs": None, "finish_reason": None} for i in range(n)])
-            finished_indices: set[int] = set()
-            last: RequestOutput | None = None
-            async for output in outputs:
-                last = output
-                choices = []
-                for position, completion in enumerate(output.outputs):
-                    if completion.index in finished_indices:
-                        continue
-                    delta_text = output.delta_texts[position]
-                    delta_ids = output.delta_token_ids[position]
-                    if not delta_text and not delta_ids and completion.finish_reason is None:
-                        continue
-                    logprobs = None
-                    if num_top_logprobs is not None and delta_ids:
-                        start = len(completion.token_ids) - len(delta_ids)
-                        logprobs = {"content": _chat_logprobs(state, completion, delta_ids, start, num_top_logprobs)}
-                    choices.append(
-                        {
-                            "index": completion.index,
-                            "delta": {"content": delta_text} if (delta_text or delta_ids) else {},
-                            "logprobs": logprobs,
-                            "finish_reason": completion.finish_reason,
-                        }
-                    )
-                    if completion.finish_reason is not None:
-                        finished_indices.add(completion.index)
-                if choices:
-                    yield chunk(choices)
-            if include_usage and last is not None:
-                yield chunk([], _usage([last]))
-        except RequestError as exc:
-            yield _error_event(exc)
-        yield _DONE
 
 
 # ---------------------------------------------------------------------------------------------- completions
@@ -513,8 +580,8 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = _state(request)
     arrival_time = _arrival_time(request)
-    engine = state.require_engine()
-    state.check_model(body.model)
+    served = state.get_model(body.model, ModelKind.GENERATE)
+    engine: AsyncEngine = served.engine
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -534,111 +601,48 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
             prompt_token_ids_list.append(list(prompt))
     param_names = {"prompt": "prompt", "logprobs": "logprobs", "max_tokens": "max_tokens"}
     params = _sampling_params(body, engine, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names=param_names)
-    state.check_queue(engine, len(prompts))
-
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    tracked: list[_TrackedRequest] = []
-    try:
-        for i, prompt_token_ids in enumerate(prompt_token_ids_list):
-            engine_request_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            stream = await _add_request(engine, engine_request_id, prompt_token_ids, params, arrival_time, param_names)
-            tracked.append(_TrackedRequest(state, stream, arrival_time, len(prompt_token_ids)))
-    except BaseException:
-        for t in tracked:
-            await t.close()
-        raise
+    tracked = await _start_requests(state, served, request_id, prompt_token_ids_list, params, arrival_time, param_names)
+
     echo_texts = None
     if body.echo:
         echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
-    created = int(time.time())
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return _EventStreamResponse(
-            _completion_stream(state, tracked, request_id, created, body.n, include_usage, body.logprobs, echo_texts),
-            tracked,
-        )
+    num_top_logprobs = body.logprobs
+    text_offsets: dict[int, int] = {}  # choice index -> characters streamed so far (completions' text_offset)
 
-    outputs = await _collect_unless_disconnected(request, tracked)
-    if outputs is None:
-        return Response(status_code=_CLIENT_CLOSED_STATUS)
-    choices = []
-    for prompt_index, output in enumerate(outputs):
-        for completion in output.outputs:
-            prefix = echo_texts[prompt_index] if echo_texts is not None else ""
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs, _ = _completion_logprobs(state, completion, completion.token_ids, 0, body.logprobs, 0)
-            choices.append(
-                {
-                    "index": prompt_index * body.n + completion.index,
-                    "text": prefix + completion.text,
-                    "logprobs": logprobs,
-                    "finish_reason": completion.finish_reason,
-                }
+    def chunk_choice(index: int, completion: CompletionOutput, delta_text: str, delta_ids: Sequence[int]) -> dict[str, Any]:
+        logprobs = None
+        if num_top_logprobs is not None and delta_ids:
+            start = len(completion.token_ids) - len(delta_ids)
+            logprobs, text_offsets[index] = _completion_logprobs(
+                served, completion, delta_ids, start, num_top_logprobs, text_offsets.get(index, 0)
             )
-    return CompletionResponse(
-        id=request_id, created=created, model=state.served_model_name, choices=choices, usage=_usage(outputs)
+        return {"index": index, "text": delta_text, "logprobs": logprobs, "finish_reason": completion.finish_reason}
+
+    def final_choice(index: int, prompt_index: int, completion: CompletionOutput) -> dict[str, Any]:
+        logprobs = None
+        if num_top_logprobs is not None:
+            logprobs, _ = _completion_logprobs(served, completion, completion.token_ids, 0, num_top_logprobs, 0)
+        prefix = echo_texts[prompt_index] if echo_texts is not None else ""
+        return {"index": index, "text": prefix + completion.text, "logprobs": logprobs,
+                "finish_reason": completion.finish_reason}
+
+    first_choices = None
+    if echo_texts is not None:
+        first_choices = [
+            {"index": p * body.n + i, "text": text, "logprobs": None, "finish_reason": None}
+            for p, text in enumerate(echo_texts)
+            for i in range(body.n)
+        ]
+    return await _respond(
+        request,
+        tracked,
+        stream=body.stream,
+        base={"id": request_id, "object": "text_completion", "created": int(time.time()), "model": served.name},
+        n=body.n,
+        include_usage=_include_usage(body),
+        first_choices=first_choices,
+        chunk_choice=chunk_choice,
+        final_choice=final_choice,
+        response_type=CompletionResponse,
     )
-
-
-async def _completion_stream(
-    state: ServerState,
-    tracked: list[_TrackedRequest],
-    request_id: str,
-    created: int,
-    n: int,
-    include_usage: bool,
-    num_top_logprobs: int | None,
-    echo_texts: list[str] | None,
-) -> AsyncIterator[str]:
-    base = {"id": request_id, "object": "text_completion", "created": created, "model": state.served_model_name}
-
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        payload = {**base, "choices": choices}
-        if include_usage:
-            payload["usage"] = usage
-        return _sse(payload)
-
-    text_offsets: dict[int, int] = {}
-    async with aclosing(_merge(tracked)) as outputs:
-        try:
-            if echo_texts is not None:
-                yield chunk(
-                    [
-                        {"index": p * n + i, "text": text, "logprobs": None, "finish_reason": None}
-                        for p, text in enumerate(echo_texts)
-                        for i in range(n)
-                    ]
-                )
-            finished_indices: set[int] = set()
-            last_outputs: dict[int, RequestOutput] = {}
-            async for prompt_index, output in outputs:
-                last_outputs[prompt_index] = output
-                choices = []
-                for position, completion in enumerate(output.outputs):
-                    index = prompt_index * n + completion.index
-                    if index in finished_indices:
-                        continue
-                    delta_text = output.delta_texts[position]
-                    delta_ids = output.delta_token_ids[position]
-                    if not delta_text and not delta_ids and completion.finish_reason is None:
-                        continue
-                    logprobs = None
-                    if num_top_logprobs is not None and delta_ids:
-                        start = len(completion.token_ids) - len(delta_ids)
-                        logprobs, text_offsets[index] = _completion_logprobs(
-                            state, completion, delta_ids, start, num_top_logprobs, text_offsets.get(index, 0)
-                        )
-                    choices.append(
-                        {"index": index, "text": delta_text, "logprobs": logprobs, "finish_reason": completion.finish_reason}
-                    )
-                    if completion.finish_reason is not None:
-                        finished_indices.add(index)
-                if choices:
-                    yield chunk(choices)
-            if include_usage and last_outputs:
-                yield chunk([], _usage([last_outputs[i] for i in sorted(last_outputs)]))
-        except RequestError as exc:
-            yield _error_event(exc)
-        yield _DONE
-

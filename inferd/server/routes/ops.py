@@ -1,4 +1,5 @@
-"""Layer 5: operations routes: health, Prometheus metrics, the model list, and inferd's own tokenize/detokenize."""
+"""Layer 5: operations routes: health (per model), Prometheus metrics, the model list (every kind), and inferd's own
+tokenize/detokenize (generate models)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from inferd.server.errors import bad_request
+from inferd.server.errors import APIError, bad_request
 from inferd.server.metrics import CONTENT_TYPE
 from inferd.server.protocol import (
     DetokenizeRequest,
@@ -19,7 +20,8 @@ from inferd.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from inferd.server.state import ServerState
+from inferd.server.state import ServedModel, ServerState
+from inferd.serving import ModelKind
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
@@ -30,39 +32,61 @@ def _state(request: Request) -> ServerState:
     return request.app.state.inferd
 
 
-@router.get("/health", tags=["inferd"], summary="200 when the model is loaded and the server accepts requests, else 503")
+@router.get(
+    "/health",
+    tags=["inferd"],
+    summary="200 when every model is loaded and the server accepts requests, else 503; per-model status in the body",
+)
 async def health(request: Request) -> JSONResponse:
     state = _state(request)
+    models = {name: served.describe() for name, served in state.models.items()}
     if state.is_draining:
-        return JSONResponse({"status": "draining"}, status_code=503)
-    if state.load_error is not None:
-        return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
-    if state.engine is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
-    if not state.engine.is_running:
-        return JSONResponse({"status": "stopped"}, status_code=503)
-    return JSONResponse({"status": "ok", "model": state.served_model_name})
+        status = "draining"
+    elif state.is_ready:
+        status = "ok"
+    elif any(m["status"] == "failed" for m in models.values()):
+        status = "failed"
+    elif any(m["status"] == "loading" for m in models.values()):
+        status = "loading"
+    else:
+        status = "degraded"
+    return JSONResponse({"status": status, "models": models}, status_code=200 if status == "ok" else 503)
 
 
 @router.get("/metrics", tags=["inferd"], summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    if state.engine is not None:
-        stats = state.engine.latest_stats()
-        if stats is not None:
-            state.metrics.set_engine_stats(stats)
+    state.refresh_engine_metrics()
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/v1/models", tags=["OpenAI-compatible"], response_model=ModelList, responses=_ERRORS)
+def _model_card(served: ServedModel) -> ModelCard:
+    card = ModelCard(id=served.name, created=_STARTED_AT, root=served.spec.source, kind=served.kind.value,
+                     status=served.describe()["status"])
+    engine = served.engine
+    if served.kind is ModelKind.GENERATE and engine is not None:
+        card.max_model_len = engine.config.max_model_len
+    elif served.kind is ModelKind.EMBED and engine is not None:
+        card.max_model_len = getattr(engine, "max_seq_length", None)
+        card.dimensions = getattr(engine, "dimension", None)
+    return card
+
+
+@router.get("/v1/models", tags=["OpenAI-compatible"], response_model=ModelList, responses=_ERRORS,
+            summary="Every served model with its kind (generate, embed, tabular) and status")
 async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(served) for served in _state(request).models.values()])
+
+
+@router.get("/v1/models/{model_id:path}", tags=["OpenAI-compatible"], response_model=ModelCard, responses=_ERRORS,
+            summary="One served model")
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     state = _state(request)
-    root = max_model_len = None
-    if state.engine is not None:
-        root = state.engine.config.model
-        max_model_len = state.engine.config.max_model_len
-    card = ModelCard(id=state.served_model_name, created=_STARTED_AT, root=root, max_model_len=max_model_len)
-    return ModelList(data=[card])
+    served = state.models.get(model_id)
+    if served is None:
+        raise APIError(404, f"model {model_id!r} does not exist; served models: {list(state.models)}",
+                       param="model", code="model_not_found")
+    return _model_card(served)
 
 
 @router.post(
@@ -74,8 +98,7 @@ async def list_models(request: Request) -> ModelList:
 )
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
-    engine = state.require_engine()
-    state.check_model(body.model)
+    engine = state.get_model(body.model, ModelKind.GENERATE).engine
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
@@ -99,8 +122,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 )
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _state(request)
-    engine = state.require_engine()
-    state.check_model(body.model)
+    engine = state.get_model(body.model, ModelKind.GENERATE).engine
     vocab_size = engine.tokenizer.vocab_size
     for token_id in body.tokens:
         if token_id >= vocab_size:
