@@ -14,9 +14,9 @@ import time
 import httpx
 import numpy as np
 
-from tests.server_fixtures import start_inferd_server
+from server_fixtures import start_inferd_server
 
-from .test_collections_server import EMBED_MODEL, SERVER_ARGS
+from test_collections_server import SERVED_MODEL, SERVER_ARGS
 
 NUM_KILLS = 20
 DIM = 16
@@ -45,7 +45,7 @@ def test_sigkill_under_upserts_loses_no_acknowledged_write(tmp_path, inferd_home
     rnd = random.Random(0)
     env = {"INFERD_COLLECTIONS_DIR": str(tmp_path)}
     acked_by_run: list[dict[str, dict]] = []
-    server = start_inferd_server(SERVER_ARGS, model=EMBED_MODEL, env=env)
+    server = start_inferd_server(SERVER_ARGS, model=SERVED_MODEL, env=env)
     httpx.post(f"{server.base_url}/v1/collections", json={"name": "crash", "dimension": DIM, "metric": "l2"},
                timeout=30).raise_for_status()
     for run in range(NUM_KILLS + 1):
@@ -83,7 +83,7 @@ def test_sigkill_under_upserts_loses_no_acknowledged_write(tmp_path, inferd_home
         # at most 1000 per run so one filtered query (k <= 1000) sees them all
         assert 0 < len(acked) <= 1000, len(acked)
         acked_by_run.append(dict(acked))
-        server = start_inferd_server(SERVER_ARGS, model=EMBED_MODEL, env=env)
+        server = start_inferd_server(SERVER_ARGS, model=SERVED_MODEL, env=env)
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
     assert sum(len(a) for a in acked_by_run) > NUM_KILLS * BATCH
