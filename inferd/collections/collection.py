@@ -61,6 +61,9 @@ DEFAULT_COMPACT_WAL_BYTES = 256 << 20
 MAX_K = 1000
 # Vectors the indexer moves from `flat` into the graph per step (~0.1-1 s of graph inserts on 2 cores).
 INDEXER_CHUNK = 512
+# Backpressure: an upsert waits while this many vectors are not in the graph yet (150 MiB of float32 at 384-d),
+# so a bulk load faster than the indexer cannot hold a second, float32 copy of the collection in memory.
+MAX_UNINDEXED_VECTORS = 100_000
 MAX_DIMENSION = 16384
 MAX_ID_CHARS = 512
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -251,6 +254,9 @@ class Collection:
                 raise InvalidRequestError(f"items[{i}]: a vector is required", f"items[{i}].vector")
         vectors = self.prepare_vectors([item.vector for item in items], "items[{i}].vector")
         with self._lock:
+            self._check_open()
+            while self._graph is not None and len(self._flat) > MAX_UNINDEXED_VECTORS and self._wal is not None:
+                self._work.wait()
             self._check_open()
             if self._graph is None and len(self._flat) + len(items) > self.exact_max_vectors:
                 try:  # before the log record: a write that cannot be applied must not be logged
