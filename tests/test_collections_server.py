@@ -8,9 +8,10 @@ a restart (SIGKILL, then a new process on the same directory) for durability.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -241,3 +242,32 @@ def test_restart_keeps_acknowledged_writes_and_deletes(tmp_path, inferd_home):
         assert client.get("keep", "i7")["metadata"] == items[7]["metadata"]
     finally:
         stop_inferd_server(srv.process)
+
+
+def test_cli_verbs_create_load_query_list_delete(server, tmp_path):
+    srv, _ = server
+    rng = np.random.default_rng(2)
+    items = items_for(rng, 250, prefix="c")
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "INFERD_URL": srv.base_url}
+
+    def cli(*args: str) -> object:
+        proc = subprocess.run([sys.executable, "-c", "import sys; from inferd.cli import main; sys.exit(main())",
+                               "collections", *args], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    assert cli("create", "cli", "--dimension", str(DIM), "--metric", "dot")["metric"] == "dot"
+    loaded = cli("load", "cli", str(path), "--batch-size", "100")
+    assert loaded["loaded"] == 250 and loaded["collection"]["count"] == 250
+    q = rng.standard_normal(DIM)
+    got = cli("query", "cli", "--vector", json.dumps(q.tolist()), "-k", "3", "--filter", '{"colour": "red"}')
+    x = np.array([it["vector"] for it in items])
+    red = [i for i, it in enumerate(items) if it["metadata"]["colour"] == "red"]
+    assert [r["id"] for r in got] == [items[i]["id"] for i in sorted(red, key=lambda i: -(x[i] @ q))[:3]]
+    assert "cli" in {c["name"] for c in cli("list")}
+    assert cli("delete", "cli")["deleted"] is True
+    proc = subprocess.run([sys.executable, "-c", "import sys; from inferd.cli import main; sys.exit(main())",
+                           "collections", "query", "cli", "--id", "c1"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "404" in proc.stderr
