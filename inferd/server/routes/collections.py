@@ -34,6 +34,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from inferd.batching import BatcherStoppedError, QueueFullError
 from inferd.collections import Collection, CollectionError, CollectionStore, Item
 from inferd.collections.collection import MAX_K
 from inferd.serving import ModelKind
@@ -145,13 +146,28 @@ def _embed_engine(request: Request, collection: Collection, param: str):
     return state.get_model(collection.config.model, ModelKind.EMBED).engine
 
 
-async def embed_texts(engine: Any, texts: Sequence[str]) -> np.ndarray:
+def _tokenize(engine: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, cut to the model's max_seq_length keeping the special tokens (as
+    sentence-transformers does: a long document is embedded by its beginning)."""
+    tokenizer = engine.tokenizer
+    if hasattr(tokenizer, "encode_batch"):
+        return [list(ids) for ids in tokenizer.encode_batch(list(texts), truncate=True)]
+    return [list(tokenizer.encode(text))[: engine.max_seq_length] for text in texts]
+
+
+async def embed_texts(engine: Any, texts: Sequence[str], model_name: str) -> np.ndarray:
     """[n, dim] float32 through an embedding engine (AsyncEmbedEngine): tokenize, truncate, embed."""
-    token_id_lists = []
-    for text in texts:
-        ids = engine.tokenizer.encode(text)
-        token_id_lists.append(list(ids[: engine.max_seq_length]))
-    return np.asarray(await engine.embed(token_id_lists), dtype=np.float32)
+    if sum(len(t) for t in texts) >= 2_000:  # keep long tokenizations off the event loop
+        token_id_lists = await asyncio.to_thread(_tokenize, engine, texts)
+    else:
+        token_id_lists = _tokenize(engine, texts)
+    try:
+        return np.asarray(await engine.embed(token_id_lists), dtype=np.float32)
+    except QueueFullError as exc:
+        raise APIError(429, f"server is busy: {exc}", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"}) from None
+    except BatcherStoppedError as exc:
+        raise APIError(503, f"model {model_name!r} is not running: {exc}", code="engine_stopped") from None
 
 
 def _describe(collection: Collection) -> dict[str, Any]:
@@ -213,7 +229,7 @@ async def upsert_items(request: Request, name: str) -> dict[str, Any]:
                           for i, item in enumerate(body.items)]
     if text_positions:
         engine = _embed_engine(request, collection, f"items[{text_positions[0]}].text")
-        embedded = await embed_texts(engine, [body.items[i].text for i in text_positions])
+        embedded = await embed_texts(engine, [body.items[i].text for i in text_positions], collection.config.model)
         for i, row in zip(text_positions, embedded):
             vectors[i] = row
     items = [Item(id=it.id, vector=v, metadata=it.metadata, text=it.text) for it, v in zip(body.items, vectors)]
@@ -249,7 +265,8 @@ async def query(request: Request, name: str) -> dict[str, Any]:
     if body.text is not None:
         if len(body.text) > MAX_TEXT_CHARS:
             raise bad_request(f"text: longer than {MAX_TEXT_CHARS} characters", "text")
-        vector = (await embed_texts(_embed_engine(request, collection, "text"), [body.text]))[0]
+        engine = _embed_engine(request, collection, "text")
+        vector = (await embed_texts(engine, [body.text], collection.config.model))[0]
     results = await _call(collection.query, vector, id=body.id, k=body.k, filter=body.filter, exclude=body.exclude)
     return {"object": "list",
             "results": [{"id": r.id, "score": r.score, "metadata": r.metadata} for r in results]}
