@@ -182,6 +182,8 @@ def test_bad_input_names_the_field(tmp_path):
         (lambda: col.upsert([Item("a", np.zeros(4))]), "items[0].vector"),
         (lambda: col.upsert([Item("a", np.ones(4)), Item("a", np.ones(4))]), "items[1].id"),
         (lambda: col.upsert([Item("", np.ones(4))]), "items[0].id"),
+        (lambda: col.upsert([Item("a", np.ones(4), {"x": float("nan")})]), "items"),
+        (lambda: col.upsert([Item("a", np.ones(4), {"x": object()})]), "items"),
         (lambda: col.query(np.ones(4), k=0), "k"),
         (lambda: col.query(np.ones(4), k=100_000), "k"),
         (lambda: col.query(np.ones(5), k=1), "vector"),

@@ -285,7 +285,11 @@ class Collection:
             return len(present)
 
     def _log(self, header: dict[str, Any], vectors: np.ndarray | None) -> None:
-        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        try:
+            header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:  # before anything is written
+            raise InvalidRequestError(f"items: metadata must be JSON (objects, lists, strings, finite numbers, "
+                                      f"booleans, null): {exc}", "items") from None
         payload = _JSON_LEN.pack(len(header_bytes)) + header_bytes
         if vectors is not None:
             payload += vectors.tobytes()
