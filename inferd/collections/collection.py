@@ -422,7 +422,8 @@ class Collection:
     def _public_score(self, score: float) -> float:
         return math.sqrt(max(-score, 0.0)) if self.config.metric == "l2" else float(score)
 
-    def _merge(self, parts: list[tuple[np.ndarray, np.ndarray]], k: int, excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    def _merge(self, parts: list[tuple[np.ndarray, np.ndarray]], k: int,
+               excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:
         """Best k of several (keys, scores) lists: one entry per key, live keys only, excluded keys dropped.
 
         A key can come from both parts while the indexer moves it, and the graph can still return a key deleted

@@ -65,7 +65,7 @@ class FieldCondition:
 def _scalar(value: Any, param: str) -> tuple[str, Any]:
     tagged = _tag(value)
     if tagged is None:
-        kind = type(value).__name__ if not isinstance(value, (dict, list)) else ("an object" if isinstance(value, dict) else "a list")
+        kind = {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
         raise FilterError(f"{param}: cannot compare {kind} for equality; use a string, number, boolean or null", param)
     return tagged
 
@@ -167,7 +167,7 @@ class MetadataIndex:
         candidates: set[int] | None = None
         for cond in conditions:
             by_value = self._postings.get(cond.field, {})
-            for wanted in ([cond.eq] if cond.eq is not None else []) + ([cond.one_of] if cond.one_of is not None else []):
+            for wanted in [w for w in (cond.eq, cond.one_of) if w is not None]:
                 if isinstance(wanted, frozenset):
                     hits = set().union(*(by_value.get(v, ()) for v in wanted)) if wanted else set()
                 else:

@@ -4,7 +4,8 @@
     GET    /v1/collections                      -> {"object": "list", "data": [collection, ...]}
     GET    /v1/collections/{name}               -> collection (count, dimension, index kind, bytes)
     DELETE /v1/collections/{name}               -> {"name", "deleted": true}
-    POST   /v1/collections/{name}/items         {"items": [{"id", "text" | "vector", "metadata"}]} -> {"upserted", "count"}
+    POST   /v1/collections/{name}/items         {"items": [{"id", "text" | "vector", "metadata"}]}
+                                                -> {"upserted", "count"}
     GET    /v1/collections/{name}/items/{id}    -> {"id", "metadata", "text"?, "vector"}
     DELETE /v1/collections/{name}/items/{id}    -> {"id", "deleted": true}
     POST   /v1/collections/{name}/query         {"text" | "vector" | "id", "k", "filter", "exclude"}
