@@ -360,3 +360,46 @@ def test_usearch_is_imported_in_one_module_lazily():
     code = "import sys, inferd.collections, inferd.collections.client; assert 'usearch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60,
                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+STRESS = r"""
+import sys, threading, numpy as np
+from inferd.collections import CollectionStore, Item
+col = CollectionStore(sys.argv[1], exact_max_vectors=300).create("s", dimension=48, metric="cosine")
+rng = np.random.default_rng(0)
+x = rng.standard_normal((6000, 48)).astype(np.float32)
+errors = []
+stop = threading.Event()
+def reader(seed):
+    r = np.random.default_rng(seed)
+    while not stop.is_set():
+        try:
+            col.describe()
+            flt = {"g": int(r.integers(3))} if seed % 2 else None
+            res = col.query(r.standard_normal(48).astype(np.float32), k=5, filter=flt)
+            if len(col):
+                col.get(res[0].id) if res else None
+        except Exception as e:
+            errors.append(repr(e))
+readers = [threading.Thread(target=reader, args=(i,)) for i in range(3)]
+for t in readers:
+    t.start()
+for s in range(0, 6000, 200):
+    col.upsert([Item(str(i), x[i], {"g": i % 3}) for i in range(s, s + 200)])
+    col.delete([str(i) for i in range(s, s + 200, 9)])
+col.wait_indexed(300)
+stop.set()
+for t in readers:
+    t.join()
+assert not errors, errors[:3]
+print("ok", len(col))
+"""
+
+
+def test_graph_reads_while_the_indexer_inserts(tmp_path):
+    """Queries, describe and get from 3 threads while upserts, deletes and the indexer run (in a subprocess:
+    a crash inside the index library shows up as a failed run, not a dead test session)."""
+    proc = subprocess.run([sys.executable, "-c", STRESS, str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONFAULTHANDLER": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ok", str(6000 - 30 * 23)]  # 23 of every 200 deleted

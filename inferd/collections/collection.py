@@ -24,8 +24,10 @@ Filtered queries are answered exactly over the keys that match the filter when t
 the graph with oversampling (falling back to exact when it returns too few matches).
 
 Threading: public methods take the collection's lock (`_lock`) and are called from worker threads, not the
-event loop. Graph mutations also take `_graph_lock`; the indexer inserts a chunk holding only `_graph_lock`,
-so queries keep running while it works. Lock order: `_lock` before `_graph_lock`.
+event loop. Every call into the graph also takes `_graph_lock`: usearch's Python index is not safe to read
+(search, get, memory_usage) while another thread inserts (a server segfaulted that way in the HTTP benchmark).
+The indexer inserts a chunk holding only `_graph_lock`, so upserts and exact work go on meanwhile, and a
+query waits at most one chunk's insert time. Lock order: `_lock` before `_graph_lock`.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ DEFAULT_EXACT_MAX_VECTORS = 10_000
 # Compact (snapshot + new log) when the log grows past max(this, the last snapshot's size).
 DEFAULT_COMPACT_WAL_BYTES = 256 << 20
 MAX_K = 1000
-# Vectors the indexer moves from `flat` into the graph per step (~0.1-1 s of graph inserts on 2 cores).
-INDEXER_CHUNK = 512
+# Vectors the indexer moves from `flat` into the graph per step (tens of ms of graph inserts on 2 quiet cores;
+# a query waits for the step in progress).
+INDEXER_CHUNK = 128
 # Backpressure: an upsert waits while this many vectors are not in the graph yet (150 MiB of float32 at 384-d),
 # so a bulk load faster than the indexer cannot hold a second, float32 copy of the collection in memory.
 MAX_UNINDEXED_VECTORS = 100_000
@@ -186,10 +189,16 @@ class Collection:
                 "count": len(self._key_by_id),
                 "index": "exact" if self._graph is None else "hnsw",
                 "unindexed": 0 if self._graph is None else len(self._flat),  # acknowledged, not yet in the graph
-                "index_bytes": self._flat.num_bytes + (self._graph.num_bytes if self._graph is not None else 0),
+                "index_bytes": self._flat.num_bytes + self._graph_bytes(),
                 "disk_bytes": self._snapshot_bytes + wal_bytes,
                 "created_at": self.config.created_at,
             }
+
+    def _graph_bytes(self) -> int:
+        if self._graph is None:
+            return 0
+        with self._graph_lock:
+            return self._graph.num_bytes
 
     # ------------------------------------------------------------------------------------------ validation
     def _check_open(self) -> None:
@@ -374,7 +383,8 @@ class Collection:
             out[in_flat] = self._flat.get(keys[in_flat])
         if not in_flat.all():
             assert self._graph is not None
-            out[~in_flat] = self._graph.get(keys[~in_flat])
+            with self._graph_lock:
+                out[~in_flat] = self._graph.get(keys[~in_flat])
         return out
 
     def vector_of(self, item_id: str, param: str = "id") -> np.ndarray:
@@ -448,7 +458,8 @@ class Collection:
         num_fetch = k + len(excluded)
         parts = [self._flat.search(query, num_fetch)]
         if self._graph is not None:
-            parts.append(self._graph.search(query, num_fetch))
+            with self._graph_lock:
+                parts.append(self._graph.search(query, num_fetch))
         return self._merge(parts, k, excluded)
 
     def _search_subset(self, query: np.ndarray, k: int, allowed: set[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -458,9 +469,10 @@ class Collection:
         if self._graph is not None and len(allowed) > self.exact_max_vectors:
             # Many matches: the graph, asked for enough neighbours that ~2k of them should pass the filter, and
             # the matching vectors not yet in the graph exactly.
-            total = len(self._graph)
-            num_fetch = min(total, max(4 * k, int(2 * k * total / len(allowed))))
-            graph_keys, graph_scores = self._graph.search(query, num_fetch)
+            with self._graph_lock:
+                total = len(self._graph)
+                num_fetch = min(total, max(4 * k, int(2 * k * total / len(allowed))))
+                graph_keys, graph_scores = self._graph.search(query, num_fetch)
             keep = np.array([key in allowed for key in graph_keys.tolist()], dtype=bool)
             flat_keys = np.array([key for key in subset.tolist() if self._flat.has(key)], dtype=np.int64)
             flat_part = (flat_keys, self._flat.exact_scores(flat_keys, query)) if len(flat_keys) else None
