@@ -264,6 +264,18 @@ def test_compaction_and_leftovers_reload(tmp_path):
         f"snapshot-{col2._generation}", f"wal-{col2._generation}.log"]
 
 
+def test_clean_close_snapshots_the_graph(tmp_path):
+    rng = np.random.default_rng(7)
+    store = CollectionStore(tmp_path, exact_max_vectors=200)
+    col = store.create("c", dimension=DIM)
+    col.upsert(make_items(rng, 600))
+    assert col.wait_indexed(timeout_s=120)
+    store.close()
+    reopened = CollectionStore(tmp_path, exact_max_vectors=200).get("c")
+    assert reopened._wal.num_records == 0  # nothing to replay: the graph came from the snapshot
+    assert reopened.describe()["index"] == "hnsw" and reopened.describe()["unindexed"] == 0 and len(reopened) == 600
+
+
 def test_torn_last_record_is_dropped(tmp_path):
     rng = np.random.default_rng(5)
     store = CollectionStore(tmp_path)
@@ -271,7 +283,7 @@ def test_torn_last_record_is_dropped(tmp_path):
     items = make_items(rng, 30)
     for i in range(3):
         col.upsert(items[10 * i:10 * i + 10])
-    store.close()
+    col._wal.close()  # as a crash leaves it: no clean-close snapshot
     wal_path = tmp_path / "c" / "wal-0.log"
     full = wal_path.read_bytes()
     ends, offset = [], 0
@@ -286,7 +298,7 @@ def test_torn_last_record_is_dropped(tmp_path):
         assert sorted(col2._key_by_id) == sorted(it.id for it in items[:20])
         assert wal_path.stat().st_size == ends[1]  # truncated back to the last whole record
         col2.upsert(items[20:21])  # appends after valid data
-        col2.close()
+        col2._wal.close()
         assert len(CollectionStore(tmp_path).get("c")) == 21
     # A flipped byte in the last record's payload: checksum mismatch, dropped the same way.
     damaged = bytearray(full)

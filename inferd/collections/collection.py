@@ -623,7 +623,11 @@ class Collection:
                         len(self), generation, time.perf_counter() - t0)
 
     def close(self) -> None:
+        """Snapshot what the log holds (a clean restart then loads the graph instead of rebuilding it), stop the
+        indexer, close the log."""
         with self._lock:
+            if self._wal is not None and self._wal.num_records > 0 and not self._is_deleted:
+                self.compact()
             if self._wal is not None:
                 self._wal.close()
                 self._wal = None
