@@ -9,8 +9,8 @@ Starts `inferd serve --model all-minilm-l6-v2` on a free port with a temporary c
   3. Q single vector queries at k=10, one at a time: p50/p99 latency and recall@10 against numpy exact search;
      the same with a metadata filter matching ~10% of the items
   4. texts: the same sentences loaded into a text collection vs sent to /v1/embeddings, same batch size
-  5. the peer: the server stopped (SIGTERM), the same directory opened in-process (`CollectionStore`: reload
-     time) and the same queries through the Python API
+  5. the peer: the server stopped (SIGTERM: it snapshots the collection on the way out), the same directory
+     opened in-process (`CollectionStore`: reload time) and the same queries through the Python API
 
     python benchmarks/collections_http.py                        # 100k vectors, 1000 queries (~5-10 min)
     python benchmarks/collections_http.py --n 20000 --queries 200   # a quick look
@@ -47,6 +47,14 @@ WORDS = ("river mountain city market price stock bond cat dog bird music jazz gu
          "galaxy code bug server network cloud data model learning").split()
 
 
+class Rows(dict):
+    """Figures by name, each also printed as soon as it is measured (a long run that dies keeps what it had)."""
+
+    def __setitem__(self, name: str, value: str) -> None:
+        print(f"{name}: {value}", flush=True)
+        super().__setitem__(name, value)
+
+
 def percentiles_ms(seconds: list[float]) -> tuple[float, float]:
     ms = np.array(seconds) * 1e3
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
@@ -80,7 +88,7 @@ def main() -> int:
                                  env={"INFERD_COLLECTIONS_DIR": str(collections_dir)})
     pid = server.process.pid
     http = httpx.Client(base_url=server.base_url, timeout=600)
-    rows: dict[str, str] = {}
+    rows = Rows()
     try:
         rss_before = rss_bytes(pid)
         http.post("/v1/collections", json={"name": "bench", "dimension": args.dim, "metric": "cosine"}).raise_for_status()
