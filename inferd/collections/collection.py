@@ -223,7 +223,8 @@ class Collection:
                     raise InvalidRequestError(f"{at(i)}: expected {dim} numbers (the dimension of collection "
                                               f"{self.config.name!r}), got {'a scalar' if n is None else n}", at(i))
         try:
-            matrix = np.asarray(vectors, dtype=np.float32)
+            with np.errstate(over="ignore"):  # 1e39 becomes inf here and is refused just below
+                matrix = np.asarray(vectors, dtype=np.float32)
         except (TypeError, ValueError):
             raise InvalidRequestError(f"{at(0)}: vectors must be lists of {dim} numbers", at(0)) from None
         if matrix.ndim != 2 or matrix.shape[1] != dim:
