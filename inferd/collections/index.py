@@ -113,6 +113,11 @@ class ExactIndex:
                 self._keys[row] = moved_key
                 self._row_by_key[moved_key] = row
             self._num_rows = last
+        # Give memory back once a drained buffer (the collection's not-yet-indexed vectors) is mostly empty.
+        if len(self._matrix) > 4096 and self._num_rows < len(self._matrix) // 4:
+            capacity = max(2 * self._num_rows, 1024)
+            self._matrix = self._matrix[:capacity].copy()
+            self._keys = self._keys[:capacity].copy()
 
     def has(self, key: int) -> bool:
         return key in self._row_by_key
