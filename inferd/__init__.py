@@ -8,10 +8,10 @@ import importlib
 
 from inferd.request import CompletionOutput, RequestOutput, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "Embedder", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
-_LAZY = {"LLM": "inferd.api"}
+_LAZY = {"LLM": "inferd.api", "Embedder": "inferd.api"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""Layer 6: the Python API users import (`from inferd import LLM`): names resolved through the model store.
+"""Layer 6: the Python API users import (`from inferd import LLM, Embedder`): names resolved through the store.
 
 The engines (layer 4) take local paths only; these thin classes turn a catalog name (pulled on first use), a
 store source or a path into one, so `LLM("smollm2-135m-instruct")` works as it reads.
@@ -7,8 +7,11 @@ store source or a path into one, so `LLM("smollm2-135m-instruct")` works as it r
 from __future__ import annotations
 
 from inferd.config import DEFAULT_MODEL
+from inferd.embeddings.embedder import Embedder as _PathEmbedder
 from inferd.engine.llm import LLM as _PathLLM
 from inferd.store import resolve_model
+
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 class LLM(_PathLLM):
@@ -19,3 +22,11 @@ class LLM(_PathLLM):
         if engine_args.get("served_model_name") is None:
             engine_args["served_model_name"] = name
         super().__init__(str(resolve_model(name).path), **engine_args)
+
+
+class Embedder(_PathEmbedder):
+    """Offline embeddings: `Embedder(model=NAME_OR_PATH).embed(texts)` -> float32 [n, dim]; see
+    inferd.embeddings.embedder for the options."""
+
+    def __init__(self, model: str | None = None, **options) -> None:
+        super().__init__(str(resolve_model(model or DEFAULT_EMBEDDING_MODEL).path), **options)

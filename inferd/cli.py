@@ -3,6 +3,7 @@
   inferd pull NAME | list | rm NAME              model store
   inferd generate --model M --prompt P [...]     one completion on stdout (only the completion)
   inferd chat --model M                          interactive terminal chat, streamed
+  inferd embed --model M TEXT [TEXT ...]         embedding vectors as JSON on stdout
   inferd serve [--model M ...] [--models-file F]  HTTP server for several models (LLMs, embeddings)
   inferd bench serve|plot [...]                  serving benchmark for any OpenAI-compatible server
   inferd collections create|load|query|list|delete   vector collections on a running server
@@ -140,6 +141,26 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": text})
 
 
+def cmd_embed(ns: argparse.Namespace) -> int:
+    import json
+
+    from inferd.embeddings import Embedder
+    from inferd.store import resolve_model
+
+    texts = list(ns.texts)
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin]
+    if not texts:
+        raise ValueError("give at least one text (or - to read one text per line from stdin)")
+    resolved = resolve_model(ns.model)
+    embedder = Embedder(resolved.path, device=ns.device, dtype=ns.dtype)
+    vectors = embedder.embed(texts, truncate=not ns.no_truncate)
+    data = [{"object": "embedding", "index": i, "embedding": vector.tolist()} for i, vector in enumerate(vectors)]
+    json.dump({"object": "list", "model": ns.model, "dimension": embedder.dimension, "data": data}, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from inferd.config import DEFAULT_MODEL
     from inferd.server.app import serve_main
@@ -181,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(p)
     add_sampling_args(p, default_max_tokens=512)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("embed", help="embed texts; prints OpenAI-shaped JSON (data[i].embedding)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed; a single - reads one per line from stdin")
+    p.add_argument("--model", default="all-minilm-l6-v2", help="catalog name, pulled name or model directory")
+    p.add_argument("--no-truncate", action="store_true", help="fail on a text longer than max_seq_length")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_embed)
 
     # serve needs the engine (torch); bench needs neither. A command whose imports fail stays listed and says why
     # when run, instead of vanishing from --help.

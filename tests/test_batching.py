@@ -164,3 +164,63 @@ def test_limits_are_validated_with_the_field_name():
         BatchLimits(max_batch_items=0)
     with pytest.raises(ValueError, match="max_wait_s"):
         BatchLimits(max_wait_s=-1)
+
+
+def test_preferred_batch_costs_run_at_once_without_waiting_out_the_delay():
+    model = _GatedModel()
+    model.gate.set()
+    # A 10 s delay: without the preferred costs nothing below would run before the futures time out.
+    limits = BatchLimits(max_batch_items=8, max_batch_cost=8, max_wait_s=10.0, preferred_batch_costs=(4,))
+    batcher = _started(model, limits, cost=lambda x: x)
+    try:
+        first = batcher.submit_many([3, 1, 2])  # head sums 3, 4, 6: 4 is preferred, so [3, 1] runs
+        assert [f.result(5) for f in first[:2]] == [30, 10]
+        second = batcher.submit_many([2])  # queue [2, 2] sums to 4: both run
+        assert first[2].result(5) == 20 and second[0].result(5) == 20
+        assert model.batches == [[3, 1], [2, 2]]
+    finally:
+        batcher.shutdown()
+
+
+def test_preferred_batch_costs_are_validated():
+    with pytest.raises(ValueError, match="preferred_batch_costs"):
+        BatchLimits(preferred_batch_costs=(0,))
+
+
+def test_without_a_worker_thread_run_ready_runs_batches_on_the_caller():
+    calls: list[tuple[list[int], str]] = []
+
+    def model(items: list[int]) -> list[int]:
+        calls.append((list(items), threading.current_thread().name))
+        return [x * 10 for x in items]
+
+    batcher = MicroBatcher(model, BatchLimits(max_batch_items=2), use_worker_thread=False)
+    assert not batcher.is_running
+    batcher.start()
+    try:
+        assert batcher.is_running
+        futures = batcher.submit_many([1, 2, 3])
+        assert not any(f.done() for f in futures) and calls == []
+        assert batcher.run_ready() is None
+        assert [f.result(0) for f in futures] == [10, 20, 30]
+        assert calls == [([1, 2], threading.current_thread().name), ([3], threading.current_thread().name)]
+    finally:
+        batcher.shutdown()
+    with pytest.raises(BatcherStoppedError):
+        batcher.submit(4)
+
+
+def test_run_ready_reports_the_wait_until_a_partial_batch_may_run():
+    model = _GatedModel()
+    model.gate.set()
+    batcher = MicroBatcher(model, BatchLimits(max_batch_items=3, max_wait_s=10.0), use_worker_thread=False)
+    batcher.start()
+    try:
+        first = batcher.submit(1)
+        wait_s = batcher.run_ready()
+        assert wait_s is not None and 0 < wait_s <= 10.0 and model.batches == []
+        rest = batcher.submit_many([2, 3])  # the batch is full: it runs without waiting out the delay
+        assert batcher.run_ready() is None
+        assert [f.result(0) for f in [first, *rest]] == [10, 20, 30] and model.batches == [[1, 2, 3]]
+    finally:
+        batcher.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ import pytest
 from server_fixtures import InferdServer, log_tail, start_inferd_server, stop_inferd_server
 
 API_KEY = "test-key-5f2c"
+FILE_KEY = "file-key-81aa"
+FLAG_KEY = "flag-key-0c3e"
 CHAT = [{"role": "user", "content": "Say hello."}]
 MB = 1 << 20
 
@@ -91,6 +94,17 @@ def _bad_json_cases(model: str) -> list[tuple[str, str, Any, int, str | None]]:
         ("min_tokens-over-max", completions, {"model": model, "prompt": "Hi", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),  # noqa: E501
         ("seed-not-integer", completions, {"model": model, "prompt": "Hi", "seed": 1.5}, 400, "seed"),
         ("body-not-object", completions, [1, 2, 3], 400, None),
+        # Fields inferd cannot honour yet are refused, not ignored (OpenAI-compatible servers answer 400).
+        ("response_format-json", chat, {"model": model, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),  # noqa: E501
+        ("response_format-schema", chat, {"model": model, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format"),  # noqa: E501
+        ("tools", chat, {"model": model, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # noqa: E501
+        ("tool_choice", chat, {"model": model, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+        ("functions", chat, {"model": model, "messages": CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
+        ("echo-on-chat", chat, {"model": model, "messages": CHAT, "echo": True}, 400, "echo"),
+        ("stream_options-without-stream", chat, {"model": model, "messages": CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),  # noqa: E501
+        ("stream_options-without-stream-completions", completions, {"model": model, "prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),  # noqa: E501
+        ("user-content-null", chat, {"model": model, "messages": [{"role": "user", "content": None}]}, 400, "messages"),
+        ("user-content-missing", chat, {"model": model, "messages": [{"role": "user"}]}, 400, "messages"),
     ]
 
 
@@ -110,6 +124,52 @@ def test_malformed_bodies(http: httpx.Client, inferd_server: InferdServer, conte
     response = http.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
     assert_openai_error(response, 400)
     assert_still_serving(http, inferd_server.model_name)
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "param"),
+    [
+        ("/v1/completions", b'{"model": "M", "prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+        ("/v1/completions", b'{"model": "M", "prompt": ["ok", "\\udc00"], "max_tokens": 1}', "prompt"),
+        ("/v1/chat/completions", b'{"model": "M", "messages": [{"role": "user", "content": "\\udbff"}]}', "messages"),
+        ("/v1/chat/completions", b'{"model": "M", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud83d"]}',
+         "stop"),
+        ("/tokenize", b'{"model": "M", "prompt": "x\\ud800"}', "prompt"),
+    ],
+    ids=["completion-prompt", "completion-prompt-list", "chat-content", "stop", "tokenize"],
+)
+def test_lone_surrogates_are_400_naming_the_field(
+    http: httpx.Client, inferd_server: InferdServer, path: str, content: bytes, param: str
+) -> None:
+    content = content.replace(b'"M"', json.dumps(inferd_server.model_name).encode())
+    response = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400, param)
+    assert "surrogate" in response.json()["error"]["message"]
+    # A proper pair (an emoji written as two escapes) is text, and is served.
+    pair = b'{"model": "M", "prompt": "\\ud83d\\ude00", "max_tokens": 1}'.replace(
+        b'"M"', json.dumps(inferd_server.model_name).encode()
+    )
+    assert http.post("/v1/completions", content=pair, headers={"Content-Type": "application/json"}).status_code == 200
+    assert_still_serving(http, inferd_server.model_name)
+
+
+def test_large_bodies_are_judged_as_small_ones(http: httpx.Client, inferd_server: InferdServer) -> None:
+    """Bodies of 64 KiB and more are validated off the event loop (server/bodies.py); the answers are the same."""
+    model = inferd_server.model_name
+    padding = "x" * (80 << 10)
+    assert_openai_error(http.post("/v1/completions", json={"model": model, "prompt": [1] * 40_000}), 400, "prompt")
+    assert_openai_error(http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "temperature": "hot",
+                                                                "user": padding}), 400, "temperature")
+    assert_openai_error(http.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user"}],
+                                                                "user": padding}), 400, "messages")
+    truncated = b'{"model": "m", "prompt": "' + b"a" * (80 << 10)
+    assert_openai_error(http.post("/v1/completions", content=truncated, headers={"Content-Type": "application/json"}), 400)
+    ok = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 3, "temperature": 0,
+                                            "user": padding})
+    assert ok.status_code == 200, ok.text
+    small = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+    assert ok.json()["choices"][0]["text"] == small.json()["choices"][0]["text"]
+    assert_still_serving(http, model)
 
 
 def test_unknown_model_is_404(http: httpx.Client, inferd_server: InferdServer) -> None:
@@ -162,11 +222,16 @@ def test_model_that_fails_to_load_exits_1(inferd_home: Path, tmp_path: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def limited_server(inferd_home: Path) -> Iterator[InferdServer]:
-    """API key from the environment, one running sequence at most, one waiting request at most."""
+def limited_server(inferd_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferdServer]:
+    """Three API keys (environment, key file, flag), /metrics behind the key, a 3 s body-read timeout, one running
+    sequence at most, one waiting request at most."""
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"# one key per line\n\n{FILE_KEY}\n")
     server = start_inferd_server(
-        ["--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "120"],
+        ["--max-num-seqs", "1", "--max-queue", "1", "--drain-timeout", "120", "--api-key-file", str(key_file),
+         "--api-key", FLAG_KEY, "--metrics-require-key", "--body-read-timeout", "3"],
         env={"INFERD_API_KEY": API_KEY},
+        health_headers=_auth(),
     )
     try:
         yield server
@@ -184,15 +249,51 @@ def test_api_key(limited_server: InferdServer) -> None:
         for headers in ({}, _auth("wrong-key"), {"Authorization": API_KEY}):
             response = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1}, headers=headers)
             assert_openai_error(response, 401, code="invalid_api_key")
+        for headers in ({"Authorization": f"Basic {API_KEY}"}, {"Authorization": f"Bearer {API_KEY}x"}):
+            assert_openai_error(http.get("/v1/models", headers=headers), 401)
         assert_openai_error(http.get("/v1/models"), 401)
         assert_openai_error(http.post("/tokenize", json={"prompt": "Hi"}), 401)
         assert http.get("/health").status_code == 200
-        assert http.get("/metrics").status_code == 200
-        assert_still_serving(http, model, headers=_auth())
+        assert_openai_error(http.get("/metrics"), 401)  # --metrics-require-key
+        assert http.get("/metrics", headers=_auth()).status_code == 200
+        for key in (API_KEY, FILE_KEY, FLAG_KEY):  # every source of keys, any case of the scheme
+            assert_still_serving(http, model, headers=_auth(key))
+            assert http.get("/v1/models", headers={"Authorization": f"bearer {key}"}).status_code == 200
+            assert http.get("/v1/models", headers={"Authorization": f"BEARER  {key}"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{limited_server.base_url}/v1", api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=f"{limited_server.base_url}/v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in good.models.list().data] == [model]
+
+
+def test_body_read_timeout_is_408_and_server_lives(limited_server: InferdServer) -> None:
+    """A declared Content-Length longer than what arrives is answered 408 after --body-read-timeout (3 s)."""
+    host, port = limited_server.base_url.removeprefix("http://").split(":")
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\": ").encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(request)
+        started = time.monotonic()
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        waited_s = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"connection: close" in reply.lower()
+    assert waited_s >= 2.5
+    with httpx.Client(base_url=limited_server.base_url, timeout=300) as http:
+        assert_still_serving(http, limited_server.model_name, headers=_auth())
+
+
+def test_a_request_that_can_never_fit_the_queue_is_400_not_429(limited_server: InferdServer) -> None:
+    body = {"model": limited_server.model_name, "prompt": ["one", "two"], "max_tokens": 1}  # --max-queue 1
+    with httpx.Client(base_url=limited_server.base_url, timeout=300) as http:
+        error = assert_openai_error(http.post("/v1/completions", json=body, headers=_auth()), 400, "prompt")
+        assert "max_queue" in error["message"]
+        assert_still_serving(http, limited_server.model_name, headers=_auth())
 
 
 def test_queue_limit_429(limited_server: InferdServer) -> None:
@@ -230,6 +331,30 @@ def test_queue_limit_429(limited_server: InferdServer) -> None:
     assert all(isinstance(r, openai.RateLimitError) or r.usage.completion_tokens == 64 for r in results), results
 
 
+def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_event_and_done(inferd_home: Path) -> None:
+    server = start_inferd_server(["--drain-timeout", "1"])
+    try:
+        body = {"model": server.model_name, "prompt": "Count to one thousand:", "max_tokens": 1500, "temperature": 0,
+                "stream": True, "ignore_eos": True}  # fmt: skip
+        events: list[str] = []
+        with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=300) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[len("data: "):])
+                if len(events) == 2:
+                    server.process.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "drain timeout" in error["message"] and error["type"] == "server_error"
+        assert all("choices" in json.loads(e) for e in events[:-2])
+        assert server.process.wait(60) == 0
+        assert "Traceback" not in log_tail(server.process, 200_000)
+    finally:
+        stop_inferd_server(server.process)
+
+
 def test_sigterm_drains_stream_and_exits_0(limited_server: InferdServer) -> None:
     """Runs last in this module: the server exits."""
     model = limited_server.model_name
@@ -237,7 +362,7 @@ def test_sigterm_drains_stream_and_exits_0(limited_server: InferdServer) -> None
     # Let any request of the previous test still running finish first (max_num_seqs is 1).
     with httpx.Client(base_url=limited_server.base_url, timeout=300) as http:
         deadline = time.monotonic() + 300
-        while not _is_idle(http.get("/metrics").text):
+        while not _is_idle(http.get("/metrics", headers=_auth()).text):
             assert time.monotonic() < deadline, "server never became idle"
             time.sleep(0.1)
     body = {"model": model, "prompt": "Count to one hundred:", "max_tokens": 40, "temperature": 0, "stream": True,

@@ -27,6 +27,15 @@ def point_label(point: dict[str, Any]) -> str:
     return f"r={point.get('request_rate')}"
 
 
+def require_matplotlib() -> None:
+    """Fail at once, before a benchmark runs, when --plot cannot be honoured."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("plot: matplotlib is not installed; install it with `pip install 'inferd[bench]'` "
+                         "(or `pip install matplotlib`)") from None
+
+
 def plot_results(results: Sequence[dict[str, Any]], out_path: str | Path) -> None:
     """One line per result (target): output tok/s on x; p50 (solid) and p99 (dashed) TTFT and TPOT on y."""
     import matplotlib

@@ -327,6 +327,14 @@ def run_serve_command(args: argparse.Namespace) -> int:
         print(f"error: --dataset {args.dataset!r} is neither {' nor '.join(datasets.DATASET_NAMES)} nor a file",
               file=sys.stderr)
         return 2
+    if args.plot:
+        from inferd.bench.plot import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         result = asyncio.run(run_serve_async(args))
     except (ValueError, RuntimeError, OSError) as exc:
@@ -345,7 +353,13 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 
 def run_plot_command(args: argparse.Namespace) -> int:
-    from inferd.bench.plot import load_result, plot_results
+    from inferd.bench.plot import load_result, plot_results, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     plot_results([load_result(path) for path in args.results], args.out)
     print(f"wrote {args.out}", file=sys.stderr)

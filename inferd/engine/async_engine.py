@@ -165,6 +165,19 @@ class AsyncEngine:
             stream._queue.put_nowait(EngineDeadError("engine shut down"))
         self._streams.clear()
 
+    def has_requests_in_flight(self) -> bool:
+        """True while any request is queued or running (keep-alive never unloads a busy model)."""
+        return bool(self._streams)
+
+    def fail_all(self, message: str) -> int:
+        """End every request in flight with RequestError(message) (streams then send an error event), aborting it in
+        the engine; e.g. when the drain after SIGTERM runs out of time. Returns how many were failed."""
+        streams = list(self._streams.items())
+        for request_id, stream in streams:
+            self.abort(request_id)
+            stream._queue.put_nowait(RequestError(message))
+        return len(streams)
+
     # ---- event-loop side -------------------------------------------------------------------------------
 
     async def add_request(

@@ -16,51 +16,91 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.metadata
 import hmac
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
 from inferd.server.errors import error_response, install_error_handlers
 from inferd.server.routes.collections import router as collections_router
+from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
+from inferd.server.routes.embeddings import router as embeddings_router
 from inferd.server.routes.ops import router as ops_router
 from inferd.serving import ModelKind, ModelSpec
 from inferd.server.state import (
     ARRIVAL_TIME_SCOPE_KEY,
+    DEFAULT_BODY_READ_TIMEOUT_S,
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     ServerOptions,
     ServerState,
+    parse_duration_s,
 )
 
 logger = logging.getLogger("inferd.server")
 
 API_KEY_ENV = "INFERD_API_KEY"
-# Paths served without an API key and while draining (probes, scrapers, docs).
-_OPEN_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Paths served without an API key and while draining (probes, scrapers, docs); /metrics too unless
+# --metrics-require-key.
+_OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
+                         "/openapi.json"})
+_METRICS_PATH = "/metrics"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A JSON \u escape of a UTF-16 surrogate; a lone one (no high+low pair) is not Unicode text.
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def read_api_keys(keys: Sequence[str] | None, key_file: str | None, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """Every accepted API key: --api-key flags, the lines of --api-key-file (blank lines and # comments skipped),
+    and $INFERD_API_KEY (several separated by commas). Keys in a file or the environment stay out of `ps`."""
+    found = [k.strip() for k in keys or []]
+    if key_file is not None:
+        try:
+            lines = Path(key_file).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"api_key_file: cannot read {key_file}: {exc}") from None
+        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    found += [k.strip() for k in environ.get(API_KEY_ENV, "").split(",")]
+    keys_found = tuple(dict.fromkeys(k for k in found if k))
+    if any(any(c.isspace() for c in k) for k in keys_found):
+        raise ValueError("api_key: a key must not contain whitespace")
+    return keys_found
+
+
+def _guard_error(scope: Scope, status_code: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """The guard's own errors in the shape the route's clients read: OIP's {"error": "..."} under /v2 (tritonclient
+    and KServe clients), OpenAI's everywhere else."""
+    if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
+        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+    return error_response(status_code, message, param, code, headers)
 
 
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
-        key = state.options.api_key
-        self._expected_authorization = f"Bearer {key}".encode() if key else None
+        self._api_keys = tuple(k.encode() for k in state.options.api_keys)
+        self._open_paths = _OPEN_PATHS if state.options.metrics_require_key else _OPEN_PATHS | {_METRICS_PATH}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,16 +108,16 @@ class GuardMiddleware:
             return
         scope[ARRIVAL_TIME_SCOPE_KEY] = time.monotonic()
         state = self.state
-        if scope["path"] not in _OPEN_PATHS:
-            if self._expected_authorization is not None and not self._is_authorized(scope):
-                response = error_response(
-                    401, "missing or incorrect API key (send Authorization: Bearer <key>)", code="invalid_api_key",
+        if scope["path"] not in self._open_paths:
+            if self._api_keys and not self._is_authorized(scope):
+                response = _guard_error(
+                    scope, 401, "missing or incorrect API key (send Authorization: Bearer <key>)", code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
                 await response(scope, receive, send)
                 return
             if state.is_draining:
-                await error_response(503, "server is shutting down", code="shutting_down")(scope, receive, send)
+                await _guard_error(scope, 503, "server is shutting down", code="shutting_down")(scope, receive, send)
                 return
         if scope["method"] in _BODY_METHODS:
             body_or_response = await self._read_body(scope, receive)
@@ -94,31 +134,47 @@ class GuardMiddleware:
             state.num_in_flight -= 1
 
     def _is_authorized(self, scope: Scope) -> bool:
-        assert self._expected_authorization is not None
+        """`Authorization: Bearer KEY` (the scheme in any case, RFC 7235) against every key, each compared in
+        constant time and all of them compared, so timing says nothing about which key nearly matched."""
+        token = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
-                return hmac.compare_digest(value, self._expected_authorization)
-        return False
+                scheme, _, token = value.strip().partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                token = token.strip()
+                break
+        is_match = False
+        for key in self._api_keys:
+            is_match |= hmac.compare_digest(token, key)
+        return is_match
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Any:
         """The whole body (bytes), an error response, or None if the client disconnected."""
         max_body_bytes = self.state.options.max_body_bytes
-        too_large = error_response(
-            413, f"request body is larger than the limit of {max_body_bytes} bytes", code="request_too_large"
+        too_large = _guard_error(
+            scope, 413, f"request body is larger than the limit of {max_body_bytes} bytes", code="request_too_large"
         )
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
                     declared_bytes = int(value)
                 except ValueError:
-                    return error_response(400, "Content-Length is not an integer")
+                    return _guard_error(scope, 400, "Content-Length is not an integer")
                 if declared_bytes > max_body_bytes:
                     return too_large
                 break
         chunks: list[bytes] = []
         num_bytes = 0
+        timeout_s = self.state.options.body_read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout_s)
+            except TimeoutError:
+                return _guard_error(
+                    scope, 408, f"the request body did not arrive within {timeout_s:g} s (declared Content-Length longer "
+                         f"than what was sent?)", code="request_timeout", headers={"Connection": "close"},
+                )
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -129,11 +185,60 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if any(name == b"inference-header-content-length" for name, _ in scope["headers"]):
+            return body  # OIP binary tensors (routes/oip.py): raw bytes follow a JSON header the route checks
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return error_response(400, f"request body is not valid UTF-8 (invalid byte at offset {exc.start})")
+            return _guard_error(scope, 400, f"request body is not valid UTF-8 (invalid byte at offset {exc.start})")
+        if _SURROGATE_ESCAPE_RE.search(body) is not None:
+            where = await asyncio.to_thread(_lone_surrogate_field, body)
+            if where is not None:
+                param, path = where
+                return _guard_error(
+                    scope, 400, f"{path}: contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair), which "
+                         f"is not Unicode text", param=param, code="invalid_value",
+                )
         return body
+
+
+def _lone_surrogate_field(body: bytes) -> tuple[str, str] | None:
+    """(top-level field, path) of the first string (value or key) of a JSON body holding a lone surrogate."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None  # not JSON: the route's own parsing reports it
+
+    def walk(value: Any, path: str) -> str | None:
+        if isinstance(value, str):
+            return path if _has_lone_surrogate(value) else None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                if _has_lone_surrogate(str(key)):
+                    return child
+                found = walk(item, child)
+                if found is not None:
+                    return found
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                found = walk(item, f"{path}[{index}]")
+                if found is not None:
+                    return found
+        return None
+
+    path = walk(document, "")
+    if path is None:
+        return None
+    return re.split(r"[.\[]", path, maxsplit=1)[0] or "body", path or "body"
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _replay_body(body: bytes, receive: Receive) -> Receive:
@@ -171,16 +276,41 @@ def build_app(
 
     async def load_in_background() -> None:
         for spec in specs:
-            await state.load_model(spec)
+            await state.load_model(spec, is_startup=True)
+        # Everything loaded at startup lives as long as the server: keep the collector from walking it again on
+        # every full collection (long GC pauses showed in tail latency under load).
+        gc.collect()
+        gc.freeze()
+
+    async def unload_idle_models() -> None:
+        keep_alives = [m.keep_alive_s for m in state.models.values() if m.keep_alive_s is not None]
+        if not keep_alives:
+            return
+        period_s = min(1.0, max(0.05, min(keep_alives) / 4))
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await state.unload_idle_models()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one failed unload
+                logger.exception("keep-alive: unloading an idle model failed")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         for spec, engine in loaded:
             state.add_loaded_engine(spec, engine)
         load_task = asyncio.create_task(load_in_background()) if specs else None
+        reaper_task = asyncio.create_task(unload_idle_models())
+        grpc_server = None
+        if options.grpc_port is not None:
+            from inferd.server.grpc_oip import start_grpc_server
+
+            grpc_server = await start_grpc_server(state, options.grpc_host, options.grpc_port)
         try:
             yield
         finally:
+            reaper_task.cancel()
+            if grpc_server is not None:
+                await grpc_server.stop(grace_s=1.0)
             if load_task is not None and not load_task.done():
                 load_task.cancel()
             state.shutdown()
@@ -198,7 +328,9 @@ def build_app(
     )
     app.state.inferd = state
     install_error_handlers(app)
+    app.include_router(oip_router)  # first: Starlette tries routes in order and OIP infer is the hot path
     app.include_router(openai_router)
+    app.include_router(embeddings_router)
     app.include_router(ops_router)
     app.include_router(collections_router)
     app.add_middleware(GuardMiddleware, state=state)
@@ -244,6 +376,11 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         if state.num_in_flight > 0:
             logger.warning("drain timeout: stopping with %d request(s) still in flight", state.num_in_flight)
+            # Streams end with an error event and [DONE], other requests with an error body, before the sockets close.
+            state.fail_in_flight(f"server is shutting down: the {timeout_s:g} s drain timeout ended this request")
+            flush_deadline = time.monotonic() + 1.0
+            while state.num_in_flight > 0 and time.monotonic() < flush_deadline and not self.should_exit:
+                await asyncio.sleep(0.02)
         self.should_exit = True
 
 
@@ -278,11 +415,22 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--kind", default=None, choices=[k.value for k in ModelKind],
                    help="the kind of the single --model when it cannot be inferred")
     t.add_argument("--served-model-name", default=None, help="the name clients send for the single --model")
+    t.add_argument("--keep-alive", default=None, metavar="DURATION",
+                   help="unload a model idle this long (e.g. 30s, 5m; -1 = never, the default) and free its memory; "
+                        "the next request for it loads it again and waits (Ollama's keep_alive)")
     EngineArgs.add_cli_args(p, include_model=False)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    g.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the Open Inference Protocol v2 over gRPC (tabular models) on this port")
+    g.add_argument("--api-key", action="append", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (repeatable; also ${API_KEY_ENV}, comma-separated, "
+                        f"and --api-key-file, which keep keys out of `ps`)")
+    g.add_argument("--api-key-file", default=None, help="a file with one accepted API key per line")
+    g.add_argument("--metrics-require-key", action="store_true", help="/metrics needs an API key too")
+    g.add_argument("--body-read-timeout", type=float, default=DEFAULT_BODY_READ_TIMEOUT_S,
+                   help="seconds a request body may take to arrive (408 after)")
     g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help="answer 429 when more than this many requests wait to be scheduled")
     g.add_argument("--max-body-bytes", default=str(DEFAULT_MAX_BODY_BYTES), help="largest request body, e.g. 4MiB")
@@ -302,12 +450,20 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
     if args.drain_timeout < 0:
         raise ValueError(f"drain_timeout must be >= 0 seconds, got {args.drain_timeout}")
     llm_defaults = {k: v for k, v in vars(engine_args).items() if k not in ("model", "served_model_name")}
+    if args.body_read_timeout <= 0:
+        raise ValueError(f"body_read_timeout must be > 0 seconds, got {args.body_read_timeout}")
     options = ServerOptions(
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_keys=read_api_keys(args.api_key, args.api_key_file, os.environ),
+        metrics_require_key=args.metrics_require_key,
+        body_read_timeout_s=args.body_read_timeout,
         max_queue=args.max_queue,
         max_body_bytes=parse_size_bytes(args.max_body_bytes, "max_body_bytes"),
         drain_timeout_s=args.drain_timeout,
         llm_defaults=llm_defaults,
+        keep_alive_s=None if args.keep_alive is None else parse_duration_s(args.keep_alive, "keep_alive"),
+        model_repository=args.model_repository,
+        grpc_port=args.grpc_port,
+        grpc_host=args.host,
     )
     exit_status = 0
     server: Any = None

@@ -140,6 +140,8 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
         return bad_request("request body must be a JSON object (Content-Type: application/json)")
     param = _param_from_loc(loc)
     path = _field_path(loc) or "body"
+    if first.get("type") == "value_error":  # our validators' own messages, without pydantic's prefix
+        first = {**first, "msg": str(first.get("msg", "")).removeprefix("Value error, ")}
     # A union field (completions' prompt) reports one error per branch; name the field once.
     message = f"{path}: {first.get('msg', 'invalid value')}"
     if len(errors) > 1 and all(_param_from_loc(tuple(e.get("loc", ()))) == param for e in errors):
@@ -168,7 +170,8 @@ async def _handle_http_exception(_request: Request, exc: Exception) -> JSONRespo
 
 async def _handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, f"internal server error: {type(exc).__name__}: {exc}")
+    # Starlette re-raises after this response and the connection is closed: say so, so clients do not reuse it.
+    return error_response(500, f"internal server error: {type(exc).__name__}: {exc}", headers={"Connection": "close"})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -146,6 +146,9 @@ class ServerMetrics:
         self._batch_size = histogram("inferd:batch_size", "Inputs per batch.", _BATCH_SIZE_BUCKETS, kind_labels)
         self._batch_cost = histogram("inferd:batch_tokens", "Cost per batch (tokens for embed, rows for tabular).",
                                      _BATCH_COST_BUCKETS, kind_labels)
+        self._model_load = histogram("inferd:model_load_seconds", "Time to load a model (startup or after keep-alive).",
+                                     _REQUEST_BUCKETS_S)
+        self._model_loaded = gauge("inferd:model_loaded", "1 while the model is in memory, 0 when unloaded.")
         self._llm: dict[str, LLMMetrics] = {}
 
     def llm(self, model_name: str) -> LLMMetrics:
@@ -172,6 +175,12 @@ class ServerMetrics:
         self._request_items.labels(model_name, kind_name).inc(num_items)
         if num_tokens:
             self._request_tokens.labels(model_name, kind_name).inc(num_tokens)
+
+    def observe_model_load(self, model_name: str, seconds: float) -> None:
+        self._model_load.labels(model_name).observe(seconds)
+
+    def set_model_loaded(self, model_name: str, is_loaded: bool) -> None:
+        self._model_loaded.labels(model_name).set(1.0 if is_loaded else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

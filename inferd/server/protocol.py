@@ -7,9 +7,9 @@ away from the engine (seed must fit int64).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from inferd.request import MAX_LOGPROBS, MAX_N
 
@@ -38,6 +38,13 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextContentPart] | None = None
     name: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> "ChatMessage":
+        # Only an assistant turn (one that called tools) may come without content, as in OpenAI's API.
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -73,13 +80,58 @@ class SamplingRequestFields(_Body):
     skip_special_tokens: StrictBool = True
 
 
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+# OpenAI chat fields inferd cannot honour yet: refused with a 400 naming the field rather than ignored.
+_NOT_YET = "is not supported yet by inferd (structured output and tool calling are planned)"
+
+
 class ChatCompletionRequest(SamplingRequestFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = Field(
+        None, description="Only {'type': 'text'} for now; json_object and json_schema are refused with 400."
+    )
+    tools: list[dict[str, Any]] | None = Field(None, description="Refused with 400 when non-empty (not supported yet).")
+    tool_choice: StrictStr | dict[str, Any] | None = Field(None, description="Only 'none' is accepted for now.")
+    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated by OpenAI; refused with 400.")
+    function_call: StrictStr | dict[str, Any] | None = Field(None, description="Deprecated by OpenAI; refused.")
+    echo: StrictBool | None = Field(None, description="Not a chat parameter; refused with 400 when given.")
     max_tokens: PositiveInt | None = Field(None, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise ValueError(f"type {value.type!r} {_NOT_YET}; only 'text' is accepted")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError(f"tool calling {_NOT_YET}")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value is not None and value != "none":
+            raise ValueError(f"tool calling {_NOT_YET}; only 'none' is accepted")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        if value is not None:
+            raise ValueError("echo is a parameter of /v1/completions, not of /v1/chat/completions")
+        return value
 
 
 class CompletionRequest(SamplingRequestFields):

@@ -9,6 +9,7 @@ another kind) or 503 (loading, failed, unloaded) itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ ARRIVAL_TIME_SCOPE_KEY = "inferd.arrival_time"
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_QUEUE = 1024
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
 # Logprobs must be JSON numbers; -inf (an impossible token) is reported as this, as OpenAI-compatible servers do.
 MIN_LOGPROB = -9999.0
 
@@ -42,7 +44,9 @@ _KIND_ROUTES = {
 
 @dataclass(frozen=True)
 class ServerOptions:
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty = no key needed
+    metrics_require_key: bool = False
+    body_read_timeout_s: float = DEFAULT_BODY_READ_TIMEOUT_S
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting (not yet running) beyond this get 429
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
@@ -50,6 +54,12 @@ class ServerOptions:
     # Engine flags every `generate` model starts from (the CLI's --device, --quantization, ...); a models-file
     # entry's options override them for that model.
     llm_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Seconds a model may sit idle before it is unloaded (its memory freed); the next request loads it again and
+    # waits for it. None: models stay loaded. A models-file entry's `keep_alive` option overrides it per model.
+    keep_alive_s: float | None = None
+    model_repository: str | None = None  # --model-repository: OIP's repository index/load reads it
+    grpc_port: int | None = None  # --grpc-port: OIP v2 over gRPC (server/grpc_oip.py) on grpc_host:grpc_port
+    grpc_host: str = "127.0.0.1"
 
 
 def _load_generate(spec: ModelSpec, options: Mapping[str, Any], on_batch: Any) -> ServedEngine:
@@ -86,11 +96,14 @@ class ServedModel:
         self.spec = spec
         self.kind: ModelKind = spec.kind
         self.engine: Any = None  # a ServedEngine once loaded
-        self.status = "loading"  # loading | ready | failed | unloaded
+        self.status = "loading"  # loading | ready | failed | unloaded | idle (unloaded by keep-alive; loads on use)
         self.load_error: str | None = None
         self.load_time_s: float | None = None
         self.llm_metrics: LLMMetrics | None = metrics.llm(spec.name) if spec.kind is ModelKind.GENERATE else None
         self._token_texts: dict[int, str] = {}
+        self.keep_alive_s: float | None = None  # set by the state from the options (None: never unloaded)
+        self.last_used_time = time.monotonic()
+        self.loaded_event = asyncio.Event()  # set while the model is ready or has failed; cleared while loading
 
     @property
     def name(self) -> str:
@@ -98,7 +111,17 @@ class ServedModel:
 
     @property
     def is_ready(self) -> bool:
+        """Ready to take requests now, or asleep after its keep-alive (the next request loads it again)."""
+        if self.status == "idle" or (self.status == "loading" and self.load_time_s is not None):
+            return True  # asleep after its keep-alive, or waking up: requests wait for it instead of failing
         return self.status == "ready" and self.engine is not None and self.engine.is_running
+
+    def is_idle_for(self, now: float) -> float:
+        """Seconds since its last request, 0 while any request is in flight (LLMs: running or waiting)."""
+        is_busy = getattr(self.engine, "has_requests_in_flight", None)
+        if is_busy is not None and is_busy():
+            return 0.0
+        return now - self.last_used_time
 
     def token_text(self, token_id: int) -> str:
         """The text one token decodes to on its own (special tokens kept), cached per id (generate models)."""
@@ -131,8 +154,33 @@ class ServerState:
     def is_ready(self) -> bool:
         return bool(self.models) and all(m.is_ready for m in self.models.values()) and not self.is_draining
 
+    async def use_model(self, name: str | None, kind: ModelKind) -> ServedModel:
+        """`get_model`, except that a model unloaded by its keep-alive is loaded again first (the request waits,
+        as with Ollama, rather than getting a 503), and the model's idle clock restarts."""
+        served = self._find(name, kind)
+        if served.status == "idle":
+            await self.load_model(served.spec)
+        elif served.status == "loading" and served.load_time_s is not None:  # a reload already under way
+            await served.loaded_event.wait()
+        served.last_used_time = time.monotonic()
+        return self.get_model(name, kind)
+
     def get_model(self, name: str | None, kind: ModelKind) -> ServedModel:
         """The ready model a request names (None: the only model of that kind), or the APIError that explains."""
+        served = self._find(name, kind)
+        if served.status == "loading":
+            raise APIError(503, f"model {served.name!r} is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "1"})
+        if served.status == "failed":
+            raise APIError(503, f"model {served.name!r} failed to load: {served.load_error}", code="model_load_failed")
+        if served.status in ("unloaded", "idle"):
+            raise APIError(503, f"model {served.name!r} is unloaded; load it again first", code="model_unloaded")
+        if not served.engine.is_running:
+            raise APIError(503, f"the engine of model {served.name!r} is not running", code="engine_stopped")
+        served.last_used_time = time.monotonic()
+        return served
+
+    def _find(self, name: str | None, kind: ModelKind) -> ServedModel:
         if self.is_draining:
             raise APIError(503, "server is shutting down", code="shutting_down")
         if name is None:
@@ -154,15 +202,6 @@ class ServerState:
                 f"(it serves {_KIND_ROUTES[served.kind]})",
                 code="wrong_model_kind",
             )
-        if served.status == "loading":
-            raise APIError(503, f"model {served.name!r} is still loading; retry shortly", code="model_loading",
-                           headers={"Retry-After": "1"})
-        if served.status == "failed":
-            raise APIError(503, f"model {served.name!r} failed to load: {served.load_error}", code="model_load_failed")
-        if served.status == "unloaded":
-            raise APIError(503, f"model {served.name!r} is unloaded; load it again first", code="model_unloaded")
-        if not served.engine.is_running:
-            raise APIError(503, f"the engine of model {served.name!r} is not running", code="engine_stopped")
         return served
 
     def _names_by_kind(self) -> str:
@@ -173,8 +212,11 @@ class ServerState:
         for spec in specs:
             if spec.name in self.models:
                 raise ValueError(f"model name {spec.name!r} is served already")
-            added.append(ServedModel(spec, self.metrics))
-            self.models[spec.name] = added[-1]
+            served = ServedModel(spec, self.metrics)
+            keep_alive = spec.options.get("keep_alive", self.options.keep_alive_s)
+            served.keep_alive_s = None if keep_alive is None else parse_duration_s(keep_alive, "keep_alive")
+            added.append(served)
+            self.models[spec.name] = served
         return added
 
     def add_loaded_engine(self, spec: ModelSpec, engine: Any) -> ServedModel:
@@ -183,8 +225,9 @@ class ServerState:
         self._start(served, engine)
         return served
 
-    async def load_model(self, spec: ModelSpec) -> ServedModel:
-        """Load (or reload) a model on a loading thread, then start it; returns its row, ready or failed."""
+    async def load_model(self, spec: ModelSpec, *, is_startup: bool = False) -> ServedModel:
+        """Load (or reload) a model on a loading thread, then start it; returns its row, ready or failed. A startup
+        load that fails calls `on_load_failure` (the CLI server then exits 1); a later one leaves the row failed."""
         served = self.models.get(spec.name)
         if served is None:
             (served,) = self.add_models([spec])
@@ -192,8 +235,9 @@ class ServerState:
             if served.engine is not None:
                 served.engine.shutdown()
             served.spec, served.engine, served.status, served.load_error = spec, None, "loading", None
+        served.loaded_event.clear()
         started = time.monotonic()
-        options = dict(spec.options)
+        options = {k: v for k, v in spec.options.items() if k != "keep_alive"}
         if served.kind is ModelKind.GENERATE:
             options = {**self.options.llm_defaults, **options, "served_model_name": spec.name}
         kind = served.kind
@@ -205,12 +249,14 @@ class ServerState:
             engine = await _run_in_daemon_thread(ENGINE_LOADERS[kind], spec, options, on_batch)
         except Exception as exc:
             served.status, served.load_error = "failed", f"{type(exc).__name__}: {exc}"
+            served.loaded_event.set()
             logger.error("model %s failed to load: %s", spec.name, served.load_error, exc_info=exc)
-            if self.on_load_failure is not None:
+            if is_startup and self.on_load_failure is not None:
                 self.on_load_failure(spec.name)
             return served
         self._start(served, engine)
         served.load_time_s = time.monotonic() - started
+        self.metrics.observe_model_load(spec.name, served.load_time_s)
         logger.info("model %s (%s) ready in %.1f s", spec.name, kind.value, served.load_time_s)
         return served
 
@@ -218,17 +264,47 @@ class ServerState:
         engine.start()
         served.engine = engine
         served.status = "ready"
+        served.last_used_time = time.monotonic()
+        served.loaded_event.set()
+        self.metrics.set_model_loaded(served.name, True)
+
+    async def unload_idle_models(self) -> list[str]:
+        """Unload every ready model idle for longer than its keep-alive; returns their names."""
+        now = time.monotonic()
+        unloaded = []
+        for served in list(self.models.values()):
+            if served.keep_alive_s is None or served.status != "ready" or served.engine is None:
+                continue
+            if served.is_idle_for(now) >= served.keep_alive_s:
+                await self._unload(served, "idle")
+                logger.info("model %s unloaded after %.0f s idle (keep-alive); the next request loads it again",
+                            served.name, now - served.last_used_time)
+                unloaded.append(served.name)
+        return unloaded
+
+    async def _unload(self, served: ServedModel, status: str) -> None:
+        engine, served.engine = served.engine, None
+        served.status = status
+        served._token_texts.clear()
+        self.metrics.set_model_loaded(served.name, False)
+        if engine is not None:
+            await asyncio.to_thread(_shutdown_and_free, engine)
 
     async def unload_model(self, name: str) -> ServedModel:
         served = self.models.get(name)
         if served is None:
             raise APIError(404, f"model {name!r} does not exist; served models: {self._names_by_kind()}",
                            param="model", code="model_not_found")
-        if served.engine is not None:
-            engine, served.engine = served.engine, None
-            await asyncio.to_thread(engine.shutdown)
-        served.status = "unloaded"
+        await self._unload(served, "unloaded")
         return served
+
+    def fail_in_flight(self, message: str) -> int:
+        """End every generate request still running with an error (streams close with an error event and [DONE])."""
+        num_failed = 0
+        for served in self.models.values():
+            if served.engine is not None and hasattr(served.engine, "fail_all"):
+                num_failed += served.engine.fail_all(message)
+        return num_failed
 
     def shutdown(self) -> None:
         for served in self.models.values():
@@ -237,7 +313,13 @@ class ServerState:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    def check_queue(self, engine: Any, num_new_requests: int) -> None:
+    def check_queue(self, engine: Any, num_new_requests: int, param: str = "prompt") -> None:
+        """429 + Retry-After when the queue is busy now; 400 naming `param` when the request could never fit."""
+        if num_new_requests > self.options.max_queue:
+            raise InvalidParameter(
+                param, f"{param}: this request adds {num_new_requests} sequences but the server queues at most "
+                       f"{self.options.max_queue} (max_queue); send fewer per request",
+            )
         num_waiting = engine.num_waiting_requests()
         if num_waiting + num_new_requests > self.options.max_queue:
             raise APIError(
@@ -261,6 +343,32 @@ class ServerState:
                 stats = served.engine.get_stats()
                 if stats is not None:
                     served.llm_metrics.set_engine_stats(stats)
+
+
+def _shutdown_and_free(engine: Any) -> None:
+    engine.shutdown()
+    del engine
+    gc.collect()  # weights and KV-cache tensors are freed once nothing refers to them
+
+
+def parse_duration_s(value: str | float | int, field_name: str) -> float | None:
+    """'5m' -> 300.0, '30s' / 30 -> 30.0, '1h' -> 3600.0, '-1' / 'forever' -> None (never unload)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("-1", "forever", "inf", "never"):
+            return None
+        units = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "s")
+        number = text[: -len(unit)] if text.endswith(unit) else text
+        try:
+            seconds = float(number) * units[unit]
+        except ValueError:
+            raise ValueError(f"{field_name}: cannot read {value!r} as a duration (examples: 30s, 5m, 1h, -1)") from None
+    if seconds < 0:
+        return None
+    return seconds
 
 
 def _run_in_daemon_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:

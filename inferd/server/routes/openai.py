@@ -24,7 +24,8 @@ from starlette.types import Receive, Scope, Send
 
 from inferd.engine.async_engine import AsyncEngine, RequestError, RequestStream
 from inferd.request import CompletionOutput, RequestOutput, SamplingParams
-from inferd.server.errors import bad_request, error_body, from_value_error
+from inferd.server.bodies import OffLoopBodyRoute
+from inferd.server.errors import APIError, bad_request, error_body, from_value_error
 from inferd.server.metrics import FinishedRequestStats
 from inferd.server.protocol import (
     ChatCompletionRequest,
@@ -37,7 +38,7 @@ from inferd.server.protocol import (
 from inferd.server.state import ARRIVAL_TIME_SCOPE_KEY, MIN_LOGPROB, ServedModel, ServerState
 from inferd.serving import ModelKind
 
-router = APIRouter(tags=["OpenAI-compatible"])
+router = APIRouter(tags=["OpenAI-compatible"], route_class=OffLoopBodyRoute)
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
@@ -461,7 +462,10 @@ async def _respond(
     """Stream (SSE) or collect the final outputs into one response; a client that left aborts every request."""
     if stream:
         return _EventStreamResponse(_event_stream(tracked, base, n, include_usage, first_choices, chunk_choice), tracked)
-    outputs = await _collect_unless_disconnected(request, tracked)
+    try:
+        outputs = await _collect_unless_disconnected(request, tracked)
+    except RequestError as exc:
+        raise APIError(500, f"generation failed: {exc}", code="generation_failed") from None
     if outputs is None:
         return Response(status_code=_CLIENT_CLOSED_STATUS)
     choices = [
@@ -474,6 +478,8 @@ async def _respond(
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     return body.stream_options is not None and body.stream_options.include_usage
 
 
@@ -489,8 +495,9 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     state = _state(request)
     arrival_time = _arrival_time(request)
-    served = state.get_model(body.model, ModelKind.GENERATE)
+    served = await state.use_model(body.model, ModelKind.GENERATE)
     engine: AsyncEngine = served.engine
+    include_usage = _include_usage(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
 
@@ -550,7 +557,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         stream=body.stream,
         base={"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": served.name},
         n=body.n,
-        include_usage=_include_usage(body),
+        include_usage=include_usage,
         first_choices=[{"index": i, "delta": role_delta, "logprobs": None, "finish_reason": None} for i in range(body.n)],
         chunk_choice=chunk_choice,
         final_choice=final_choice,
@@ -580,8 +587,9 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = _state(request)
     arrival_time = _arrival_time(request)
-    served = state.get_model(body.model, ModelKind.GENERATE)
+    served = await state.use_model(body.model, ModelKind.GENERATE)
     engine: AsyncEngine = served.engine
+    include_usage = _include_usage(body)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -640,7 +648,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         stream=body.stream,
         base={"id": request_id, "object": "text_completion", "created": int(time.time()), "model": served.name},
         n=body.n,
-        include_usage=_include_usage(body),
+        include_usage=include_usage,
         first_choices=first_choices,
         chunk_choice=chunk_choice,
         final_choice=final_choice,

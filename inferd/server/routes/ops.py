@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from inferd.server.bodies import OffLoopBodyRoute
 from inferd.server.errors import APIError, bad_request
 from inferd.server.metrics import CONTENT_TYPE
 from inferd.server.protocol import (
@@ -23,7 +24,7 @@ from inferd.server.protocol import (
 from inferd.server.state import ServedModel, ServerState
 from inferd.serving import ModelKind
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopBodyRoute)
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
 _STARTED_AT = int(time.time())
 
@@ -98,7 +99,7 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 )
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
-    engine = state.get_model(body.model, ModelKind.GENERATE).engine
+    engine = (await state.use_model(body.model, ModelKind.GENERATE)).engine
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
     if body.messages is not None:
@@ -122,7 +123,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
 )
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _state(request)
-    engine = state.get_model(body.model, ModelKind.GENERATE).engine
+    engine = (await state.use_model(body.model, ModelKind.GENERATE)).engine
     vocab_size = engine.tokenizer.vocab_size
     for token_id in body.tokens:
         if token_id >= vocab_size:

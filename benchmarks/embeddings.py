@@ -1,0 +1,578 @@
+"""Embedding speed: inferd vs sentence-transformers in-process, and inferd serve vs embedding servers over HTTP,
+same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machine, one run.
+
+    .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
+    .venv/bin/python benchmarks/embeddings.py http [--servers inferd,fastapi-st,infinity,litserve] [--rounds 2]
+    .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs per length bucket vs one call
+    .venv/bin/python benchmarks/embeddings.py mixed       # an LLM stream and embeddings on one server
+
+offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
+thread count, runs alternating, medians of `--rounds`. Prints achieved GFLOP/s (useful FLOPs: the encoder's
+linear layers and attention on the real token counts, no padding) beside a float32 GEMM rate measured in the same
+run, and the lowest cosine between the two sides' vectors.
+
+http: closed-loop clients POST OpenAI `/embeddings` bodies: 1 sentence per request at concurrency 1/8/32, and
+32 per request at concurrency 4. Servers: `inferd serve`, a FastAPI + sentence-transformers server written by
+hand (peers/embed_fastapi_st.py), Infinity and LitServe (peers/embed_litserve.py: batching 32 / 5 ms for 1 per
+request, a second server without batching for 32 per request, which LitServe cannot batch); peers/setup_embed_peers.sh makes their venvs; a
+server whose venv is missing is reported and skipped). All servers run at once; scenarios alternate between
+them per round, so slow drifts of this shared machine hit every server alike. Every server's vectors are checked
+against sentence-transformers (lowest cosine printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "all-minilm-l6-v2"
+PEERS_DIR = Path(os.environ.get("PEERS_DIR", REPO_ROOT / "benchmarks" / ".peers"))
+
+# Common English words; sentences are seeded draws of 5-60 of them.
+_WORDS = (
+    "the be to of and a in that have it for not on with he as you do at this but his by from they we say her she "
+    "or an will my one all would there their what so up out if about who get which go me when make can like time "
+    "no just him know take people into year your good some could them see other than then now look only come its "
+    "over think also back after use two how our work first well way even new want because any these give day most "
+    "us model server search price order customer fraud score vector similar item music film travel bank payment "
+    "delivery weather football recipe garden doctor school market river mountain city computer network language"
+).split()
+
+
+def make_sentences(num: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 60))]
+        out.append(" ".join(words).capitalize() + rng.choice([".", "?", "!"]))
+    return out
+
+
+def model_dir() -> Path:
+    sys.path.insert(0, str(REPO_ROOT))
+    from inferd.store import resolve_model
+
+    return Path(resolve_model(MODEL_NAME).path)
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split()
+    except (OSError, StopIteration):
+        return "?"
+    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return " ".join(f for f in keep if f in flags)
+
+
+def machine_line() -> str:
+    import torch
+
+    model = "?"
+    try:
+        model = next(line for line in open("/proc/cpuinfo") if line.startswith("model name")).split(":")[1].strip()
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {model}, {os.cpu_count()} cores, flags {cpu_flags()}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}"
+    )
+
+
+def matmul_gflops(repeats: int = 7) -> tuple[float, float]:
+    """(float32 GEMM GFLOP/s at 1024^3, at the encoder's FFN shape [1024 tokens, 384] x [384, 1536]), medians."""
+    import torch
+
+    rates = []
+    for m, k, n in ((1024, 1024, 1024), (1024, 384, 1536)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            times.append((time.perf_counter() - t0) / 5)
+        rates.append(2 * m * k * n / statistics.median(times) / 1e9)
+    return rates[0], rates[1]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine in float64 (in float32 the arithmetic alone is off by ~6e-8)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------------- offline
+
+
+def run_offline(args: argparse.Namespace) -> None:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from inferd.embeddings import Embedder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = model_dir()
+    sentences = make_sentences(args.num_sentences)
+    batch1 = sentences[: args.num_batch1]
+    embedder = Embedder(path, device="cpu", dtype="float32", max_batch_items=32)
+    st_model = SentenceTransformer(str(path), device="cpu")
+    lengths = [len(ids) for ids in embedder.model.tokenizer.encode_batch(sentences, truncate=True)]
+    flops_all = embedder.model.flops(lengths)
+    flops_b1 = embedder.model.flops(lengths[: args.num_batch1])
+    print(f"# {machine_line()}")
+    print(f"# {len(sentences)} sentences, {sum(lengths)} tokens (mean {statistics.mean(lengths):.1f}, max {max(lengths)}); "
+          f"batch 1 on the first {len(batch1)}")
+
+    def ours_32() -> np.ndarray:
+        return np.concatenate([embedder.embed(sentences[i : i + 32]) for i in range(0, len(sentences), 32)])
+
+    def st_32() -> np.ndarray:
+        return st_model.encode(sentences, batch_size=32, convert_to_numpy=True)
+
+    def ours_1() -> None:
+        for s in batch1:
+            embedder.embed([s])
+
+    def st_1() -> None:
+        for s in batch1:
+            st_model.encode([s], batch_size=1, convert_to_numpy=True)
+
+    runs = {"inferd batch 32": (ours_32, len(sentences), flops_all), "sentence-transformers batch 32": (st_32, len(sentences), flops_all),
+            "inferd batch 1": (ours_1, len(batch1), flops_b1), "sentence-transformers batch 1": (st_1, len(batch1), flops_b1)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    ours_vectors = ours_32()  # warm-up and the vectors to compare
+    ref_vectors = st_32()
+    min_cos = float(cosines(ours_vectors, ref_vectors).min())
+    gemm_rates: list[tuple[float, float]] = []
+    for round_index in range(args.rounds):
+        gemm_rates.append(matmul_gflops(repeats=3))  # measured every round: the machine's rate drifts
+        for name, (fn, num, _flops) in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            rates[name].append(num / (time.perf_counter() - t0))
+        print(f"# round {round_index + 1}: " + ", ".join(f"{n} {r[-1]:.1f}/s" for n, r in rates.items()), flush=True)
+    gemm_big = statistics.median(r[0] for r in gemm_rates)
+    gemm_ffn = statistics.median(r[1] for r in gemm_rates)
+    print(f"# float32 GEMM (median of the rounds): {gemm_big:.0f} GFLOP/s at 1024^3, {gemm_ffn:.0f} GFLOP/s at the FFN "
+          "shape [1024,384]x[384,1536]")
+    print()
+    print("| in-process | sentences/s (median) | rounds | GFLOP/s achieved | vs GEMM at FFN shape |")
+    print("|---|---|---|---|---|")
+    for name, (_fn, num, flops) in runs.items():
+        median = statistics.median(rates[name])
+        gflops = median * flops / num / 1e9
+        print(f"| {name} | {median:.1f} | {', '.join(f'{r:.1f}' for r in rates[name])} | {gflops:.1f} | {gflops / gemm_ffn:.0%} |")
+    b32 = statistics.median(rates["inferd batch 32"]) / statistics.median(rates["sentence-transformers batch 32"])
+    b1 = statistics.median(rates["inferd batch 1"]) / statistics.median(rates["sentence-transformers batch 1"])
+    print(f"\ninferd / sentence-transformers: batch 32 {b32:.2f}x, batch 1 {b1:.2f}x; lowest cosine {min_cos:.8f}")
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+def run_attention(args: argparse.Namespace) -> None:
+    """One encoder layer's attention for batches of 32 seeded sentences (all-MiniLM-L6-v2: 12 heads x 32), three
+    ways: one SDPA call per sequence on its packed rows; one masked call per length bucket (sequences padded to
+    their own length rounded up to 16); inferd's EncoderLayer.attention (one gather into slots of the longest
+    length, one masked call, one gather back)."""
+    import torch
+    import torch.nn.functional as F
+
+    from inferd.embeddings import Embedder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    embedder = Embedder(model_dir(), device="cpu", dtype="float32")
+    encoder = embedder.model.encoder
+    layer = encoder.layers[0]
+    token_id_lists = embedder.model.tokenizer.encode_batch(make_sentences(32 * 8), truncate=True)
+    heads, head_dim = layer.num_heads, layer.head_dim
+
+    def per_sequence(qkv: torch.Tensor, batch) -> None:
+        x = qkv.permute(1, 2, 0, 3)  # [3, heads, T, head_dim]
+        for s, e in zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:]):
+            F.scaled_dot_product_attention(x[0, :, s:e], x[1, :, s:e], x[2, :, s:e])
+
+    def bucket_plan(batch) -> list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per length bucket (built before the timing, as a model would at packing time): (num_seqs, slot length,
+        gather rows, key mask, destination rows, source slots)."""
+        cu = batch.cu_seqlens
+        buckets: dict[int, list[int]] = {}
+        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+            buckets.setdefault(-(-(e - s) // 16) * 16, []).append(i)
+        plan = []
+        for p, seqs in buckets.items():
+            gather, mask, dst, src = [], [], [], []
+            for slot, i in enumerate(seqs):
+                s, n = cu[i], cu[i + 1] - cu[i]
+                gather += list(range(s, s + n)) + [s] * (p - n)
+                mask.append([True] * n + [False] * (p - n))
+                dst += list(range(s, s + n))
+                src += list(range(slot * p, slot * p + n))
+            plan.append((len(seqs), p, torch.tensor(gather), torch.tensor(mask).view(len(seqs), 1, 1, p),
+                         torch.tensor(dst), torch.tensor(src)))
+        return plan
+
+    def per_bucket(qkv: torch.Tensor, batch) -> torch.Tensor:
+        context = qkv.new_zeros(qkv.shape[0], heads * head_dim)
+        for g, p, gather, mask, dst, src in plans[id(batch)]:
+            x = qkv.index_select(0, gather).view(g, p, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(x[0], x[1], x[2], attn_mask=mask).transpose(1, 2).reshape(g * p, -1)
+            context.index_copy_(0, dst, out.index_select(0, src))
+        return context
+
+    plans: dict[int, list] = {}
+    ways = {"one call per sequence": per_sequence, "one call per length bucket": per_bucket,
+            "one call, slots of the longest length (inferd)": layer.attention}
+    timings: dict[str, list[float]] = {name: [] for name in ways}
+    with torch.inference_mode():
+        for _round in range(args.rounds):
+            for b in range(0, len(token_id_lists), 32):
+                batch = encoder.pack(token_id_lists[b : b + 32])
+                plans[id(batch)] = bucket_plan(batch)
+                qkv = torch.randn(batch.input_ids.shape[0], 3, heads, head_dim)
+                for name, fn in ways.items():
+                    t0 = time.perf_counter()
+                    fn(qkv, batch)
+                    timings[name].append(time.perf_counter() - t0)
+    print(f"# {machine_line()}")
+    print("| attention of one layer, batch of 32 sentences | median ms | rounds x batches |")
+    print("|---|---|---|")
+    for name, ts in timings.items():
+        print(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {len(ts)} |")
+
+
+# ---------------------------------------------------------------------------------------------------- http
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str  # the embeddings endpoint
+    model: str  # the body's model field
+    max_per_request: int | None = None  # scenarios with more inputs per request skip this server
+    process: subprocess.Popen | None = None
+    log_path: str = ""
+
+
+def _python_of(peer: str) -> Path | None:
+    python = PEERS_DIR / f"{peer}-venv" / "bin" / "python"
+    return python if python.exists() else None
+
+
+def start_servers(names: list[str], path: Path, args_inferd: list[str], num_threads: int = 0) -> list[Server]:
+    servers = []
+    for name in names:
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+        if name in ("inferd", "inferd-1thread"):
+            cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), *args_inferd]
+            model_threads = 1 if name == "inferd-1thread" else num_threads
+            if model_threads:  # per-model options come from a models file
+                models_file = tempfile.NamedTemporaryFile("w", prefix="embed-bench-models-", suffix=".yaml", delete=False)
+                models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {model_threads}}}\n")
+                models_file.close()
+                cmd += ["--models-file", models_file.name]
+            else:
+                cmd += ["--model", MODEL_NAME]
+            server = Server(name, f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME)
+        elif name == "fastapi-st":
+            cmd = [sys.executable, str(REPO_ROOT / "benchmarks/peers/embed_fastapi_st.py"), str(path), "--port", str(port)]
+            server = Server(name, f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME)
+        elif name == "infinity":
+            python = _python_of("infinity")
+            if python is None:
+                print(f"# {name}: skipped, no venv at {PEERS_DIR / 'infinity-venv'} (run benchmarks/peers/setup_embed_peers.sh)")
+                continue
+            cmd = [str(python.parent / "infinity_emb"), "v2", "--model-id", str(path), "--served-model-name", MODEL_NAME,
+                   "--port", str(port), "--engine", "torch", "--device", "cpu", "--no-bettertransformer",
+                   "--batch-size", "32"]
+            server = Server(name, f"http://127.0.0.1:{port}/embeddings", MODEL_NAME)
+        elif name in ("litserve", "litserve-nobatch"):
+            python = _python_of("litserve")
+            if python is None:
+                print(f"# {name}: skipped, no venv at {PEERS_DIR / 'litserve-venv'} (run benchmarks/peers/setup_embed_peers.sh)")
+                continue
+            # LitServe batches only single-input requests: batching 32 / 5 ms for 1 per request, none for 32
+            batch_args = ["--max-batch-size", "32", "--batch-timeout", "0.005"] if name == "litserve" else ["--max-batch-size", "1"]
+            cmd = [str(python), str(REPO_ROOT / "benchmarks/peers/embed_litserve.py"), str(path), "--port", str(port), *batch_args]
+            server = Server(name, f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME,
+                            max_per_request=1 if name == "litserve" else None)
+        else:
+            raise SystemExit(f"unknown server {name!r}")
+        log = tempfile.NamedTemporaryFile("w", prefix=f"embed-bench-{name}-", suffix=".log", delete=False)
+        server.log_path = log.name
+        # own process group: LitServe's worker processes must stop with their server
+        server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                                          start_new_session=True)
+        servers.append(server)
+    return servers
+
+
+def wait_ready(servers: list[Server], timeout_s: float = 300.0) -> list[Server]:
+    import httpx
+
+    ready = []
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending and time.monotonic() < deadline:
+        for server in list(pending):
+            if server.process is not None and server.process.poll() is not None:
+                print(f"# {server.name}: exited with {server.process.returncode}; log {server.log_path}")
+                pending.remove(server)
+                continue
+            try:
+                r = httpx.post(server.url, json={"model": server.model, "input": ["ready?"]}, timeout=10)
+                if r.status_code == 200:
+                    ready.append(server)
+                    pending.remove(server)
+            except httpx.HTTPError:
+                pass
+        time.sleep(1.0)
+    for server in pending:
+        print(f"# {server.name}: not ready after {timeout_s:.0f}s; log {server.log_path}")
+    return ready
+
+
+def stop_servers(servers: list[Server]) -> None:
+    """SIGTERM to each server's process group (the server and any workers it spawned), SIGKILL after 15 s."""
+    import signal
+
+    def signal_group(process: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    for server in servers:
+        if server.process is not None:
+            signal_group(server.process, signal.SIGTERM)
+    for server in servers:
+        if server.process is not None:
+            try:
+                server.process.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+            signal_group(server.process, signal.SIGKILL)
+
+
+def decode_embeddings(body: dict) -> np.ndarray:
+    import base64
+
+    rows = sorted(body["data"], key=lambda d: d["index"])
+    out = []
+    for d in rows:
+        e = d["embedding"]
+        out.append(np.frombuffer(base64.b64decode(e), dtype="<f4") if isinstance(e, str) else np.asarray(e, dtype=np.float32))
+    return np.stack(out)
+
+
+async def closed_loop(url: str, model: str, bodies: list[list[str]], concurrency: int) -> tuple[float, float, int]:
+    """(sentences/s, p50 latency ms, errors): `concurrency` clients, each sends its next body when its last answer
+    arrived, until every body was sent."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    queue = list(reversed(bodies))
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while queue:
+                texts = queue.pop()
+                t0 = time.perf_counter()
+                r = await client.post(url, json={"model": model, "input": texts})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return sum(len(b) for b in bodies) / wall, statistics.median(latencies) * 1e3, errors
+
+
+def run_http(args: argparse.Namespace) -> None:
+    import httpx
+    from sentence_transformers import SentenceTransformer
+
+    path = model_dir()
+    sentences = make_sentences(args.num_sentences)
+    scenarios = [("1/req c=1", 1, 1, args.num_c1), ("1/req c=8", 1, 8, args.num_sentences),
+                 ("1/req c=32", 1, 32, args.num_sentences), ("32/req c=4", 32, 4, args.num_sentences)]
+    servers = start_servers(args.servers.split(","), path, args.inferd_args.split(), args.inferd_num_threads)
+    try:
+        servers = wait_ready(servers)
+        st_model = SentenceTransformer(str(path), device="cpu")
+        check = sentences[:64]
+        ref = st_model.encode(check, convert_to_numpy=True)
+        del st_model
+        print(f"# {machine_line()}")
+        min_cos = {}
+        for server in servers:
+            step = server.max_per_request or 16
+            vectors = np.concatenate([decode_embeddings(httpx.post(server.url, json={"model": server.model, "input": check[i : i + step]}, timeout=120).json())
+                                      for i in range(0, len(check), step)])
+            min_cos[server.name] = float(cosines(vectors, ref).min())
+            print(f"# {server.name}: lowest cosine vs sentence-transformers on {len(check)} sentences {min_cos[server.name]:.8f}")
+        results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+        for round_index in range(args.rounds):
+            for label, per_request, concurrency, num in scenarios:
+                bodies = [sentences[i : i + per_request] for i in range(0, num, per_request)]
+                for server in servers:
+                    if server.max_per_request is not None and per_request > server.max_per_request:
+                        continue
+                    asyncio.run(closed_loop(server.url, server.model, bodies[: max(concurrency, 4)], concurrency))  # warm
+                    result = asyncio.run(closed_loop(server.url, server.model, bodies, concurrency))
+                    results.setdefault((server.name, label), []).append(result)
+                    print(f"# round {round_index + 1} {label} {server.name}: {result[0]:.1f} sentences/s, p50 {result[1]:.1f} ms"
+                          + (f", {result[2]} errors" if result[2] else ""), flush=True)
+        print()
+        print("| sentences/s (p50 ms) | " + " | ".join(s[0] for s in scenarios) + " | lowest cosine |")
+        print("|---|" + "---|" * (len(scenarios) + 1))
+        for server in servers:
+            cells = []
+            for label, *_ in scenarios:
+                runs = results.get((server.name, label))
+                if not runs:
+                    cells.append("-")
+                    continue
+                rate = statistics.median(r[0] for r in runs)
+                p50 = statistics.median(r[1] for r in runs)
+                errs = sum(r[2] for r in runs)
+                cells.append(f"{rate:.1f} ({p50:.0f})" + (f" {errs} err" if errs else ""))
+            print(f"| {server.name} | " + " | ".join(cells) + f" | {min_cos[server.name]:.8f} |")
+    finally:
+        stop_servers(servers)
+
+
+async def stream_chat_tokens_per_s(base_url: str, model: str, max_tokens: int) -> float:
+    """One streamed chat completion of exactly max_tokens tokens (ignore_eos); its decode rate in tokens/s,
+    from the first token to the last."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story about a ship."}],
+            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+    first = last = None
+    num_chunks = 0
+    async with httpx.AsyncClient(timeout=600) as client:
+        async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    num_chunks += 1
+    return (num_chunks - 1) / (last - first) if num_chunks > 1 and last > first else float("nan")
+
+
+def run_mixed(args: argparse.Namespace) -> None:
+    """An LLM stream and embedding traffic on one `inferd serve` holding both models: each alone, then together,
+    so the LLM's slowdown can be read against the CPU share the embeddings took."""
+    llm = args.llm
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    log = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--port", str(port)]
+    if args.embed_num_threads:  # per-model options come from a models file
+        models_file = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-models-", suffix=".yaml", delete=False)
+        models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {args.embed_num_threads}}}\n")
+        models_file.close()
+        cmd += ["--models-file", models_file.name]
+    else:
+        cmd += ["--model", MODEL_NAME]
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
+    server = Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_ready([server]):
+            return
+        sentences = make_sentences(args.num_sentences)
+        bodies = [[s] for s in sentences]
+        print(f"# {machine_line()}")
+        asyncio.run(stream_chat_tokens_per_s(base_url, llm, 16))  # warm-up
+        rows: dict[str, list[float]] = {"llm alone": [], "embeddings alone": [], "llm with embeddings": [], "embeddings with llm": []}
+        for _round in range(args.rounds):
+            rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
+            rows["embeddings alone"].append(asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0])
+
+            async def together() -> tuple[float, float]:
+                llm_task = asyncio.create_task(stream_chat_tokens_per_s(base_url, llm, args.max_tokens))
+                embed_rate = (await closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0]
+                return await llm_task, embed_rate
+
+            llm_rate, embed_rate = asyncio.run(together())
+            rows["llm with embeddings"].append(llm_rate)
+            rows["embeddings with llm"].append(embed_rate)
+            print("# round: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        print(f"\n| {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | LLM keeps | "
+              "embeddings sentences/s alone | with the LLM stream | embeddings keep |")
+        print("|---|---|---|---|---|---|")
+        print(f"| {med['llm alone']:.1f} | {med['llm with embeddings']:.1f} | {med['llm with embeddings'] / med['llm alone']:.0%} | "
+              f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | {med['embeddings with llm'] / med['embeddings alone']:.0%} |")
+    finally:
+        stop_servers([server])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("offline")
+    p.add_argument("--num-sentences", type=int, default=2000)
+    p.add_argument("--num-batch1", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
+    p.set_defaults(func=run_offline)
+    p = sub.add_parser("attention")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=run_attention)
+    p = sub.add_parser("http")
+    p.add_argument("--servers", default="inferd,fastapi-st,infinity,litserve,litserve-nobatch")
+    p.add_argument("--num-sentences", type=int, default=2000)
+    p.add_argument("--inferd-args", default="", help="extra flags for inferd serve")
+    p.add_argument("--inferd-num-threads", type=int, default=0,
+                   help="the embedding model's num_threads option for server inferd (inferd-1thread: 1)")
+    p.add_argument("--num-c1", type=int, default=300, help="sentences sent at concurrency 1")
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=run_http)
+    p = sub.add_parser("mixed")
+    p.add_argument("--llm", default="smollm2-135m-instruct")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--num-sentences", type=int, default=400, help="1 per request, closed loop")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--embed-num-threads", type=int, default=0, help="the embedding model's num_threads option")
+    p.set_defaults(func=run_mixed)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO_ROOT))
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,524 @@
+"""Tabular scoring over OIP v2 JSON/HTTP: inferd against Triton, KServe, MLServer and FastAPI by hand, same run.
+
+    python benchmarks/tabular.py                       # every system whose set-up works, c = 1, 16, 64
+    python benchmarks/tabular.py --setup-peers         # first: one venv per peer under ~/.cache/inferd-bench/peers
+    python benchmarks/tabular.py --systems inferd,fastapi --duration-s 5 --rounds 1
+
+Workload (the issue's): the fraud model of examples/fraud (XGBoost, 200 trees, 12 FP32 features, trained here
+on 100k seeded transactions), one row per request as OIP v2 JSON over HTTP/1.1 keep-alive, closed loop at each
+concurrency for --duration-s seconds, rounds alternating between systems, medians of the rounds quoted.
+The load generator is wrk (C, one thread; `apt-get install wrk`), which stays far below its own ceiling here.
+Every system runs one server process with one onnxruntime thread and dynamic batching where it has it:
+
+    inferd        inferd serve --model-repository: model.json converted to ONNX at load, batching max 256, no delay
+    inferd-b1     the same model with dynamic batching off (every request runs alone): the batching gain
+    inferd-gcfreeze  inferd with gc.freeze() after the model starts (an experiment: see _GC_FREEZE_CLI)
+    triton        tritonserver from nvidia-pytriton, Python backend + onnxruntime, dynamic batching (max 64, 100 us)
+    kserve        KServe Python ModelServer + onnxruntime (a kserve.Model subclass), no batching
+    mlserver      MLServer XGBoost runtime on model.json, adaptive batching (max 64, 2 ms)
+    fastapi       FastAPI + uvicorn + onnxruntime by hand, no batching
+
+Also an approximately open-loop run of inferd at --open-loop-rps (wrk with 64 connections, exponential gaps
+between each connection's requests: Poisson while responses are much faster than the gaps) and its p99.
+Prints one table (scores/s and p50/p99 ms per system and concurrency) to paste into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PEERS_DIR = Path.home() / ".cache" / "inferd-bench" / "peers"
+WORK_DIR = Path.home() / ".cache" / "inferd-bench" / "tabular"
+PEER_PACKAGES = {
+    "kserve": ["kserve==0.21.*", "onnxruntime"],
+    # MLServer 1.7.1 breaks on newer uvloop.
+    "mlserver": ["mlserver==1.7.1", "mlserver-xgboost==1.7.1", "uvloop==0.21.0"],
+    "pytriton": ["nvidia-pytriton", "onnxruntime"],
+}
+ALL_SYSTEMS = ("inferd", "inferd-b1", "inferd-gcfreeze", "triton", "kserve", "mlserver", "fastapi")
+# inferd-gcfreeze: an experiment, not a product setting: the same server with gc.freeze() once the model has
+# started, so CPython's full collections skip the ~56k objects of the loaded server (each one takes ~100 ms
+# on a busy 2-core machine and shows up as the p99).
+_GC_FREEZE_CLI = (
+    "import gc, sys; from inferd.tabular import engine; start = engine.TabularEngine.start; "
+    "engine.TabularEngine.start = lambda self: (start(self), gc.collect(), gc.freeze()) and None; "
+    "from inferd.cli import main; sys.exit(main())"
+)
+NUM_TREES = 200
+NUM_BODIES = 256  # distinct rows the load generator cycles through
+
+FASTAPI_PEER = r'''
+import sys, numpy as np, onnxruntime as ort, uvicorn
+from fastapi import FastAPI, Request
+options = ort.SessionOptions(); options.intra_op_num_threads = 1
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+app = FastAPI()
+@app.get("/v2/models/fraud/ready")
+async def ready(): return {}
+@app.post("/v2/models/fraud/infer")
+async def infer(request: Request):
+    body = await request.json()
+    tensor = body["inputs"][0]
+    rows = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+    probabilities = session.run(["probabilities"], {"input": rows})[0]
+    return {"model_name": "fraud", "id": body.get("id"), "outputs": [{"name": "probabilities", "datatype": "FP32",
+            "shape": list(probabilities.shape), "data": probabilities.ravel().tolist()}]}
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+'''
+
+KSERVE_PEER = r'''
+import sys, numpy as np, onnxruntime as ort, kserve
+from kserve import InferOutput, InferResponse
+class Fraud(kserve.Model):
+    def __init__(self):
+        super().__init__("fraud")
+        options = ort.SessionOptions(); options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+        self.ready = True
+    def predict(self, payload, headers=None):
+        rows = payload.inputs[0].as_numpy()
+        probabilities = self.session.run(["probabilities"], {"input": rows})[0]
+        output = InferOutput(name="probabilities", shape=list(probabilities.shape), datatype="FP32")
+        output.set_data_from_numpy(probabilities, binary_data=False)
+        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=[output])
+kserve.ModelServer(http_port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), workers=1, enable_docs_url=False).start([Fraud()])
+'''
+
+TRITON_PEER = r'''
+import sys, numpy as np, onnxruntime as ort
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig
+options = ort.SessionOptions(); options.intra_op_num_threads = 1
+session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+@batch
+def infer(input):
+    return {"probabilities": session.run(["probabilities"], {"input": input})[0]}
+config = TritonConfig(http_port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), metrics_port=int(sys.argv[4]))
+with Triton(config=config) as triton:
+    triton.bind(model_name="fraud", infer_func=infer,
+                inputs=[Tensor(name="input", dtype=np.float32, shape=(12,))],
+                outputs=[Tensor(name="probabilities", dtype=np.float32, shape=(2,))],
+                config=ModelConfig(max_batch_size=64, batcher=DynamicBatcher(max_queue_delay_microseconds=100)))
+    triton.serve()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def prepare_model(work_dir: Path) -> Path:
+    """Train the fraud model once; returns the directory with repo/, model.onnx, model.json, rows.npy."""
+    marker = work_dir / f"trees-{NUM_TREES}.done"
+    if marker.exists():
+        return work_dir
+    shutil.rmtree(work_dir, ignore_errors=True)
+    repo = work_dir / "repo"
+    subprocess.run([sys.executable, str(REPO_ROOT / "examples/fraud/train.py"), "--repository", str(repo),
+                    "--num-rows", "100000", "--num-trees", str(NUM_TREES), "--num-holdout-rows", str(NUM_BODIES)],
+                   check=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})  # fmt: skip
+    sys.path.insert(0, str(REPO_ROOT))
+    from inferd.tabular.convert import convert_to_onnx
+
+    model_json = repo / "fraud" / "1" / "model.json"
+    (work_dir / "model.onnx").write_bytes(convert_to_onnx(model_json))
+    mlserver_dir = work_dir / "mlserver" / "fraud"
+    mlserver_dir.mkdir(parents=True)
+    shutil.copy(model_json, mlserver_dir / "model.json")
+    # inferd-b1: the same model with no dynamic_batching block (Triton's meaning: every request runs alone).
+    nobatch = repo / "fraud_b1"
+    (nobatch / "1").mkdir(parents=True)
+    shutil.copy(model_json, nobatch / "1" / "model.json")
+    config = (repo / "fraud" / "config.pbtxt").read_text()
+    config = re.sub(r"\ndynamic_batching[^\n]*", "", config).replace('name: "fraud"', 'name: "fraud_b1"')
+    (nobatch / "config.pbtxt").write_text(config)
+    holdout = np.load(work_dir / "fraud-holdout.npz")
+    np.save(work_dir / "rows.npy", holdout["features"])
+    marker.write_text("ok")
+    return work_dir
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    port: int
+    infer_path: str
+    log_path: Path
+    body_extra: dict
+    grpc_port: int | None = None
+
+
+def peer_python(name: str) -> Path:
+    return PEERS_DIR / name / "bin" / "python"
+
+
+def setup_peers() -> None:
+    for name, packages in PEER_PACKAGES.items():
+        if peer_python(name).exists() and (PEERS_DIR / name / ".installed").exists():
+            continue
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_DIR / name)], check=True)
+        proc = subprocess.run([str(peer_python(name)), "-m", "pip", "install", "-q", *packages])
+        if proc.returncode == 0:
+            (PEERS_DIR / name / ".installed").write_text("ok")
+        print(f"peer {name}: {'installed' if proc.returncode == 0 else 'FAILED'}", flush=True)
+
+
+def start_server(name: str, work_dir: Path, log_dir: Path) -> Server | None:
+    port = free_port()
+    log_path = log_dir / f"{name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    infer_path = "/v2/models/fraud/infer"
+    body_extra: dict = {"outputs": [{"name": "probabilities"}]}
+    grpc_port = None
+    if name in ("inferd", "inferd-b1", "inferd-gcfreeze"):
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        grpc_port = free_port()
+        cli = _GC_FREEZE_CLI if name == "inferd-gcfreeze" else "import sys; from inferd.cli import main; sys.exit(main())"
+        command = [sys.executable, "-c", cli, "serve",
+                   "--model-repository", str(work_dir / "repo"), "--host", "127.0.0.1", "--port", str(port),
+                   "--grpc-port", str(grpc_port)]  # fmt: skip
+        if name == "inferd-b1":
+            infer_path = "/v2/models/fraud_b1/infer"
+    elif name == "fastapi":
+        script = log_dir / "fastapi_peer.py"
+        script.write_text(FASTAPI_PEER)
+        command = [sys.executable, str(script), str(work_dir / "model.onnx"), str(port)]
+    elif name == "kserve":
+        script = log_dir / "kserve_peer.py"
+        script.write_text(KSERVE_PEER)
+        command = [str(peer_python("kserve")), str(script), str(work_dir / "model.onnx"), str(port), str(free_port())]
+        body_extra = {}
+    elif name == "triton":
+        script = log_dir / "triton_peer.py"
+        script.write_text(TRITON_PEER)
+        grpc_port = free_port()
+        venv = PEERS_DIR / "pytriton"
+        env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"  # the Python backend's stub runs the venv's python
+        libdir = Path(sys.base_prefix) / "lib"
+        env["LD_LIBRARY_PATH"] = f"{libdir}:{env.get('LD_LIBRARY_PATH', '')}"
+        command = [str(peer_python("pytriton")), str(script), str(work_dir / "model.onnx"), str(port), str(grpc_port), str(free_port())]
+    elif name == "mlserver":
+        model_dir = work_dir / "mlserver"
+        (model_dir / "settings.json").write_text(json.dumps(
+            {"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "debug": False}
+        ))  # fmt: skip
+        (model_dir / "fraud" / "model-settings.json").write_text(json.dumps({
+            "name": "fraud", "implementation": "mlserver_xgboost.XGBoostModel",
+            "max_batch_size": 64, "max_batch_time": 0.002, "parameters": {"uri": "./model.json"},
+        }))  # fmt: skip
+        command = [str(PEERS_DIR / "mlserver" / "bin" / "mlserver"), "start", str(model_dir)]
+        body_extra = {}
+    else:
+        raise ValueError(name)
+    if not Path(command[0]).exists():
+        print(f"{name}: not set up ({command[0]} missing; run --setup-peers)", flush=True)
+        return None
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(command, cwd=log_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(name, process, port, infer_path, log_path, body_extra, grpc_port)
+    deadline = time.monotonic() + 300
+    import urllib.request
+
+    ready_path = infer_path.replace("/infer", "/ready")
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            print(f"{name}: exited while starting, see {log_path}:\n{log_path.read_text()[-2000:]}", flush=True)
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.5)
+    print(f"{name}: not ready after 300 s, see {log_path}", flush=True)
+    stop_server(server)
+    return None
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def lua_script(server: Server, rows: np.ndarray, path: Path, open_loop_mean_gap_ms: float | None) -> Path:
+    bodies = []
+    for i, row in enumerate(rows):
+        body = {"id": f"r{i}", "inputs": [{"name": "input", "shape": [1, 12], "datatype": "FP32", "data": row.tolist()}]}
+        body.update(server.body_extra)
+        bodies.append(json.dumps(body))
+    lines = ["local bodies = {"] + [f"  [[{b}]]," for b in bodies] + ["}", "local i = 0"]
+    lines += [
+        "request = function()",
+        "  i = i + 1",
+        f'  return wrk.format("POST", "{server.infer_path}", {{["Content-Type"] = "application/json"}}, bodies[(i % #bodies) + 1])',
+        "end",
+    ]
+    if open_loop_mean_gap_ms is not None:
+        lines += ["delay = function()", f"  return -math.log(1 - math.random()) * {open_loop_mean_gap_ms}", "end"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    assert match, text
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+@dataclass
+class LoadResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    num_errors: int
+
+
+def run_wrk(server: Server, script: Path, concurrency: int, duration_s: int) -> LoadResult:
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s}s", "--latency", "--timeout", "10s", "-s", str(script),
+               f"http://127.0.0.1:{server.port}"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    percentiles = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.MULTILINE))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    num_errors = int(errors.group(1)) if errors else 0
+    if socket_errors:
+        num_errors += sum(int(g) for g in socket_errors.groups())
+    if "99" not in percentiles:  # no request finished within the run
+        return LoadResult(rps, float("nan"), float("nan"), num_errors)
+    return LoadResult(rps, _ms(percentiles["50"]), _ms(percentiles["99"]), num_errors)
+
+
+def _grpc_client(task: tuple[str, list[bytes], int, float]) -> list[float]:
+    """One client process: `concurrency` calls in flight for duration_s; latencies in ms."""
+    import asyncio
+
+    import grpc
+
+    url, bodies, concurrency, duration_s = task
+
+    async def run() -> list[float]:
+        latencies: list[float] = []
+        async with grpc.aio.insecure_channel(url) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # raw bytes both ways
+            end = time.perf_counter() + duration_s
+
+            async def worker(offset: int) -> None:
+                i = offset
+                while time.perf_counter() < end:
+                    started = time.perf_counter()
+                    await call(bodies[i % len(bodies)])
+                    latencies.append((time.perf_counter() - started) * 1e3)
+                    i += 1
+
+            await asyncio.gather(*(worker(k * 7) for k in range(concurrency)))
+        return latencies
+
+    return asyncio.run(run())
+
+
+def grpc_bodies(rows: np.ndarray, model_name: str) -> list[bytes]:
+    sys.path.insert(0, str(REPO_ROOT))
+    from inferd.server.oip_grpc import inference_pb2 as pb
+
+    bodies = []
+    for row in rows:
+        request = pb.ModelInferRequest(model_name=model_name)
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 12])
+        request.outputs.add(name="probabilities")
+        request.raw_input_contents.append(np.ascontiguousarray(row[None, :], dtype="<f4").tobytes())
+        bodies.append(request.SerializeToString())
+    return bodies
+
+
+def run_grpc_load(server: Server, bodies: list[bytes], concurrency: int, duration_s: int, num_processes: int) -> LoadResult:
+    import multiprocessing
+
+    per_process = [concurrency // num_processes + (1 if k < concurrency % num_processes else 0) for k in range(num_processes)]
+    tasks = [(f"127.0.0.1:{server.grpc_port}", bodies, c, float(duration_s)) for c in per_process if c > 0]
+    with multiprocessing.get_context("spawn").Pool(len(tasks)) as pool:
+        parts = pool.map(_grpc_client, tasks)
+    latencies = np.concatenate([np.asarray(p) for p in parts])
+    return LoadResult(len(latencies) / duration_s, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), 0)
+
+
+def check_answer(server: Server, row: np.ndarray) -> None:
+    """One request by hand: the system answers 200 with a score (so the load is not measuring errors)."""
+    import urllib.request
+
+    body = {"id": "check", "inputs": [{"name": "input", "shape": [1, 12], "datatype": "FP32", "data": row.tolist()}]}
+    body.update(server.body_extra)
+    request = urllib.request.Request(f"http://127.0.0.1:{server.port}{server.infer_path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["outputs"], answer
+
+
+def finite_median(values) -> float:
+    """The median of the runs that finished requests (a starved run has no latency: NaN)."""
+    finite = [v for v in values if v == v]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def cpu_flags() -> str:
+    try:
+        flags = re.search(r"^flags\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split()
+    except (OSError, AttributeError):
+        return "?"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS))
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--duration-s", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--open-loop-rps", type=float, default=2000.0, help="0 to skip the open-loop run")
+    parser.add_argument("--setup-peers", action="store_true", help="create the peers' venvs first")
+    parser.add_argument("--grpc-concurrency", default="1,16,64", help="gRPC runs (inferd, triton); empty to skip")
+    parser.add_argument("--grpc-processes", type=int, default=2, help="Python gRPC client processes")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is needed as the load generator: apt-get install wrk", file=sys.stderr)
+        return 2
+    if args.setup_peers:
+        setup_peers()
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = sorted(set(systems) - set(ALL_SYSTEMS))
+    if unknown:
+        parser.error(f"unknown systems {unknown}; known: {list(ALL_SYSTEMS)}")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    work_dir = prepare_model(WORK_DIR)
+    rows = np.load(work_dir / "rows.npy")[:NUM_BODIES]
+    log_dir = Path(tempfile.mkdtemp(prefix="inferd-tabular-bench-"))
+    print(f"cpu: {os.cpu_count()} cores, flags {cpu_flags()}; logs in {log_dir}", flush=True)
+
+    servers: dict[str, Server] = {}
+    try:
+        for name in systems:
+            if name == "inferd-b1" and "inferd" in servers:
+                server = servers["inferd"]
+                servers[name] = Server(name, server.process, server.port, "/v2/models/fraud_b1/infer", server.log_path, server.body_extra)
+                continue
+            server = start_server(name, work_dir, log_dir)
+            if server is not None:
+                try:
+                    check_answer(server, rows[0])
+                except Exception as exc:  # noqa: BLE001 - a peer that cannot answer is left out, with the reason
+                    print(f"{name}: does not answer an infer request ({exc}); left out, see {server.log_path}", flush=True)
+                    stop_server(server)
+                    continue
+                servers[name] = server
+        scripts = {name: lua_script(s, rows, log_dir / f"{name}.lua", None) for name, s in servers.items()}
+        results: dict[tuple[str, int], list[LoadResult]] = {}
+        for name, server in servers.items():  # warm-up
+            run_wrk(server, scripts[name], 16, 3)
+        for round_index in range(args.rounds):
+            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+            for name in order:
+                for concurrency in concurrencies:
+                    result = run_wrk(servers[name], scripts[name], concurrency, args.duration_s)
+                    results.setdefault((name, concurrency), []).append(result)
+                    print(f"round {round_index + 1} {name:10s} c={concurrency:3d}: {result.requests_per_s:8.0f}/s "
+                          f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.num_errors}", flush=True)  # fmt: skip
+        grpc_results: dict[tuple[str, int], list[LoadResult]] = {}
+        grpc_concurrencies = [int(c) for c in args.grpc_concurrency.split(",") if c]
+        grpc_servers = {n: s for n, s in servers.items() if s.grpc_port is not None and n != "inferd-b1"}
+        if grpc_concurrencies and grpc_servers:
+            bodies = {n: grpc_bodies(rows, "fraud") for n in grpc_servers}
+            for round_index in range(args.rounds):
+                order = list(grpc_servers) if round_index % 2 == 0 else list(reversed(grpc_servers))
+                for name in order:
+                    for concurrency in grpc_concurrencies:
+                        result = run_grpc_load(grpc_servers[name], bodies[name], concurrency, args.duration_s, args.grpc_processes)
+                        grpc_results.setdefault((name, concurrency), []).append(result)
+                        print(f"round {round_index + 1} {name:10s} gRPC c={concurrency:3d}: {result.requests_per_s:8.0f}/s "
+                              f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms", flush=True)  # fmt: skip
+        open_loop: list[LoadResult] = []
+        if args.open_loop_rps > 0 and "inferd" in servers:
+            num_connections = 64
+            gap_ms = num_connections / args.open_loop_rps * 1e3
+            script = lua_script(servers["inferd"], rows, log_dir / "open.lua", gap_ms)
+            for _ in range(args.rounds):
+                open_loop.append(run_wrk(servers["inferd"], script, num_connections, args.duration_s))
+                print(f"open loop ~{args.open_loop_rps:.0f}/s: {open_loop[-1].requests_per_s:.0f}/s "
+                      f"p50 {open_loop[-1].p50_ms:.2f} ms p99 {open_loop[-1].p99_ms:.2f} ms", flush=True)  # fmt: skip
+    finally:
+        for name, server in servers.items():
+            if name != "inferd-b1":
+                stop_server(server)
+
+    print()
+    print(f"scores/s (p50 ms / p99 ms), median of {args.rounds} rounds of {args.duration_s:g} s, wrk -t1, one row per request")
+    print("| system | " + " | ".join(f"c={c}" for c in concurrencies) + " |")
+    print("|---|" + "---|" * len(concurrencies))
+    for name in servers:
+        cells = []
+        for concurrency in concurrencies:
+            runs = results[(name, concurrency)]
+            errors = sum(r.num_errors for r in runs)
+            cell = (f"{statistics.median(r.requests_per_s for r in runs):.0f} "
+                    f"({finite_median(r.p50_ms for r in runs):.2f} / {finite_median(r.p99_ms for r in runs):.2f})")  # fmt: skip
+            cells.append(cell + (f" {errors} errors" if errors else ""))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if grpc_results:
+        print()
+        print(f"gRPC ModelInfer, scores/s (p50 ms / p99 ms), median of {args.rounds} rounds, "
+              f"{args.grpc_processes} Python grpc.aio client processes sending pre-serialized requests")  # fmt: skip
+        print("| system | " + " | ".join(f"c={c}" for c in grpc_concurrencies) + " |")
+        print("|---|" + "---|" * len(grpc_concurrencies))
+        for name in grpc_servers:
+            cells = []
+            for concurrency in grpc_concurrencies:
+                runs = grpc_results[(name, concurrency)]
+                cells.append(f"{statistics.median(r.requests_per_s for r in runs):.0f} "
+                             f"({finite_median(r.p50_ms for r in runs):.2f} / {finite_median(r.p99_ms for r in runs):.2f})")  # fmt: skip
+            print(f"| {name} | " + " | ".join(cells) + " |")
+    if open_loop:
+        print(f"| inferd open loop ~{args.open_loop_rps:.0f}/s | achieved {statistics.median(r.requests_per_s for r in open_loop):.0f}/s, "
+              f"p50 {finite_median(r.p50_ms for r in open_loop):.2f} ms, p99 {finite_median(r.p99_ms for r in open_loop):.2f} ms |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Layer 4: the served embedding engine (`ServedEngine` of kind embed): continuous micro-batching under a token
+budget in front of one `EmbeddingModel`.
+
+    engine = AsyncEmbedEngine.from_path(path, {"max_batch_tokens": 8192}, on_batch=metrics_hook)
+    engine.start()                                  # on the event loop's thread
+    vectors = await engine.embed([[101, 7592, 102], [101, 2088, 102]])   # float32 [2, dim]
+    engine.shutdown()
+
+Every input is one item of `inferd.batching.MicroBatcher` whose cost is its token count: the worker thread takes
+items FIFO while the batch stays within `max_batch_tokens` and `max_batch_items` (TEI's max_batch_tokens idea),
+runs them as one packed sequence (no padding), and items that arrive meanwhile form the next batch. A request's
+inputs may be split across batches; its vectors are the same either way (the encoder is batch-independent).
+Cancelling `embed` (the client left) drops its items that have not run yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from inferd.batching import BatchLimits, BatchRecord, MicroBatcher
+from inferd.embeddings.model import EmbeddingModel
+from inferd.serving import ModelKind
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Per-model options of an embedding model (a models file's `options:` or defaults)."""
+
+    max_batch_tokens: int = 16384  # tokens in one packed batch at most (TEI's default)
+    max_batch_items: int = 256  # inputs in one batch at most
+    max_wait_ms: float = 0.0  # how long a batch that is not full waits for more inputs (0: never; see batching.py)
+    max_queue: int = 4096  # queued inputs at most; past that a request gets 429
+    device: str = "auto"
+    dtype: str = "auto"
+    # torch intra-op threads of this model's worker thread (0: torch's default, all cores). Set per thread, so an
+    # embedding model can be kept to part of the CPU beside an LLM; on a busy machine 1 thread avoids waiting at
+    # every kernel's thread barrier.
+    num_threads: int = 0
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any]) -> EmbedOptions:
+        known = list(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown embedding model option(s) {unknown}; known: {known}")
+        values: dict[str, Any] = {}
+        for key, value in options.items():
+            if key in ("max_batch_tokens", "max_batch_items", "max_queue"):
+                values[key] = _as_int(key, value, minimum=1)
+            elif key == "num_threads":
+                values[key] = _as_int(key, value, minimum=0)
+            elif key == "max_wait_ms":
+                values[key] = _as_float(key, value, 0.0, 10_000.0)
+            else:
+                if not isinstance(value, str):
+                    raise ValueError(f"option {key} must be a string, got {value!r}")
+                values[key] = value
+        return cls(**values)
+
+
+def _as_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"option {key} must be an integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"option {key} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"option {key} must be >= {minimum}, got {number}")
+    return number
+
+
+def _as_float(key: str, value: Any, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {key} must be a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"option {key} must be in [{low}, {high}], got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class EmbedEngineStats:
+    num_queued_items: int  # inputs waiting for a batch
+    num_queued_tokens: int
+    num_batches: int  # cumulative
+    num_items_run: int  # cumulative
+
+
+class AsyncEmbedEngine:
+    kind = ModelKind.EMBED
+
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        options: EmbedOptions | None = None,
+        *,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.options = options or EmbedOptions()
+        limits = BatchLimits(
+            max_batch_items=self.options.max_batch_items,
+            max_batch_cost=self.options.max_batch_tokens,
+            max_wait_s=self.options.max_wait_ms / 1000.0,
+            max_queue_items=self.options.max_queue,
+        )
+        self._batcher: MicroBatcher[tuple[int, ...], np.ndarray] = MicroBatcher(
+            self._run_batch, limits, cost=len, on_batch=on_batch, name="inferd-embed"
+        )
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | os.PathLike,
+        options: Mapping[str, Any] | None = None,
+        *,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+    ) -> AsyncEmbedEngine:
+        parsed = EmbedOptions.from_mapping(options or {})
+        model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype)
+        return cls(model, parsed, on_batch=on_batch)
+
+    # what the server and routes read
+    @property
+    def tokenizer(self):  # EmbedTokenizer: encode(text, add_special_tokens=True) -> list[int], vocab_size
+        return self.model.tokenizer
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.model.max_seq_length
+
+    @property
+    def dimension(self) -> int:
+        return self.model.dimension
+
+    # ServedEngine
+    def start(self) -> None:
+        self._batcher.start()
+
+    def shutdown(self) -> None:
+        self._batcher.shutdown()
+
+    @property
+    def is_running(self) -> bool:
+        return self._batcher.is_running
+
+    def abort(self, request_id: str) -> None:
+        """Nothing to do by id: cancelling the task awaiting `embed` drops its queued inputs."""
+
+    def get_stats(self) -> EmbedEngineStats:
+        return EmbedEngineStats(
+            num_queued_items=self._batcher.num_queued_items,
+            num_queued_tokens=self._batcher.num_queued_cost,
+            num_batches=self._batcher.num_batches,
+            num_items_run=self._batcher.num_items_run,
+        )
+
+    # submit
+    async def embed(self, token_id_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 [n, dimension], one row per token-id list (special tokens included, each list within
+        max_seq_length and the vocabulary: ValueError otherwise). Raises inferd.batching.QueueFullError when the
+        queue cannot take all n inputs, BatcherStoppedError when the engine is not running."""
+        if not token_id_lists:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        items = [tuple(int(t) for t in ids) for ids in token_id_lists]
+        for index, ids in enumerate(items):
+            try:
+                self.model.check_token_ids(ids)
+            except ValueError as exc:
+                raise ValueError(f"input {index}: {exc}") from None
+        rows = await self._batcher.submit_many_async(items)
+        return np.stack(rows)
+
+    def _run_batch(self, items: list[tuple[int, ...]]) -> list[np.ndarray]:
+        # runs on the batcher's worker thread; torch's thread count set here holds for this thread only
+        if self.options.num_threads and torch.get_num_threads() != self.options.num_threads:
+            torch.set_num_threads(self.options.num_threads)
+        vectors = self.model.embed_token_ids(items)
+        return list(vectors)
