@@ -64,7 +64,8 @@ def test_sigkill_under_upserts_loses_no_acknowledged_write(tmp_path, inferd_home
             assert not missing, f"run {prev_run}: {len(missing)} acknowledged ids lost, e.g. {missing[:3]}"
             assert all(found[i] == acked[i]["metadata"] for i in acked)
             item = http.get(f"/v1/collections/crash/items/{some_id}").json()
-            np.testing.assert_allclose(item["vector"], acked[some_id]["vector"], rtol=1e-6)
+            # float32 while exact, float16 once in the graph (relative error <= 2^-11)
+            np.testing.assert_allclose(item["vector"], acked[some_id]["vector"], rtol=1e-3, atol=1e-4)
         http.close()
         if run == NUM_KILLS:
             break
