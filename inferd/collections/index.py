@@ -10,7 +10,7 @@ or a negative squared L2 distance, so "larger score is better" holds for every m
 
 `ExactIndex` keeps rows in one float32 matrix [capacity, dim] (deletes move the last row into the hole, so the
 live rows stay contiguous). `HnswIndex` is usearch's HNSW graph storing vectors as float16 (half the memory of
-float32, so 1M 384-d vectors fit in 2 GiB; a relative error of at most 2^-11 per component, well below what
+float32: ~1,170 B/vector for 384-d graphs at 100k, benchmarks/RESULTS.md; a relative error of at most 2^-11 per component, well below what
 moves a recall@10); `get` / `exact_scores` over a key subset read those float16 vectors back as float32.
 usearch was chosen by `benchmarks/vector_index.py` (see ARCHITECTURE.md).
 """
