@@ -6,6 +6,7 @@
   inferd embed --model M TEXT [TEXT ...]         embedding vectors as JSON on stdout
   inferd serve [--model M ...] [--models-file F]  HTTP server for several models (LLMs, embeddings)
   inferd bench serve|plot [...]                  serving benchmark for any OpenAI-compatible server
+  inferd collections create|load|query|list|delete   vector collections on a running server
 
 Imports are lazy per command: `inferd bench` must run without torch installed.
 """
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser(sub).set_defaults(func=cmd_serve)
     except ImportError as exc:
         _add_unavailable(sub, "serve", exc)
+    from inferd.collections.commands import add_collections_parser
+
+    add_collections_parser(sub)
     try:
         from inferd.bench.serve import add_bench_parser
 

@@ -17,7 +17,7 @@ from inferd.batching import QueueFullError
 from inferd.embeddings import AsyncEmbedEngine, Embedder, EmbedOptions
 from inferd.embeddings.embedder import split_by_budget
 
-st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is the reference (pip install -e .[test])")
+import sentence_transformers as st  # the reference (test extra)
 
 _WORDS = (
     "the of and to in is was for on that with as by at from his her an are which this be or had not have model "

@@ -25,8 +25,8 @@ import pytest
 from tests.server_fixtures import REPO_ROOT, free_port, log_tail, stop_inferd_server
 from tests.tabular_fixtures import Reference, build_repository, mixed_type_inputs, train
 
-tritonhttp = pytest.importorskip("tritonclient.http", reason="the official OIP client (tritonclient[http]) is in the test extra")
-tritongrpc = pytest.importorskip("tritonclient.grpc", reason="the official OIP client (tritonclient[grpc]) is in the test extra")
+import tritonclient.grpc as tritongrpc  # the official OIP clients (test extra)
+import tritonclient.http as tritonhttp
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 SCORE_ATOL = 1e-5

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
 from inferd.server.errors import error_response, install_error_handlers
+from inferd.server.routes.collections import router as collections_router
 from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
 from inferd.server.routes.embeddings import router as embeddings_router
@@ -331,6 +332,7 @@ def build_app(
     app.include_router(openai_router)
     app.include_router(embeddings_router)
     app.include_router(ops_router)
+    app.include_router(collections_router)
     app.add_middleware(GuardMiddleware, state=state)
     return app
 
