@@ -446,8 +446,10 @@ def test_metrics_and_request_log(inferd_server: InferdServer, client: openai.Ope
     # A prompt no earlier request shares (the uuid comes first), long enough for several full KV blocks.
     prompt = f"{uuid.uuid4().hex} " + "The quick brown fox jumps over the lazy dog. " * 8
     before = wait_until_idle(http, model, idle_kv_usage=0.0)
-    first = greedy_completion(client, model, prompt=prompt, max_tokens=6, extra_body={"ignore_eos": True})
-    second = greedy_completion(client, model, prompt=prompt, max_tokens=6, extra_body={"ignore_eos": True})
+    # One token per output (no speculative runs), so the inter-token histogram counts tokens - 1 per request.
+    one_per_step = {"ignore_eos": True, "speculative": False}
+    first = greedy_completion(client, model, prompt=prompt, max_tokens=6, extra_body=one_per_step)
+    second = greedy_completion(client, model, prompt=prompt, max_tokens=6, extra_body=one_per_step)
     after = scrape(http)
 
     def delta(name: str, **labels: str) -> float:
