@@ -599,6 +599,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         raise bad_request("echo together with logprobs is not supported (prompt logprobs are not computed)", "echo")
 
     prompts = _prompts(body.prompt)
+    state.check_queue(engine, len(prompts))  # before tokenizing: a request that cannot be queued costs nothing
     prompt_token_ids_list: list[list[int]] = []
     for prompt in prompts:
         if isinstance(prompt, str):
