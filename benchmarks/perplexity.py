@@ -24,20 +24,7 @@ import time
 
 import torch
 
-GREEDY_PROMPTS = [
-    "Explain how a bicycle stays upright while moving.",
-    "Write a short poem about the sea at night.",
-    "What are the main causes of inflation?",
-    "Give three tips for learning a new language.",
-    "Describe the water cycle to a ten year old.",
-    "What is the difference between a list and a tuple in Python?",
-    "Summarize the plot of Romeo and Juliet.",
-    "How do vaccines train the immune system?",
-    "Why is the sky blue?",
-    "List some healthy breakfast ideas.",
-    "What does a compiler do?",
-    "Tell me a fun fact about octopuses.",
-]
+from offline import PROMPTS as GREEDY_PROMPTS  # noqa: E402  the offline benchmark's chat prompts
 
 
 def public_domain_text(num_chars: int) -> str:
