@@ -324,13 +324,7 @@ class Collection:
             self._forget(replaced)
         self._flat.add(keys, vectors)
         for key, item_id, metadata, text in zip(keys.tolist(), header["ids"], header["metadata"], header["texts"]):
-            self._key_by_id[item_id] = key
-            self._id_by_key[key] = item_id
-            if metadata:
-                self._metadata_by_key[key] = metadata
-                self._metadata_index.add(key, metadata)
-            if text is not None:
-                self._text_by_key[key] = text
+            self._remember(key, item_id, metadata, text)
         self._next_key = max(self._next_key, int(keys[-1]) + 1)
         if self._graph is None and len(self._flat) > self.exact_max_vectors:
             logger.info("collection %s: %d vectors, past %d: building an HNSW graph in the background",
@@ -342,6 +336,16 @@ class Collection:
 
     def _apply_delete(self, header: Mapping[str, Any]) -> None:
         self._forget([self._key_by_id[i] for i in header["ids"] if i in self._key_by_id])
+
+    def _remember(self, key: int, item_id: str, metadata: dict | None, text: str | None) -> None:
+        """Index one stored item's id, metadata and text under its key (log replay and snapshot load alike)."""
+        self._key_by_id[item_id] = key
+        self._id_by_key[key] = item_id
+        if metadata:
+            self._metadata_by_key[key] = metadata
+            self._metadata_index.add(key, metadata)
+        if text is not None:
+            self._text_by_key[key] = text
 
     def _forget(self, keys: list[int]) -> None:
         for key in keys:
@@ -562,14 +566,7 @@ class Collection:
             self._graph = HnswIndex.load(snapshot, self.config.dimension, self.config.metric)
         with open(snapshot / "items.jsonl") as f:
             for line in f:
-                key, item_id, metadata, text = json.loads(line)
-                self._key_by_id[item_id] = key
-                self._id_by_key[key] = item_id
-                if metadata:
-                    self._metadata_by_key[key] = metadata
-                    self._metadata_index.add(key, metadata)
-                if text is not None:
-                    self._text_by_key[key] = text
+                self._remember(*json.loads(line))
         self._next_key = state["next_key"]
         self._snapshot_bytes = sum(p.stat().st_size for p in snapshot.iterdir())
 

@@ -109,17 +109,26 @@ def _as_f16_exactly(x: torch.Tensor, name: str) -> torch.Tensor:
     return half
 
 
+def _num_tiles(n: int, k: int) -> int:
+    """Tiles of 16 output rows in an [n, k] weight, or the error that it cannot be packed."""
+    if not can_quantize((n, k)):
+        raise ValueError(f"weight [{n}, {k}] cannot be packed: N must be a multiple of {TILE_ROWS}, K of {BLOCK_SIZE}")
+    return n // TILE_ROWS
+
+
+def _tiler(num_tiles: int):
+    def tiles(x: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N/16, C, 16]
+        return x.reshape(num_tiles, TILE_ROWS, x.shape[-1]).transpose(1, 2).contiguous()
+
+    return tiles
+
+
 def pack(bq: BlockQuantized) -> dict[str, torch.Tensor]:
     """Kernel layout: {"qs", "scales"[, "mins"]} with output rows interleaved in tiles of 16, scales and mins in
     float16 (see the .cpp)."""
     n, k = bq.shape
-    if not can_quantize((n, k)):
-        raise ValueError(f"weight [{n}, {k}] cannot be packed: N must be a multiple of {TILE_ROWS}, K of {BLOCK_SIZE}")
-    t = n // TILE_ROWS
-
-    def tiles(x: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N/16, C, 16]
-        return x.reshape(t, TILE_ROWS, x.shape[-1]).transpose(1, 2).contiguous()
-
+    t = _num_tiles(n, k)
+    tiles = _tiler(t)
     out = {"scales": tiles(_as_f16_exactly(bq.scales, "scales"))}
     if bq.kind == "q4":
         pairs = bq.q.view(n, k // 2, 2)
@@ -135,13 +144,8 @@ def pack_a8(bq: BlockQuantized) -> dict[str, torch.Tensor]:
     consecutive k of a row in one dword: q4 qs uint8 [N/16, K/8, 64] (low nibbles k 8g..8g+3, high nibbles
     8g+4..8g+7), q8 qs int8 [N/16, K/4, 64]; scales and mins float16 [N/16, K/32, 16] as in `pack`."""
     n, k = bq.shape
-    if not can_quantize((n, k)):
-        raise ValueError(f"weight [{n}, {k}] cannot be packed: N must be a multiple of {TILE_ROWS}, K of {BLOCK_SIZE}")
-    t = n // TILE_ROWS
-
-    def tiles(x: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N/16, C, 16]
-        return x.reshape(t, TILE_ROWS, x.shape[-1]).transpose(1, 2).contiguous()
-
+    t = _num_tiles(n, k)
+    tiles = _tiler(t)
     out = {"scales": tiles(_as_f16_exactly(bq.scales, "scales"))}
     if bq.kind == "q4":
         q = bq.q.to(torch.uint8).view(t, TILE_ROWS, k // 8, 2, 4)  # [T, j, g, half, i], k = 8g + 4 half + i
