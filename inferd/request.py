@@ -16,6 +16,44 @@ MAX_LOGPROBS = 20
 MAX_N = 128
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on what a request may generate (vLLM's `structured_outputs`); exactly one form is set.
+
+    json: a JSON Schema as JSON text (key order kept: it is the order properties are generated in).
+    json_object: any JSON object. regex: the whole output matches it. choice: the output is one of these strings.
+    grammar: a Lark grammar (llguidance's dialect, with `%json {...}` for schema-constrained JSON inside) or a
+    GBNF grammar (llama.cpp's, recognised by `::=`).
+    `source` names the request field it came from, for errors (e.g. "response_format.json_schema"); it is not
+    part of the constraint.
+    """
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    source: str = field(default="structured_outputs", compare=False)
+
+    def __post_init__(self) -> None:
+        forms = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(forms) != 1:
+            raise InvalidParameterError(
+                self.source, f"{self.source} must set exactly one of json, json_object, regex, choice, grammar")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise InvalidParameterError(self.source, f"{self.source}.choice must be a non-empty list of non-empty strings")
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidParameterError(self.source, f"{self.source}.{name} must be a non-empty string")
+
+    @property
+    def cache_key(self) -> tuple:
+        return (self.json, self.json_object, self.regex, self.choice, self.grammar)
+
+
 @dataclass
 class SamplingParams:
     """How one request samples and when it stops.
@@ -45,6 +83,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     speculative: bool = True  # False: this request never verifies proposed tokens (the engine's policy aside)
+    # Constrained decoding: every sampled token keeps the output a prefix of the constraint's language, and the
+    # request stops once the constraint is complete and cannot be extended.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +128,8 @@ class SamplingParams:
             bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
         if not isinstance(self.speculative, bool):
             bad("speculative", f"must be true or false, got {self.speculative!r}")
         for s in self.stop:
@@ -151,6 +194,9 @@ class Request:
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.spec_token_ids: list[int] = []  # proposed next tokens for the coming step (see above)
+        # The grammar matcher of a constrained request (structured/), advanced by every accepted output token;
+        # None for an unconstrained one. Opaque here: layer 0 never calls it.
+        self.grammar_matcher: object | None = None
         self.num_cached_tokens = -1  # prompt tokens served from the prefix cache; -1 until first scheduled
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

@@ -140,6 +140,11 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def grammar_compiler(self) -> Any:
+        """The engine's GrammarCompiler: thread-safe, so the server compiles constraints off the event loop."""
+        return self.engine.grammar_compiler
+
+    @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._is_stopping
 

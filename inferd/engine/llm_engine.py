@@ -38,6 +38,7 @@ from inferd.request import (
 from inferd.runner.model_runner import ModelRunner
 from inferd.scheduler.scheduler import Scheduler
 from inferd.spec_decode import SpeculativePolicy
+from inferd.structured import GrammarCompiler
 
 logger = logging.getLogger("inferd.engine")
 
@@ -97,6 +98,10 @@ class LLMEngine:
         self.runner = ModelRunner(config, model, arch_config, num_blocks)
         self.spec_policy = SpeculativePolicy(config.speculative, config.num_speculative_tokens)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
+        # Constrained decoding: the model's tokenizer is wrapped for the grammar backend on first use.
+        self.grammar_compiler = GrammarCompiler(
+            lambda: tokenizer.backend.to_str(), vocab_size=arch_config.vocab_size, eos_token_ids=self.eos_token_ids
+        )
         self._groups: dict[str, _Group] = {}
         self._group_of_child: dict[str, _Group] = {}
         self._num_prompt_tokens = 0
@@ -189,6 +194,10 @@ class LLMEngine:
             )
         if params.min_tokens > params.max_tokens:
             raise ValueError(f"min_tokens ({params.min_tokens}) must be <= max_tokens ({params.max_tokens})")
+        # A bad grammar raises InvalidParameterError (a ValueError) naming the field, before anything is queued.
+        grammar = (
+            self.grammar_compiler.compile(params.structured_outputs) if params.structured_outputs is not None else None
+        )
         now = arrival_time if arrival_time is not None else time.monotonic()
         children: list[Request] = []
         detoks: list[IncrementalDetokenizer] = []
@@ -200,6 +209,8 @@ class LLMEngine:
                 child_params = _copy_params(params, seed=params.seed + i)
             child = Request(child_id, prompt_token_ids, child_params, eos_token_ids=self.eos_token_ids,
                             arrival_time=now, group_id=request_id, index=i, prompt=prompt_text)
+            if grammar is not None:
+                child.grammar_matcher = grammar.new_matcher()
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params))
         group = _Group(request_id, prompt_text, prompt_token_ids, children, detoks, now)
@@ -273,6 +284,8 @@ class LLMEngine:
                 )
                 stop_str = detok.update([token_id], stop_terminated=is_stop_token)
                 status = self._check_stop(req, token_id, stop_str, num_output_tokens)
+                if req.grammar_matcher is not None and status is None:
+                    status = self._advance_grammar(req, token_id)
                 if status is not None:
                     req.truncate_output(num_output_tokens)
                     break
@@ -317,6 +330,23 @@ class LLMEngine:
                 return RequestStatus.FINISHED_STOPPED
         if num_out >= params.max_tokens or req.num_prompt_tokens + num_out >= self.max_tokens_per_sequence:
             return RequestStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _advance_grammar(req: Request, token_id: int) -> RequestStatus | None:
+        """Feed a kept output token to the request's grammar: FINISHED_STOPPED once the constraint is complete and
+        admits nothing more (so a finished choice or JSON value ends without waiting for EOS)."""
+        matcher = req.grammar_matcher
+        if not matcher.accept_token(token_id):  # type: ignore[union-attr]
+            # The bitmask admits only tokens the grammar accepts; getting here is a bug, so end the sequence
+            # rather than let it run on unconstrained.
+            logger.error("request %s: sampled token %d is outside its grammar (%s); stopping it",
+                         req.request_id, token_id, matcher.error)  # type: ignore[union-attr]
+            req.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
+        if matcher.is_stopped:  # type: ignore[union-attr]
+            req.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
         return None
 
     def _make_output(self, group: _Group, now: float) -> RequestOutput:

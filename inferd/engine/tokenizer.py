@@ -317,6 +317,14 @@ class Tokenizer:
             return self.chat_templates
         return self.chat_templates.get("default")
 
+    @property
+    def tool_chat_template(self) -> str | None:
+        """The template used when tools are given (a "tool_use" one where the model has it), or None."""
+        try:
+            return select_chat_template(self.chat_templates, has_tools=True)
+        except ValueError:  # no template, or several and none is the default
+            return None
+
     def apply_chat_template(
         self,
         messages: list[dict],

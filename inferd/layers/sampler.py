@@ -1,6 +1,7 @@
 """Per-request sampling for one batch of rows, with logprobs of the raw model distribution.
 
 Processing order for every row (B rows, V vocabulary entries):
+  0. grammar bitmask      tokens a constrained row's grammar does not allow -> -inf (structured/)
   1. logit_bias           logits[t] += bias[t]
   2. min_tokens           eos_token_ids and stop_token_ids -> -inf while len(output) < min_tokens
                           (EOS is masked even with ignore_eos, as vLLM does)
@@ -83,6 +84,42 @@ class OccurrencePenalties:
 
 
 @dataclass
+class TokenBitmask:
+    """Allowed tokens of the constrained rows: `row_ids` int64 [R]; `bitmask` int32 [R, W], W = ceil(V / 32),
+    token t allowed iff bit t % 32 of word t // 32 is set (the layout grammar backends write)."""
+
+    row_ids: Tensor
+    bitmask: Tensor
+
+
+# Index 0 -> -inf (disallowed), 1 -> 0 (allowed): a gather turns unpacked bits into an additive mask.
+_ADDITIVE_MASK_OF_BIT = torch.tensor([-math.inf, 0.0], dtype=torch.float32)
+
+
+def token_bitmask_to_additive(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """int32 [R, W] -> float32 [R, vocab_size] on the CPU: 0 where allowed, -inf elsewhere (past 32 W too).
+
+    On a little-endian host bit t % 32 of word t // 32 is bit t % 8 of byte t // 8, which is numpy's
+    unpackbits(bitorder="little"). Adding a gathered mask is branch-free: masked_fill with a mask that
+    alternates often (inside a JSON string nearly every token is allowed, a few are not) costs ~7x more.
+    """
+    num_rows, num_words = bitmask.shape
+    bits = np.unpackbits(bitmask.cpu().numpy().view(np.uint8), axis=1, bitorder="little")  # uint8 [R, 32W]
+    if bits.shape[1] >= vocab_size:
+        bits = bits[:, :vocab_size]
+    else:
+        bits = np.pad(bits, ((0, 0), (0, vocab_size - bits.shape[1])))
+    flat_bits = torch.from_numpy(np.ascontiguousarray(bits)).view(-1).to(torch.int64)
+    return _ADDITIVE_MASK_OF_BIT.index_select(0, flat_bits).view(num_rows, vocab_size)
+
+
+def _apply_token_bitmask(logits: Tensor, mask: TokenBitmask) -> None:
+    """In place on float [B, V]: -inf wherever a constrained row's grammar disallows the token."""
+    additive = token_bitmask_to_additive(mask.bitmask, logits.shape[1]).to(logits.device, non_blocking=True)
+    logits.index_add_(0, mask.row_ids, additive)
+
+
+@dataclass
 class SamplingMetadata:
     """Everything the sampler needs for one step; built by build_sampling_metadata. Tensors on the logits' device.
 
@@ -111,6 +148,7 @@ class SamplingMetadata:
     occurrence: OccurrencePenalties | None
     logprob_row_ids: list[int]  # batch rows that asked for logprobs
     num_logprobs: list[int]  # top-N per row of logprob_row_ids (0: the sampled token only)
+    token_bitmask: TokenBitmask | None = None  # set by the runner for rows under a grammar
 
     @property
     def is_all_greedy(self) -> bool:
@@ -123,7 +161,8 @@ class SamplingMetadata:
     @property
     def has_logit_edits(self) -> bool:
         return (
-            self.logit_bias is not None
+            self.token_bitmask is not None
+            or self.logit_bias is not None
             or self.min_tokens_banned is not None
             or self.repetition is not None
             or self.occurrence is not None
@@ -328,6 +367,8 @@ def apply_logit_edits(logits: Tensor, md: SamplingMetadata) -> Tensor:
     if not md.has_logit_edits:
         return logits
     logits = logits.clone()
+    if md.token_bitmask is not None:
+        _apply_token_bitmask(logits, md.token_bitmask)
     if md.logit_bias is not None:
         edits = md.logit_bias
         logits.index_put_((edits.row_ids, edits.token_ids), edits.values, accumulate=True)

@@ -8,10 +8,15 @@ computes k proposed tokens (speculative decoding) gets logits at its last known 
 (k + 1 rows) and `Sampler.verify` returns the accepted proposals plus one token.
 Step inputs live in persistent host buffers sized once (max_num_batched_tokens, max_num_seqs) so a later
 CUDA-graph path can replay on fixed addresses.
+Constrained requests (request.grammar_matcher set): their next-token bitmasks are filled on a worker thread while
+the forward pass runs (llguidance releases the GIL) and applied by the sampler; with proposals, row j's mask is
+the grammar's state after proposals[:j] (advanced, then rolled back), and rows past the first proposal the grammar
+refuses get none (verification rejects that proposal, so they are never used).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +24,9 @@ import torch
 
 from inferd.config import EngineConfig
 from inferd.layers.attention import AttentionMetadata, allocate_kv_caches
-from inferd.layers.sampler import Sampler, build_sampling_metadata
+from inferd.layers.sampler import Sampler, TokenBitmask, build_sampling_metadata
 from inferd.request import Request
+from inferd.structured import GrammarMatcher, bitmask_width
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ModelRunner:
         # Per-request sampling generators, seeded once so a seeded request draws the same numbers
         # whatever else shares its batch.
         self._generators: dict[str, torch.Generator] = {}
+        self._grammar_pool: ThreadPoolExecutor | None = None  # one thread, made on the first constrained step
 
     def remove_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -112,6 +119,7 @@ class ModelRunner:
                 logits_token_indices.extend(range(t - 1 - len(proposals), t))
         num_tokens = t
         max_blocks = max((seq_len + bs - 1) // bs for seq_len in seq_lens)
+        masks = self._start_bitmasks([scheduled_requests[i] for i in sample_rows], spec_token_ids)
 
         dev = self.device
         input_ids = torch.from_numpy(self._input_ids_np[:num_tokens]).to(dev, non_blocking=True)
@@ -132,8 +140,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, idx))
 
         reqs = [scheduled_requests[i] for i in sample_rows]
+        token_bitmask = masks.result() if masks is not None else None
         if any(r.request_id in spec_token_ids for r in reqs):
-            return self._verify(logits, reqs, spec_token_ids)
+            return self._verify(logits, reqs, spec_token_ids, token_bitmask)
         md = build_sampling_metadata(
             params=[r.sampling_params for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
@@ -143,6 +152,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=dev,
         )
+        md.token_bitmask = token_bitmask
         out = self.sampler(logits, md)
         result = StepResult({}, {}, {})
         for row, req in enumerate(reqs):
@@ -153,7 +163,27 @@ class ModelRunner:
                 result.logprobs[rid] = [out.logprobs[row]]
         return result
 
-    def _verify(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]]) -> StepResult:
+    def _start_bitmasks(
+        self, sampling_reqs: list[Request], spec_token_ids: dict[str, list[int]]
+    ) -> Future[TokenBitmask] | None:
+        """Fill the constrained rows' bitmasks on the grammar thread; rows are laid out as the logits are (request
+        i's k_i + 1 rows after those of requests 0..i-1). None when no sampling request has a grammar."""
+        entries: list[tuple[int, GrammarMatcher, list[int]]] = []
+        first_row = 0
+        for req in sampling_reqs:
+            proposals = spec_token_ids.get(req.request_id, [])
+            if req.grammar_matcher is not None:
+                entries.append((first_row, req.grammar_matcher, proposals))  # type: ignore[arg-type]
+            first_row += len(proposals) + 1
+        if not entries:
+            return None
+        if self._grammar_pool is None:
+            self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="inferd-grammar")
+        vocab_size = self.arch_config.vocab_size
+        return self._grammar_pool.submit(_fill_bitmasks, entries, vocab_size, self.device)
+
+    def _verify(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
+                token_bitmask: TokenBitmask | None = None) -> StepResult:
         """`logits` [sum(k_i + 1), V]: each request's rows at its last known token and its k_i proposals. Row j of a
         request sees proposals[:j] as output (penalties, min_tokens)."""
         proposals = [spec_token_ids.get(r.request_id, []) for r in reqs]
@@ -170,6 +200,7 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=self.device,
         )
+        md.token_bitmask = token_bitmask
         out = self.sampler.verify(logits, md, proposals, generators)
         result = StepResult({}, {}, {})
         for i, req in enumerate(reqs):
@@ -179,6 +210,29 @@ class ModelRunner:
             if out.logprobs[i] is not None:
                 result.logprobs[rid] = out.logprobs[i]
         return result
+
+
+def _fill_bitmasks(
+    entries: list[tuple[int, GrammarMatcher, list[int]]], vocab_size: int, device: torch.device
+) -> TokenBitmask:
+    """(first logits row, matcher, proposals) per constrained request -> the bitmask of each of its rows that the
+    grammar can reach: row first_row + j after proposals[:j], for j up to the number of proposals it accepts."""
+    num_rows = sum(len(proposals) + 1 for _, _, proposals in entries)
+    bitmask = torch.empty(num_rows, bitmask_width(vocab_size), dtype=torch.int32)
+    row_ids: list[int] = []
+    for first_row, matcher, proposals in entries:
+        matcher.fill_bitmask(bitmask, len(row_ids))
+        row_ids.append(first_row)
+        num_valid = matcher.num_valid_tokens(proposals) if proposals else 0
+        for j in range(num_valid):
+            matcher.accept_token(proposals[j])
+            matcher.fill_bitmask(bitmask, len(row_ids))
+            row_ids.append(first_row + j + 1)
+        matcher.rollback(num_valid)
+    return TokenBitmask(
+        row_ids=torch.tensor(row_ids, dtype=torch.int64, device=device),
+        bitmask=bitmask[: len(row_ids)].to(device),
+    )
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

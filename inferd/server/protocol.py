@@ -34,16 +34,35 @@ class TextContentPart(_Body):
     text: StrictStr
 
 
+class ToolCallFunction(_Body):
+    name: StrictStr
+    arguments: StrictStr = Field(description="The arguments as a JSON text, as the model wrote them.")
+
+
+class ToolCall(_Body):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made.")
+    tool_call_id: StrictStr | None = Field(None, description="tool: the call this message answers.")
 
     @model_validator(mode="after")
     def _content_unless_assistant(self) -> "ChatMessage":
         # Only an assistant turn (one that called tools) may come without content, as in OpenAI's API.
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content (a string or a list of text parts)")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
         return self
 
     def text(self) -> str:
@@ -52,6 +71,48 @@ class ChatMessage(_Body):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class StructuredOutputsRequest(_Body):
+    """vLLM's `structured_outputs`: constrain the output to exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: dict[str, Any] | StrictStr | None = Field(None, alias="json", description="A JSON Schema.")
+    json_object: StrictBool | None = Field(None, description="true: any JSON object.")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = Field(None, min_length=1)
+    grammar: StrictStr | None = Field(None, description="A Lark grammar (llguidance's dialect) or GBNF.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputsRequest":
+        forms = [self.json_schema is not None, bool(self.json_object), self.regex is not None,
+                 self.choice is not None, self.grammar is not None]
+        if sum(forms) != 1:
+            raise ValueError("set exactly one of json, json_object, regex, choice, grammar")
+        return self
+
+
+class JsonSchemaResponseFormat(_Body):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="A JSON Schema; omitted: any JSON object.")
+    strict: StrictBool | None = None
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object ({name, schema, strict})")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema is only allowed with type 'json_schema', not {self.type!r}")
+        return self
 
 
 class SamplingRequestFields(_Body):
@@ -79,26 +140,44 @@ class SamplingRequestFields(_Body):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     speculative: StrictBool = Field(True, description="false: this request never uses speculative decoding.")
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object, or json_schema ({name, schema, strict}): the output is constrained to it."
+    )
+    structured_outputs: StructuredOutputsRequest | None = Field(
+        None, description="vLLM's constrained decoding: json (a schema), json_object, regex, choice or grammar."
+    )
 
 
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+class FunctionDefinition(_Body):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema of the arguments object.")
+    strict: StrictBool | None = None
 
 
-# OpenAI chat fields inferd cannot honour yet: refused with a 400 naming the field rather than ignored.
-_NOT_YET = "is not supported yet by inferd (structured output and tool calling are planned)"
+class ChatTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequestFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    response_format: ResponseFormat | None = Field(
-        None, description="Only {'type': 'text'} for now; json_object and json_schema are refused with 400."
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default 'auto' with tools, 'none' without. required / a named function constrain the output."
     )
-    tools: list[dict[str, Any]] | None = Field(None, description="Refused with 400 when non-empty (not supported yet).")
-    tool_choice: StrictStr | dict[str, Any] | None = Field(None, description="Only 'none' is accepted for now.")
-    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated by OpenAI; refused with 400.")
-    function_call: StrictStr | dict[str, Any] | None = Field(None, description="Deprecated by OpenAI; refused.")
+    parallel_tool_calls: StrictBool | None = Field(None, description="false: at most one call per answer.")
+    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated by OpenAI; refused: use tools.")
+    function_call: StrictStr | dict[str, Any] | None = Field(None, description="Deprecated by OpenAI; refused: use tool_choice.")
     echo: StrictBool | None = Field(None, description="Not a chat parameter; refused with 400 when given.")
     max_tokens: PositiveInt | None = Field(None, description="Deprecated by OpenAI in favour of max_completion_tokens.")
     max_completion_tokens: PositiveInt | None = None
@@ -106,25 +185,18 @@ class ChatCompletionRequest(SamplingRequestFields):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
 
-    @field_validator("response_format")
+    @field_validator("functions")
     @classmethod
-    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise ValueError(f"type {value.type!r} {_NOT_YET}; only 'text' is accepted")
-        return value
-
-    @field_validator("tools", "functions")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    def _no_functions(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
         if value:
-            raise ValueError(f"tool calling {_NOT_YET}")
+            raise ValueError("functions is deprecated by OpenAI and not supported: use tools")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value is not None and value != "none":
-            raise ValueError(f"tool calling {_NOT_YET}; only 'none' is accepted")
+    def _no_function_call(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value is not None:
+            raise ValueError("function_call is deprecated by OpenAI and not supported: use tool_choice")
         return value
 
     @field_validator("echo")
@@ -169,9 +241,16 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ChatResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ChatResponseToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):

@@ -23,7 +23,15 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from inferd.engine.async_engine import AsyncEngine, RequestError, RequestStream
-from inferd.request import CompletionOutput, RequestOutput, SamplingParams
+from inferd.engine.tool_calls import (
+    TOOL_CALL_START,
+    StreamingToolCallParser,
+    conversation_for_template,
+    parse_tool_calls,
+    template_renders_tools,
+    tool_call_grammar,
+)
+from inferd.request import CompletionOutput, RequestOutput, SamplingParams, StructuredOutputsParams
 from inferd.server.bodies import OffLoopBodyRoute
 from inferd.server.errors import APIError, bad_request, error_body, from_value_error
 from inferd.server.metrics import FinishedRequestStats
@@ -33,6 +41,7 @@ from inferd.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    NamedToolChoice,
     SamplingRequestFields,
 )
 from inferd.server.state import ARRIVAL_TIME_SCOPE_KEY, MIN_LOGPROB, ServedModel, ServerState
@@ -90,6 +99,8 @@ def _sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     param_names: dict[str, str],
+    structured_outputs: StructuredOutputsParams | None = None,
+    skip_special_tokens: bool | None = None,
 ) -> SamplingParams:
     logit_bias = _parse_logit_bias(body.logit_bias, engine.tokenizer.vocab_size)
     try:
@@ -111,11 +122,58 @@ def _sampling_params(
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             logit_bias=logit_bias,
-            skip_special_tokens=body.skip_special_tokens,
+            skip_special_tokens=body.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
             speculative=body.speculative,
+            structured_outputs=structured_outputs,
         )
     except ValueError as exc:
         raise from_value_error(exc, param_names) from None
+
+
+def _requested_constraint(body: SamplingRequestFields) -> StructuredOutputsParams | None:
+    """`response_format` (OpenAI) or `structured_outputs` (vLLM) as one constraint; both at once is a 400."""
+    response_format = body.response_format
+    has_format = response_format is not None and response_format.type != "text"
+    if has_format and body.structured_outputs is not None:
+        raise bad_request("give either response_format or structured_outputs, not both", "structured_outputs")
+    try:
+        if has_format:
+            assert response_format is not None
+            if response_format.type == "json_object":
+                return StructuredOutputsParams(json_object=True, source="response_format")
+            spec = response_format.json_schema
+            assert spec is not None
+            if spec.schema_ is None:
+                return StructuredOutputsParams(json_object=True, source="response_format.json_schema")
+            return StructuredOutputsParams(json=json.dumps(spec.schema_, ensure_ascii=False),
+                                           source="response_format.json_schema.schema")
+        so = body.structured_outputs
+        if so is None:
+            return None
+        if so.json_schema is not None:
+            text = so.json_schema if isinstance(so.json_schema, str) else json.dumps(so.json_schema, ensure_ascii=False)
+            return StructuredOutputsParams(json=text, source="structured_outputs.json")
+        if so.json_object:
+            return StructuredOutputsParams(json_object=True, source="structured_outputs.json_object")
+        if so.regex is not None:
+            return StructuredOutputsParams(regex=so.regex, source="structured_outputs.regex")
+        if so.choice is not None:
+            return StructuredOutputsParams(choice=tuple(so.choice), source="structured_outputs.choice")
+        return StructuredOutputsParams(grammar=so.grammar, source="structured_outputs.grammar")
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+
+
+async def _compile_constraint(engine: AsyncEngine, constraint: StructuredOutputsParams) -> None:
+    """Compile (or find cached) off the event loop, so a bad grammar is a 400 before anything is queued and a slow
+    one never stalls other requests; the engine then finds it in the cache."""
+    compiler = engine.grammar_compiler
+    if compiler.is_cached(constraint):
+        return
+    try:
+        await asyncio.to_thread(compiler.compile, constraint)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
 
 
 async def _add_request(
@@ -502,16 +560,53 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
 
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    named_tool = tool_choice.function.name if isinstance(tool_choice, NamedToolChoice) else None
+    if tool_choice != "none" and not tools:
+        raise bad_request("tool_choice needs tools: no tools were given", "tool_choice")
+    if named_tool is not None and named_tool not in {t["function"]["name"] for t in tools or ()}:
+        raise bad_request(f"tool_choice names function {named_tool!r}, which is not in tools", "tool_choice")
+    are_tools_offered = bool(tools) and tool_choice != "none"
+    constraint = _requested_constraint(body)
+    if are_tools_offered and tool_choice != "auto":
+        if constraint is not None:
+            raise bad_request(
+                "response_format / structured_outputs cannot be combined with tool_choice 'required' or a named "
+                "function (the output is then a tool call)", "response_format")
+        assert tools is not None
+        chosen = [t for t in tools if named_tool is None or t["function"]["name"] == named_tool]
+        for i, tool in enumerate(tools):  # errors name the tool whose schema is at fault
+            if tool in chosen and tool["function"].get("parameters") is not None:
+                await _compile_constraint(engine, StructuredOutputsParams(
+                    json=json.dumps(tool["function"]["parameters"], ensure_ascii=False),
+                    source=f"tools[{i}].function.parameters"))
+        # One call unless the request asks for several (llama.cpp's default): small models forced to call tend to
+        # repeat calls until max_tokens when more are allowed.
+        allow_parallel = named_tool is None and body.parallel_tool_calls is True
+        constraint = StructuredOutputsParams(
+            grammar=tool_call_grammar(chosen, allow_parallel=allow_parallel), source="tools")
+    if constraint is not None:
+        await _compile_constraint(engine, constraint)
+
     messages = []
     for message in body.messages:
-        entry = {"role": message.role, "content": message.text()}
+        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         messages.append(entry)
-    num_chars = sum(len(m["content"]) for m in messages)
+    renders_tools = template_renders_tools(engine.tokenizer.tool_chat_template)
+    conversation = conversation_for_template(
+        messages, tools if are_tools_offered else None, template_renders=renders_tools)
+    num_chars = sum(len(m["content"]) for m in conversation)
     try:
         prompt_token_ids = await _call_maybe_in_thread(
-            num_chars, engine.tokenizer.encode_chat, messages, add_generation_prompt=body.add_generation_prompt
+            num_chars, engine.tokenizer.encode_chat, conversation, add_generation_prompt=body.add_generation_prompt,
+            tools=tools if (are_tools_offered and renders_tools) else None,
         )
     except Exception as exc:  # the template rejects the conversation (e.g. roles that must alternate)
         raise bad_request(f"messages: the chat template failed: {exc}", "messages") from None
@@ -519,12 +614,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     max_tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     param_names = {"prompt": "messages", "logprobs": "top_logprobs", "max_tokens": max_tokens_name}
     num_top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    # The call tags must reach the parser even where the vocabulary makes them special tokens.
+    tag_id = engine.tokenizer.token_to_id(TOOL_CALL_START)
+    keep_special = are_tools_offered and tag_id is not None and tag_id in engine.tokenizer.all_special_ids
     params = _sampling_params(
         body,
         engine,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         logprobs=num_top_logprobs,
         param_names=param_names,
+        structured_outputs=constraint,
+        skip_special_tokens=False if keep_special else None,
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     tracked = await _start_requests(state, served, request_id, [prompt_token_ids], params, arrival_time, param_names)
@@ -535,20 +635,42 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         start = len(completion.token_ids) - len(token_ids)
         return {"content": _chat_logprobs(served, completion, token_ids, start, num_top_logprobs)}
 
+    def finish_reason(completion: CompletionOutput, has_calls: bool) -> str | None:
+        # OpenAI: "tool_calls" when the model chose to call; a forced named function ends with "stop".
+        if has_calls and completion.finish_reason == "stop" and named_tool is None:
+            return "tool_calls"
+        return completion.finish_reason
+
+    tool_parsers: dict[int, StreamingToolCallParser] = {}
+
     def chunk_choice(index: int, completion: CompletionOutput, delta_text: str, delta_ids: Sequence[int]) -> dict[str, Any]:
+        if not are_tools_offered:
+            delta = {"content": delta_text} if (delta_text or delta_ids) else {}
+            reason = completion.finish_reason
+        else:
+            parser = tool_parsers.setdefault(index, StreamingToolCallParser())
+            delta = parser.feed(delta_text, is_final=completion.finish_reason is not None)
+            reason = finish_reason(completion, bool(parser.calls))
         return {
             "index": index,
-            "delta": {"content": delta_text} if (delta_text or delta_ids) else {},
+            "delta": delta,
             "logprobs": logprobs_of(completion, delta_ids) if delta_ids else None,
-            "finish_reason": completion.finish_reason,
+            "finish_reason": reason,
         }
 
     def final_choice(index: int, _prompt_index: int, completion: CompletionOutput) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+        reason = completion.finish_reason
+        if are_tools_offered:
+            content, calls = parse_tool_calls(completion.text)
+            message = {"role": "assistant", "content": content,
+                       "tool_calls": [call.to_openai() for call in calls] or None}
+            reason = finish_reason(completion, bool(calls))
         return {
             "index": index,
-            "message": {"role": "assistant", "content": completion.text},
+            "message": message,
             "logprobs": logprobs_of(completion, completion.token_ids),
-            "finish_reason": completion.finish_reason,
+            "finish_reason": reason,
         }
 
     role_delta = {"role": "assistant", "content": ""}
@@ -610,7 +732,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         else:
             prompt_token_ids_list.append(list(prompt))
     param_names = {"prompt": "prompt", "logprobs": "logprobs", "max_tokens": "max_tokens"}
-    params = _sampling_params(body, engine, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names=param_names)
+    constraint = _requested_constraint(body)
+    if constraint is not None:
+        await _compile_constraint(engine, constraint)
+    params = _sampling_params(body, engine, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names=param_names,
+                              structured_outputs=constraint)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     tracked = await _start_requests(state, served, request_id, prompt_token_ids_list, params, arrival_time, param_names)
 
