@@ -283,7 +283,8 @@ EXAMPLES: dict[str, BaseModel] = {
     "Movie": Movie(title="Alien", genres=[Genre.horror, Genre.scifi], rating=8.5),
     "Event": Event(name="Team lunch", day=datetime.date(2025, 6, 12),
                    starts_at=datetime.datetime(2025, 6, 12, 12, 30, tzinfo=datetime.timezone.utc)),
-    "Alarm": Alarm(label="Wake up", at=datetime.time(6, 45)),
+    # JSON Schema's "time" format is RFC 3339 full-time: the offset is required, so the example has one.
+    "Alarm": Alarm(label="Wake up", at=datetime.time(6, 45, tzinfo=datetime.timezone.utc)),
     "Contact": Contact(name="Grace Hopper", email="grace@example.com"),
     "Ticket": Ticket(ticket_id=uuid.UUID("1b4e28ba-2fa1-11d2-883f-0016d3cca427"), summary="Printer is jammed"),
     "Bookmark": Bookmark(title="Python docs", url="https://docs.python.org/3/"),
