@@ -15,6 +15,9 @@ On the model's own tokenizer (the default model's GGUF vocabulary, 49,152 tokens
    microseconds per step over all steps of all cases, plus the token-accept time per step.
 4. Enforcement probes: invalid instances (a bound, multipleOf, a pattern, formats, maxItems, an enum) walked the
    same way: does the mask stop them? A backend that compiles a schema but ignores a keyword passes these.
+   24 hand-written schemas with keywords pydantic does not emit (allOf, if/then/else, uniqueItems, ...), each with
+   a valid and an invalid instance checked by `jsonschema`: compiles? accepts the one, stops the other?
+   A rollback probe: roll a matcher back 5 tokens (speculative decoding's rejected drafts); same mask again?
 5. Applying a [B, V] int32 bitmask to float32 logits on CPU: a plain torch shift-table unpack (no compile),
    numpy's unpackbits, xgrammar's C++ CPU kernel, llguidance.torch (torch.compile; first call reported apart).
 Backends alternate in a rotating order for every case, because these 2-core machines are shared and noisy; read
@@ -203,6 +206,10 @@ class LLGuidance:
             self.lib.torch.fill_next_token_bitmask_par(self.executor, list(zip(matchers, range(len(matchers)))),
                                                        bitmask)
 
+    def rollback(self, matcher, num_tokens: int) -> None:
+        if not matcher.rollback(num_tokens):
+            raise RuntimeError(matcher.get_error())
+
     def accept(self, matchers, token_id: int) -> bool:
         if len(matchers) == 1:
             return matchers[0].consume_token(token_id)
@@ -247,6 +254,9 @@ class XGrammar:
         else:
             self.batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask)
 
+    def rollback(self, matcher, num_tokens: int) -> None:
+        matcher.rollback(num_tokens)
+
     def accept(self, matchers, token_id: int) -> bool:
         if len(matchers) == 1:
             return matchers[0].accept_token(token_id)
@@ -286,6 +296,9 @@ class OutlinesCore:
         base = bitmask.data_ptr()
         for row, guide in enumerate(matchers):
             guide.write_mask_into(base + row * row_numel * 4, row_numel, 4)
+
+    def rollback(self, matcher, num_tokens: int) -> None:
+        matcher.rollback_state(num_tokens)
 
     def accept(self, matchers, token_id: int) -> bool:
         try:
@@ -356,6 +369,31 @@ def cold_compile(backend, kind: str, spec, width: int):
     finally:
         gc.enable()
     return t1 - t0, t2 - t1, compiled
+
+
+def rollback_probe(backend, compiled, token_ids: list[int], num_back: int, width: int) -> str:
+    """Speculative decoding's need: accept every token, roll back `num_back`, and the mask must equal the one seen
+    `num_back` steps ago; accepting the same tokens again must work."""
+    import torch
+
+    masks = torch.empty((len(token_ids) + 1, width), dtype=torch.int32)
+    (matcher,) = backend.new_matchers(compiled, 1)
+    for step, token_id in enumerate(token_ids):
+        backend.fill([matcher], masks[step : step + 1])
+        if not backend.accept([matcher], token_id):
+            return f"accept refused token {step}"
+    try:
+        backend.rollback(matcher, num_back)
+    except Exception as error:  # noqa: BLE001
+        return f"rollback failed: {first_line(error)[:60]}"
+    again = torch.empty((1, width), dtype=torch.int32)
+    backend.fill([matcher], again)
+    if not torch.equal(again[0], masks[len(token_ids) - num_back]):
+        return "mask after rollback differs"
+    for token_id in token_ids[len(token_ids) - num_back :]:
+        if not backend.accept([matcher], token_id):
+            return "re-accept after rollback refused"
+    return "ok"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -576,6 +614,15 @@ def main() -> None:
             _, _, _, stopped = walk(backend, compiled, token_ids, eos_id, 1, width)
             enforcement[backend.name][keyword] = "enforced" if stopped else "NOT enforced"
 
+    rollback: dict = {}
+    order_schema = next(m for m in SCHEMA_MODELS if m.__name__ == "Order")
+    from tests.structured_schemas import EXAMPLES
+
+    order_ids = tok.encode(EXAMPLES["Order"].model_dump_json(), add_special_tokens=False)
+    for backend in backends:
+        compiled = backend.compile(backend.fresh_compiler(), "json", order_schema.model_json_schema())
+        rollback[backend.name] = rollback_probe(backend, compiled, order_ids, 5, width)
+
     # Coverage beyond pydantic: compiles? accepts the valid instance? stops the invalid one?
     import jsonschema
 
@@ -646,6 +693,7 @@ def main() -> None:
                          if b == name and ("error" in e or "walk_error" in e)},
             "enforcement": enforcement[name],
             "hand_schemas": hand[name],
+            "rollback_5_tokens": rollback[name],
         }
 
     names = [b.name for b in backends]
@@ -668,6 +716,7 @@ def main() -> None:
          lambda v: f"{v['b1_accept_us_median']:.0f} / {v['bN_accept_us_median']:.0f}"),
         ("keyword probes enforced (of %d)" % len(INVALID_PROBES),
          lambda v: str(sum(1 for r in v["enforcement"].values() if r == "enforced"))),
+        ("roll back 5 tokens, same mask again (json:Order)", lambda v: v["rollback_5_tokens"]),
         ("hand-written schemas fully right (of %d)" % len(HAND_SCHEMAS),
          lambda v: str(sum(1 for r in v["hand_schemas"].values() if r == "ok"))),
         ("hand-written schemas refused at compile (of %d)" % len(HAND_SCHEMAS),
