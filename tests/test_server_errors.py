@@ -94,11 +94,12 @@ def _bad_json_cases(model: str) -> list[tuple[str, str, Any, int, str | None]]:
         ("min_tokens-over-max", completions, {"model": model, "prompt": "Hi", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),  # noqa: E501
         ("seed-not-integer", completions, {"model": model, "prompt": "Hi", "seed": 1.5}, 400, "seed"),
         ("body-not-object", completions, [1, 2, 3], 400, None),
-        # Fields inferd cannot honour yet are refused, not ignored (OpenAI-compatible servers answer 400).
-        ("response_format-json", chat, {"model": model, "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),  # noqa: E501
-        ("response_format-schema", chat, {"model": model, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format"),  # noqa: E501
-        ("tools", chat, {"model": model, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),  # noqa: E501
-        ("tool_choice", chat, {"model": model, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+        # Malformed structured-output and tool fields (tests/test_structured_server.py has the schema errors).
+        ("response_format-type", chat, {"model": model, "messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),  # noqa: E501
+        ("response_format-schema-name", chat, {"model": model, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}}, 400, "response_format"),  # noqa: E501
+        ("tools-type", chat, {"model": model, "messages": CHAT, "tools": [{"type": "retrieval", "function": {"name": "f"}}]}, 400, "tools"),  # noqa: E501
+        ("tool_choice-without-tools", chat, {"model": model, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),  # noqa: E501
+        # Deprecated fields inferd does not honour are refused, not ignored.
         ("functions", chat, {"model": model, "messages": CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
         ("echo-on-chat", chat, {"model": model, "messages": CHAT, "echo": True}, 400, "echo"),
         ("stream_options-without-stream", chat, {"model": model, "messages": CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options"),  # noqa: E501

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import llguidance
+import llguidance.gbnf_to_lark
 from torch import Tensor
 
 from inferd.errors import InvalidParameterError
@@ -57,11 +58,9 @@ def grammar_source(params: StructuredOutputsParams) -> str:
             lark = "start: " + " | ".join(_lark_string(c) for c in params.choice)
             return llguidance.LLMatcher.grammar_from_lark(lark)
         assert params.grammar is not None
-        lark = params.grammar
-        if "::=" in lark:  # GBNF (llama.cpp) -> Lark
-            lark = llguidance.gbnf_to_lark(lark)
-        return llguidance.LLMatcher.grammar_from_lark(lark)
-    except (ValueError, TypeError, RuntimeError) as exc:
+        # GBNF (llama.cpp's, rules written with ::=) is converted to Lark; Lark passes through.
+        return llguidance.LLMatcher.grammar_from_lark(llguidance.gbnf_to_lark.any_to_lark(params.grammar))
+    except Exception as exc:  # the GBNF converter raises assorted types on a bad grammar
         raise _invalid(params, _first_line(exc)) from None
 
 
