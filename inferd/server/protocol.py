@@ -79,6 +79,7 @@ class SamplingRequestFields(_Body):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     speculative: StrictBool = Field(True, description="false: this request never uses speculative decoding.")
+    cache: StrictBool = Field(True, description="false: the response cache is neither read nor written for it.")
 
 
 class ResponseFormat(_Body):
