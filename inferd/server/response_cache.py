@@ -18,7 +18,8 @@ tokenizers, templates) and the resolved engine settings (quantization, dtype, de
 per loaded engine, so a reload with other weights or settings never meets the old entries.
 
 Only complete, successful answers are stored (an error, a disconnect or an abort stores nothing). The cache is an
-LRU bounded by bytes: the stored response text or vector bytes plus the key and a fixed per-entry overhead.
+LRU bounded by bytes: the memory of the stored objects (sys.getsizeof of the answer's one template string or the
+vector, and of the key) plus a fixed per-entry overhead for the entry and its slot in the LRU.
 Per request `"cache": false` bypasses it (no lookup, no store); `--response-cache-bytes 0` turns it off.
 Responses carry `x-inferd-cache: hit|miss` when the request was looked up (embeddings: `hit` when every input
 came from the cache, `partial`, or `miss`), and hits a `server-timing: cache;dur=MS` (arrival to answer).
@@ -36,6 +37,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -53,7 +55,7 @@ request_logger = logging.getLogger("inferd.requests")
 
 DEFAULT_RESPONSE_CACHE_BYTES = 64 << 20
 CACHE_HEADER = "x-inferd-cache"
-# Python objects around each entry (OrderedDict slot, entry object, list, key bytes object), a round estimate.
+# The entry object, its answer object and its OrderedDict slot (CPython 3.12: ~56 + ~56 + ~100 bytes), rounded up.
 _ENTRY_OVERHEAD_BYTES = 256
 # Files of a model up to this size are hashed in full (configs, tokenizers, chat templates); bigger ones (weights)
 # by relative path, size, mtime and inode.
@@ -132,31 +134,31 @@ def model_identity(served: Any) -> bytes:
 # ---------------------------------------------------------------------------------------------- entries
 
 
+# Marks where a head goes in an answer's template: JSON text never holds a raw NUL (json.dumps escapes it).
+_HEAD_MARK = "\x00"
+
+
 @dataclass
 class _Answer:
-    """A chat/completions answer: its body, or its SSE events, with the head (id, object, created) cut off where
-    it was found, so a hit can put a fresh one on; `parts[i]` is (has_head, text)."""
+    """A chat/completions answer: its body, or all its SSE events, as one template string in which every head
+    (id, object, created) was cut out and replaced by _HEAD_MARK, so a hit puts a fresh one in."""
 
     object_json: str  # the "object" member's JSON string
     id_prefix: str  # "chatcmpl" / "cmpl"
-    parts: list[tuple[bool, str]]
+    template: str
     is_stream: bool
     num_prompt_tokens: int
     num_completion_tokens: int
 
     @property
     def num_bytes(self) -> int:
-        return sum(len(text) for _, text in self.parts) + len(self.object_json) + len(self.id_prefix)
+        return sys.getsizeof(self.template) + sys.getsizeof(self.object_json) + sys.getsizeof(self.id_prefix)
 
     def render(self) -> tuple[str, str]:
         """(new id, body text) with a fresh id and created."""
         new_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         head = f'{{"id":"{new_id}","object":{self.object_json},"created":{int(time.time())},'
-        if self.is_stream:
-            text = "".join(f"{_SSE_DATA}{head}{t}" if has_head else t for has_head, t in self.parts)
-        else:
-            text = "".join(head + t if has_head else t for has_head, t in self.parts)
-        return new_id, text
+        return new_id, self.template.replace(_HEAD_MARK, head)
 
 
 def _split_head(text: str) -> tuple[str, str, str] | None:
@@ -206,10 +208,11 @@ class ResponseCache:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: bytes, model_name: str, value: _Answer | np.ndarray, value_bytes: int) -> bool:
+    def put(self, key: bytes, model_name: str, value: _Answer | np.ndarray) -> bool:
         """Store (replacing an entry of the same key); evicts least recently used entries to fit. False when the
         entry alone is larger than the capacity."""
-        num_bytes = value_bytes + len(key) + _ENTRY_OVERHEAD_BYTES
+        value_bytes = value.num_bytes if isinstance(value, _Answer) else sys.getsizeof(value)
+        num_bytes = value_bytes + sys.getsizeof(key) + _ENTRY_OVERHEAD_BYTES
         if num_bytes > self.capacity_bytes:
             return False
         old = self._entries.pop(key, None)
@@ -339,7 +342,7 @@ class ResponseCache:
                 vector = np.array(computed[row], dtype=np.float32)  # a copy: the batch array is not kept alive
                 vector.setflags(write=False)
                 found[key] = vector
-                self.put(key, served.name, vector, vector.nbytes)
+                self.put(key, served.name, vector)
         vectors = np.stack([found[key] for key in keys]).astype(np.float32, copy=False)
         status = "hit" if num_hits == len(keys) else "miss" if num_hits == 0 else "partial"
         return vectors, status
@@ -379,7 +382,8 @@ class GenerateLookup:
 
     def _store_events(self, events: list[str]) -> None:
         assert self.key is not None
-        parts: list[tuple[bool, str]] = []
+        parts: list[str] = []
+        num_heads = 0
         object_json = id_prefix = None
         num_prompt_tokens = num_completion_tokens = 0
         for event in events:
@@ -387,19 +391,23 @@ class GenerateLookup:
                 return  # an error event: not a complete answer
             split = _split_head(event[len(_SSE_DATA):]) if event.startswith(_SSE_DATA) else None
             if split is None:
-                parts.append((False, event))
+                parts.append(event)
                 continue
             old_id, object_json, rest = split
             id_prefix = old_id.rpartition("-")[0] or old_id
-            parts.append((True, rest))
+            parts.append(f"{_SSE_DATA}{_HEAD_MARK}{rest}")
+            num_heads += 1
             if '"usage":{' in rest:
                 usage = json.loads(event[len(_SSE_DATA):]).get("usage") or {}
                 num_prompt_tokens = usage.get("prompt_tokens", 0)
                 num_completion_tokens = usage.get("completion_tokens", 0)
         if object_json is None or id_prefix is None or not events or events[-1] != f"{_SSE_DATA}[DONE]\n\n":
             return
-        answer = _Answer(object_json, id_prefix, parts, True, num_prompt_tokens, num_completion_tokens)
-        self.cache.put(self.key, self.model_name, answer, answer.num_bytes)
+        template = "".join(parts)
+        if template.count(_HEAD_MARK) != num_heads:
+            return  # a NUL where only heads should be: not stored
+        answer = _Answer(object_json, id_prefix, template, True, num_prompt_tokens, num_completion_tokens)
+        self.cache.put(self.key, self.model_name, answer)
 
     def respond(self, response: Any) -> Any:
         """A complete non-stream answer (a pydantic response): stored, and returned as JSON with the miss header;
@@ -414,9 +422,10 @@ class GenerateLookup:
         if is_complete and split is not None:
             old_id, object_json, rest = split
             usage = document.get("usage") or {}
-            answer = _Answer(object_json, old_id.rpartition("-")[0] or old_id, [(True, rest)], False,
-                             usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-            self.cache.put(self.key, self.model_name, answer, answer.num_bytes)
+            if _HEAD_MARK not in rest:
+                answer = _Answer(object_json, old_id.rpartition("-")[0] or old_id, _HEAD_MARK + rest, False,
+                                 usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                self.cache.put(self.key, self.model_name, answer)
         return Response(content=text, media_type="application/json", headers={CACHE_HEADER: "miss"})
 
     def tag(self, response: Response) -> Response:
