@@ -288,7 +288,9 @@ def start_servers(names: list[str], path: Path, args_inferd: list[str], num_thre
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
         if name in ("inferd", "inferd-1thread"):
-            cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), *args_inferd]
+            # the response cache off: every round must reach the model, as it does on the peers
+            cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), "--response-cache-bytes", "0",
+                   *args_inferd]
             model_threads = 1 if name == "inferd-1thread" else num_threads
             if model_threads:  # per-model options come from a models file
                 models_file = tempfile.NamedTemporaryFile("w", prefix="embed-bench-models-", suffix=".yaml", delete=False)
@@ -497,7 +499,7 @@ def run_mixed(args: argparse.Namespace) -> None:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     log = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--port", str(port)]
+    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--port", str(port), "--response-cache-bytes", "0"]
     if args.embed_num_threads:  # per-model options come from a models file
         models_file = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-models-", suffix=".yaml", delete=False)
         models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {args.embed_num_threads}}}\n")

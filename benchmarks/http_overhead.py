@@ -87,7 +87,7 @@ def start_server(args: argparse.Namespace, log_path: str) -> tuple[subprocess.Po
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "inferd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", *engine_flags(args)]  # fmt: skip
+               "--log-level", "warning", "--response-cache-bytes", "0", *engine_flags(args)]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"

@@ -68,3 +68,6 @@ class ModelSpec:
     source: str
     kind: ModelKind | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    # sha256 of the model's files as the store verified them (None: a path outside the store); the response
+    # cache keys answers by it (server/response_cache.py), beside a fingerprint of the files taken at load.
+    content_digest: str | None = None

@@ -25,8 +25,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# Small and fast: a 2048-token context and a 256 MiB KV cache keep a server's memory to a few hundred MiB.
-SMALL_SERVER_ARGS = ("--max-model-len", "2048", "--kv-cache-memory", "256MiB")
+# Small and fast: a 2048-token context and a 256 MiB KV cache keep a server's memory to a few hundred MiB. The
+# response cache is off, so a repeated request reaches the engine (tests of the cache pass their own
+# --response-cache-bytes, which comes later on the command line and wins).
+SMALL_SERVER_ARGS = ("--max-model-len", "2048", "--kv-cache-memory", "256MiB", "--response-cache-bytes", "0")
 # First start may pull the model into the store; later starts load it from disk.
 STARTUP_TIMEOUT_S = 900.0
 _CLI = "import sys; from inferd.cli import main; sys.exit(main())"

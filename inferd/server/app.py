@@ -44,6 +44,7 @@ from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
 from inferd.server.routes.embeddings import router as embeddings_router
 from inferd.server.routes.ops import router as ops_router
+from inferd.server.response_cache import DEFAULT_RESPONSE_CACHE_BYTES
 from inferd.serving import ModelKind, ModelSpec
 from inferd.server.state import (
     ARRIVAL_TIME_SCOPE_KEY,
@@ -436,6 +437,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--max-body-bytes", default=str(DEFAULT_MAX_BODY_BYTES), help="largest request body, e.g. 4MiB")
     g.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="seconds in-flight requests may run after SIGTERM")
+    g.add_argument("--response-cache-bytes", default=str(DEFAULT_RESPONSE_CACHE_BYTES), metavar="SIZE",
+                   help="bound of the exact response cache (deterministic chat/completions answers, embedding "
+                        "vectors), e.g. 64MiB (the default); 0 turns it off")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -464,6 +468,8 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
         model_repository=args.model_repository,
         grpc_port=args.grpc_port,
         grpc_host=args.host,
+        response_cache_bytes=0 if str(args.response_cache_bytes).strip() == "0"
+        else parse_size_bytes(args.response_cache_bytes, "response_cache_bytes"),
     )
     exit_status = 0
     server: Any = None

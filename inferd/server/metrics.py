@@ -156,6 +156,13 @@ class ServerMetrics:
         self._model_load = histogram("inferd:model_load_seconds", "Time to load a model (startup or after keep-alive).",
                                      _REQUEST_BUCKETS_S)
         self._model_loaded = gauge("inferd:model_loaded", "1 while the model is in memory, 0 when unloaded.")
+        # The exact response cache (server/response_cache.py); embeddings count inputs, the other endpoints requests.
+        cache_labels = ["model_name", "endpoint"]
+        self._response_cache_hits = counter("inferd:response_cache_hits", "Answers given from the response cache.",
+                                            cache_labels)
+        self._response_cache_misses = counter("inferd:response_cache_misses",
+                                              "Cacheable answers not found in the response cache.", cache_labels)
+        self._response_cache_bytes = gauge("inferd:response_cache_bytes", "Bytes the response cache holds.")
         self._llm: dict[str, LLMMetrics] = {}
 
     def llm(self, model_name: str) -> LLMMetrics:
@@ -188,6 +195,15 @@ class ServerMetrics:
 
     def set_model_loaded(self, model_name: str, is_loaded: bool) -> None:
         self._model_loaded.labels(model_name).set(1.0 if is_loaded else 0.0)
+
+    def observe_response_cache(self, model_name: str, endpoint: str, num_hits: int, num_misses: int) -> None:
+        if num_hits:
+            self._response_cache_hits.labels(model_name, endpoint).inc(num_hits)
+        if num_misses:
+            self._response_cache_misses.labels(model_name, endpoint).inc(num_misses)
+
+    def set_response_cache_bytes(self, model_name: str, num_bytes: int) -> None:
+        self._response_cache_bytes.labels(model_name).set(num_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

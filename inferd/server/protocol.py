@@ -146,6 +146,7 @@ class SamplingRequestFields(_Body):
     structured_outputs: StructuredOutputsRequest | None = Field(
         None, description="vLLM's constrained decoding: json (a schema), json_object, regex, choice or grammar."
     )
+    cache: StrictBool = Field(True, description="false: the response cache is neither read nor written for it.")
 
 
 class FunctionDefinition(_Body):

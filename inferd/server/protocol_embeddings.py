@@ -28,6 +28,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: Annotated[int, Field(strict=True, ge=1)] | None = None
     user: StrictStr | None = None
     truncate: StrictBool = False  # TEI's option: cut inputs longer than the model's limit instead of a 400
+    cache: StrictBool = True  # false: the per-input response cache is neither read nor written
 
 
 @dataclass(frozen=True)

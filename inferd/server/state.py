@@ -21,6 +21,7 @@ from typing import Any
 from inferd.serving import ModelKind, ModelSpec, ServedEngine
 from inferd.server.errors import APIError, InvalidParameter
 from inferd.server.metrics import FinishedRequestStats, LLMMetrics, ServerMetrics
+from inferd.server.response_cache import DEFAULT_RESPONSE_CACHE_BYTES, ResponseCache
 
 logger = logging.getLogger("inferd.server")
 request_logger = logging.getLogger("inferd.requests")
@@ -60,6 +61,8 @@ class ServerOptions:
     model_repository: str | None = None  # --model-repository: OIP's repository index/load reads it
     grpc_port: int | None = None  # --grpc-port: OIP v2 over gRPC (server/grpc_oip.py) on grpc_host:grpc_port
     grpc_host: str = "127.0.0.1"
+    # --response-cache-bytes: the exact response cache's bound (server/response_cache.py); 0 turns it off.
+    response_cache_bytes: int = DEFAULT_RESPONSE_CACHE_BYTES
 
 
 def _load_generate(spec: ModelSpec, options: Mapping[str, Any], on_batch: Any) -> ServedEngine:
@@ -143,6 +146,7 @@ class ServerState:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.metrics = ServerMetrics()
+        self.response_cache = ResponseCache(options.response_cache_bytes, self.metrics)
         self.models: dict[str, ServedModel] = {}
         self.is_draining = False
         self.num_in_flight = 0  # HTTP requests inside the app (streams count until their last byte)

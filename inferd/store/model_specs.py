@@ -89,7 +89,8 @@ def resolve_spec(
         resolved_kind = detect_kind(Path(resolved.path), catalog_task=entry.task if entry is not None else None)
     else:
         resolved_kind = kind if isinstance(kind, ModelKind) else ModelKind.parse(kind)
-    return ModelSpec(name=name or source, source=str(resolved.path), kind=resolved_kind, options=dict(options or {}))
+    return ModelSpec(name=name or source, source=str(resolved.path), kind=resolved_kind, options=dict(options or {}),
+                     content_digest=resolved.sha256)
 
 
 def load_models_file(path: str | Path) -> list[dict[str, Any]]:

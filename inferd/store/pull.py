@@ -57,6 +57,7 @@ class ResolvedModel:
     path: Path  # a .gguf file or a Hugging Face model folder
     format: ModelFormat
     name: str
+    sha256: str | None = None  # the artifact's sha256 as the store verified it; None for a path outside the store
 
 
 @dataclass(frozen=True)
@@ -208,11 +209,13 @@ def resolve_model(name_or_path: str | Path, *, home: Path | None = None, auto_pu
                 raise ValueError(f"model {text!r} is not pulled yet; run `inferd pull {text}`")
             print(f"inferd: {text} is not in the store yet; pulling it (`inferd pull {text}`)", file=sys.stderr)
             present = pull(text, home=home)
-        return ResolvedModel(present, entry.format, entry.name)
+        manifest = _read_manifest(model_dir)
+        return ResolvedModel(present, entry.format, entry.name, manifest.get("sha256") if manifest else None)
     if is_valid_model_name(text):
         manifest = _read_manifest(_model_dir(text, home))
         if manifest is not None:
-            return ResolvedModel(_artifact_path(_model_dir(text, home), manifest), manifest["format"], text)
+            return ResolvedModel(_artifact_path(_model_dir(text, home), manifest), manifest["format"], text,
+                                 manifest.get("sha256"))
     raise ValueError(
         f"unknown model {text!r}: not an existing path (a .gguf file or a Hugging Face model folder) and not a "
         f"catalog name; catalog: {catalog_names()}"

@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from inferd.batching import BatcherStoppedError, QueueFullError
 from inferd.server.bodies import OffLoopBodyRoute
 from inferd.server.errors import APIError, bad_request
+from inferd.server.response_cache import CACHE_HEADER
 from inferd.server.protocol_embeddings import (
     EmbeddingInputError,
     EmbeddingRequest,
@@ -83,7 +84,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
         num_items = len(token_id_lists)
         num_tokens = sum(len(ids) for ids in token_id_lists)
         try:
-            vectors = await engine.embed(token_id_lists)
+            vectors, cache_status = await state.response_cache.embed(request, served, body, token_id_lists, engine.embed)
         except QueueFullError as exc:
             raise APIError(429, f"server is busy: {exc}", code="rate_limit_exceeded", headers={"Retry-After": _RETRY_AFTER_S}) from None
         except BatcherStoppedError as exc:
@@ -101,7 +102,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
         }
         status = "ok"
-        return Response(content=json.dumps(payload, separators=(",", ":")), media_type="application/json")
+        headers = {CACHE_HEADER: cache_status} if cache_status is not None else None
+        return Response(content=json.dumps(payload, separators=(",", ":")), media_type="application/json",
+                        headers=headers)
     except asyncio.CancelledError:
         status = "aborted"  # the client went away; its queued inputs were dropped
         raise

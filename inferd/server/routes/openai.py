@@ -35,6 +35,7 @@ from inferd.request import CompletionOutput, RequestOutput, SamplingParams, Stru
 from inferd.server.bodies import OffLoopBodyRoute
 from inferd.server.errors import APIError, bad_request, error_body, from_value_error
 from inferd.server.metrics import FinishedRequestStats
+from inferd.server.response_cache import GenerateLookup
 from inferd.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -517,10 +518,14 @@ async def _respond(
     chunk_choice: ChunkChoice,
     final_choice: Callable[[int, int, CompletionOutput], dict[str, Any]],
     response_type: Callable[..., Any],
+    cache: GenerateLookup,
 ) -> Any:
-    """Stream (SSE) or collect the final outputs into one response; a client that left aborts every request."""
+    """Stream (SSE) or collect the final outputs into one response; a client that left aborts every request.
+    A complete answer goes into the response cache when the request was looked up there."""
     if stream:
-        return _EventStreamResponse(_event_stream(tracked, base, n, include_usage, first_choices, chunk_choice), tracked)
+        events = _event_stream(tracked, base, n, include_usage, first_choices, chunk_choice)
+        events = cache.stream(events, lambda: all(t._status == "ok" for t in tracked))
+        return cache.tag(_EventStreamResponse(events, tracked))
     try:
         outputs = await _collect_unless_disconnected(request, tracked)
     except RequestError as exc:
@@ -532,8 +537,8 @@ async def _respond(
         for prompt_index, output in enumerate(outputs)
         for completion in output.outputs
     ]
-    return response_type(id=base["id"], created=base["created"], model=base["model"], choices=choices,
-                         usage=_usage(outputs))
+    return cache.respond(response_type(id=base["id"], created=base["created"], model=base["model"], choices=choices,
+                                       usage=_usage(outputs)))
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -559,6 +564,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     include_usage = _include_usage(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    cache = await state.response_cache.lookup_generate(request, served, body, "/v1/chat/completions")
+    if cache.response is not None:
+        return cache.response
 
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
@@ -685,6 +693,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         chunk_choice=chunk_choice,
         final_choice=final_choice,
         response_type=ChatCompletionResponse,
+        cache=cache,
     )
 
 
@@ -719,6 +728,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         raise bad_request(f"best_of must equal n ({body.n}) when given; choosing among samples is not supported", "best_of")
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs is not supported (prompt logprobs are not computed)", "echo")
+    cache = await state.response_cache.lookup_generate(request, served, body, "/v1/completions")
+    if cache.response is not None:
+        return cache.response
 
     prompts = _prompts(body.prompt)
     state.check_queue(engine, len(prompts))  # before tokenizing: a request that cannot be queued costs nothing
@@ -781,4 +793,5 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         chunk_choice=chunk_choice,
         final_choice=final_choice,
         response_type=CompletionResponse,
+        cache=cache,
     )
