@@ -6,6 +6,7 @@ Nothing here imports torch: the scheduler and KV-cache bookkeeping work on these
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,11 @@ from inferd.errors import InvalidParameterError
 # Largest values accepted from callers; a request over these gets a ValueError naming the field.
 MAX_LOGPROBS = 20
 MAX_N = 128
+# A temperature below this samples greedily (as vLLM's _SAMPLING_EPS): dividing float32 logits by less overflows
+# them to inf, and the softmax of a row holding inf is NaN.
+GREEDY_TEMPERATURE_BELOW = 1e-5
+# The smallest repetition penalty: dividing a positive logit by less overflows float32 the same way.
+MIN_REPETITION_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ class StructuredOutputsParams:
 class SamplingParams:
     """How one request samples and when it stops.
 
-    temperature 0 means greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
+    temperature 0 (or anything below GREEDY_TEMPERATURE_BELOW) means greedy. top_k 0 (or -1) and top_p 1 and min_p 0
+    disable those filters. Every float must be finite.
     `logprobs` is the number of top alternatives to return per output token (0 returns only the
     sampled token's own logprob); None returns none. Logprobs are of the raw model distribution
     (log-softmax of the logits before penalties, bias and temperature), as vLLM reports by default.
@@ -104,7 +111,11 @@ class SamplingParams:
             bad("n", f"must be an integer >= 1, got {self.n!r}")
         if self.n > MAX_N:
             bad("n", f"must be <= {MAX_N}, got {self.n}")
-        if self.temperature is None or self.temperature < 0:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, f"must be a finite number, got {value!r}")
+        if self.temperature < 0:
             bad("temperature", f"must be >= 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
@@ -112,8 +123,8 @@ class SamplingParams:
             bad("top_k", f"must be 0 or -1 (disabled) or a positive integer, got {self.top_k!r}")
         if not (0.0 <= self.min_p <= 1.0):
             bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
-        if not (0.0 < self.repetition_penalty <= 10.0):
-            bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty!r}")
+        if not (MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10.0):
+            bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY}, 10], got {self.repetition_penalty!r}")
         if not (-2.0 <= self.presence_penalty <= 2.0):
             bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty!r}")
         if not (-2.0 <= self.frequency_penalty <= 2.0):
@@ -137,12 +148,14 @@ class SamplingParams:
                 bad("stop", "entries must be non-empty strings")
         if self.logit_bias:
             for token_id, bias in self.logit_bias.items():
-                if not (-100.0 <= float(bias) <= 100.0):
+                if not isinstance(token_id, int) or isinstance(token_id, bool):
+                    bad("logit_bias", f"keys must be token ids (integers), got {token_id!r}")
+                if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not (-100.0 <= float(bias) <= 100.0):
                     bad("logit_bias", f"values must be in [-100, 100], got {bias!r} for token {token_id}")
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE_BELOW or self.top_k == 1
 
 
 class RequestStatus(enum.Enum):

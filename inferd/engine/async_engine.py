@@ -291,6 +291,10 @@ class AsyncEngine:
                     items.append((output.request_id, output))
                     if output.finished:
                         live_request_ids.discard(output.request_id)
+                for request_id, message in self._pop_failed_requests():
+                    if request_id in live_request_ids:
+                        live_request_ids.discard(request_id)
+                        items.append((request_id, RequestError(message)))
             elif live_request_ids:
                 # The engine finished them without an output we saw (should not happen); release the waiters.
                 for request_id in live_request_ids:
@@ -303,6 +307,11 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._deliver, items)
             if not live_request_ids and not self._commands:
                 self._wakeup.wait()
+
+    def _pop_failed_requests(self) -> list[tuple[str, str]]:
+        """Requests the engine failed alone (their own data broke sampling or output): each gets its error."""
+        pop = getattr(self.engine, "pop_failed_requests", None)
+        return pop() if pop is not None else []
 
     def _apply_add(self, command: _Add, live_request_ids: set[str]) -> Any:
         try:

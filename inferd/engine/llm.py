@@ -20,6 +20,16 @@ from inferd.engine.llm_engine import LLMEngine
 from inferd.request import RequestOutput, SamplingParams
 
 
+class RequestFailedError(RuntimeError):
+    """Some prompts of a generate() call failed on their own data; `failures` maps their request ids to why, and
+    `outputs` holds every prompt's output in input order (None for the failed ones)."""
+
+    def __init__(self, failures: dict[str, str], outputs: list) -> None:
+        super().__init__(f"{len(failures)} request(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+        self.failures = failures
+        self.outputs = outputs
+
+
 class LLM:
     def __init__(self, model: str, **engine_args) -> None:
         """`model`: a local .gguf file or Hugging Face folder."""
@@ -85,11 +95,18 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         pending = set(ids)
         bar = tqdm(total=len(ids), desc="generate", file=sys.stderr, disable=not use_tqdm)
+        failed: dict[str, str] = {}
         while pending:
             for out in self.engine.step():
                 if out.finished and out.request_id in pending:
                     final[out.request_id] = out
                     pending.discard(out.request_id)
                     bar.update(1)
+            for rid, message in self.engine.pop_failed_requests():
+                if rid in pending:  # the others run to the end first
+                    failed[rid] = message
+                    pending.discard(rid)
         bar.close()
+        if failed:
+            raise RequestFailedError(failed, [final.get(rid) for rid in ids])
         return [final[rid] for rid in ids]

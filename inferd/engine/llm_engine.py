@@ -35,7 +35,7 @@ from inferd.request import (
     RequestStatus,
     SamplingParams,
 )
-from inferd.runner.model_runner import ModelRunner
+from inferd.runner.model_runner import ModelRunner, StepResult
 from inferd.scheduler.scheduler import Scheduler
 from inferd.spec_decode import SpeculativePolicy
 from inferd.structured import GrammarCompiler
@@ -106,6 +106,9 @@ class LLMEngine:
         self._group_of_child: dict[str, _Group] = {}
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        # (request_id, why) of user requests that failed on their own data since the last pop_failed_requests().
+        self._failed_requests: list[tuple[str, str]] = []
+        self.num_failed_requests = 0  # cumulative
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -229,6 +232,21 @@ class LLMEngine:
                 child.status = RequestStatus.FINISHED_ABORTED
             self._forget_child(child.request_id)
 
+    def pop_failed_requests(self) -> list[tuple[str, str]]:
+        """(request_id, message) of every user request that failed alone since the last call: sampling, its
+        grammar or its detokenization raised. They produce no further output; the others go on."""
+        failed, self._failed_requests = self._failed_requests, []
+        return failed
+
+    def _fail_request(self, child_id: str, message: str) -> None:
+        """End the user request (all n of its sequences) that `child_id` belongs to, for `message`."""
+        group = self._group_of_child.get(child_id)
+        if group is None or group.request_id not in self._groups:
+            return
+        self.abort_request(group.request_id)
+        self._failed_requests.append((group.request_id, message))
+        self.num_failed_requests += 1
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 
@@ -253,42 +271,25 @@ class LLMEngine:
             scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens, block_ids_of,
             scheduler_output.spec_token_ids,
         )
+        for request_id, message in step_result.failed.items():
+            self._fail_request(request_id, message)  # aborted before update(), which then skips them
         self.scheduler.update(scheduler_output, step_result.sampled_token_ids)
 
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         still_running: list[Request] = []
         for request_id, token_ids in step_result.sampled_token_ids.items():
+            if request_id in step_result.failed or request_id not in self._group_of_child:
+                continue  # failed with its group (a sibling's failure ends the whole user request)
             req = self.scheduler.get_request(request_id)
             group = self._group_of_child[request_id]
-            num_proposed = len(scheduler_output.spec_token_ids.get(request_id, ()))
-            if num_proposed:
-                self.spec_policy.record(request_id, num_proposed, len(token_ids) - 1)
-            if req.first_token_time is None:
-                req.first_token_time = now
-                if group.metrics.first_token_time is None:
-                    group.metrics.first_token_time = now
-            req.last_token_time = now
-            detok = group.detokenizers[req.index]
-            params = req.sampling_params
-            num_output_before = req.num_output_tokens - len(token_ids)
-            status = None
-            for k, token_id in enumerate(token_ids):
-                num_output_tokens = num_output_before + k + 1
-                self._num_generation_tokens += 1
-                req.cumulative_logprob += step_result.sampled_logprobs[request_id][k]
-                if req.logprobs is not None:
-                    req.logprobs.append(step_result.logprobs[request_id][k])
-                is_stop_token = num_output_tokens >= params.min_tokens and (
-                    (not params.ignore_eos and token_id in req.eos_token_ids) or token_id in params.stop_token_ids
-                )
-                stop_str = detok.update([token_id], stop_terminated=is_stop_token)
-                status = self._check_stop(req, token_id, stop_str, num_output_tokens)
-                if req.grammar_matcher is not None and status is None:
-                    status = self._advance_grammar(req, token_id)
-                if status is not None:
-                    req.truncate_output(num_output_tokens)
-                    break
+            try:
+                status = self._take_tokens(req, group, token_ids, step_result, scheduler_output.spec_token_ids, now)
+            except Exception as exc:  # this request's own data (detokenizer, grammar): it alone fails
+                logger.exception("request %s: processing its new tokens failed", request_id)
+                self._fail_request(request_id, f"processing output failed: {type(exc).__name__}: {exc}")
+                touched.pop(group.request_id, None)
+                continue
             if status is not None:
                 self.scheduler.finish_request(request_id, status)
                 req.status = status
@@ -299,12 +300,20 @@ class LLMEngine:
         if self.spec_policy.is_enabled:
             num_running = self.scheduler.num_running
             for req in still_running:
+                if req.is_finished or req.request_id not in self._group_of_child:
+                    continue
                 max_num_proposals = min(req.sampling_params.max_tokens - req.num_output_tokens,
                                         self.max_tokens_per_sequence - req.num_tokens) - 1
-                req.spec_token_ids = self.spec_policy.propose(req, num_running, max_num_proposals)
+                try:
+                    req.spec_token_ids = self.spec_policy.propose(req, num_running, max_num_proposals)
+                except Exception:  # a proposer failure costs only the speed-up
+                    logger.exception("request %s: proposing speculative tokens failed; decoding without", req.request_id)
+                    req.spec_token_ids = []
 
         outputs = []
         for group in touched.values():
+            if group.request_id not in self._groups:
+                continue  # a sibling failed after this group was touched
             out = self._make_output(group, now)
             outputs.append(out)
             if out.finished:
@@ -312,6 +321,41 @@ class LLMEngine:
                 for child in group.children:
                     self._forget_child(child.request_id)
         return outputs
+
+    def _take_tokens(self, req: Request, group: _Group, token_ids: list[int], step_result: StepResult,
+                     spec_token_ids: dict[str, list[int]], now: float) -> RequestStatus | None:
+        """Record a step's new tokens for one sequence: stats, logprobs, detokenization, grammar, stop checks.
+        Returns the status it finishes with, if it does (tokens after a stop are dropped)."""
+        request_id = req.request_id
+        num_proposed = len(spec_token_ids.get(request_id, ()))
+        if num_proposed:
+            self.spec_policy.record(request_id, num_proposed, len(token_ids) - 1)
+        if req.first_token_time is None:
+            req.first_token_time = now
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+        req.last_token_time = now
+        detok = group.detokenizers[req.index]
+        params = req.sampling_params
+        num_output_before = req.num_output_tokens - len(token_ids)
+        status = None
+        for k, token_id in enumerate(token_ids):
+            num_output_tokens = num_output_before + k + 1
+            self._num_generation_tokens += 1
+            req.cumulative_logprob += step_result.sampled_logprobs[request_id][k]
+            if req.logprobs is not None:
+                req.logprobs.append(step_result.logprobs[request_id][k])
+            is_stop_token = num_output_tokens >= params.min_tokens and (
+                (not params.ignore_eos and token_id in req.eos_token_ids) or token_id in params.stop_token_ids
+            )
+            stop_str = detok.update([token_id], stop_terminated=is_stop_token)
+            status = self._check_stop(req, token_id, stop_str, num_output_tokens)
+            if req.grammar_matcher is not None and status is None:
+                status = self._advance_grammar(req, token_id)
+            if status is not None:
+                req.truncate_output(num_output_tokens)
+                break
+        return status
 
     def _check_stop(self, req: Request, token_id: int, stop_str: str | None,
                     num_output_tokens: int | None = None) -> RequestStatus | None:

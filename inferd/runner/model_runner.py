@@ -16,8 +16,9 @@ refuses get none (verification rejects that proposal, so they are never used).
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ from inferd.layers.sampler import Sampler, TokenBitmask, build_sampling_metadata
 from inferd.request import Request
 from inferd.structured import GrammarMatcher, bitmask_width
 
+logger = logging.getLogger("inferd.runner")
+
 
 @dataclass
 class StepResult:
@@ -36,6 +39,9 @@ class StepResult:
     sampled_token_ids: dict[str, list[int]]
     sampled_logprobs: dict[str, list[float]]
     logprobs: dict[str, list[dict[int, float]]]  # only for requests that asked for logprobs; one per token
+    # request_id -> why sampling failed for that request alone (its parameters, penalties, grammar...): the
+    # engine fails it and the rest of the batch goes on.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -140,7 +146,18 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden.index_select(0, idx))
 
         reqs = [scheduled_requests[i] for i in sample_rows]
-        token_bitmask = masks.result() if masks is not None else None
+        try:
+            token_bitmask = masks.result() if masks is not None else None
+            return self._sample(logits, reqs, spec_token_ids, token_bitmask)
+        except Exception:
+            # One request's data (a parameter, its penalties, its grammar) can break a whole batch's sampling:
+            # sample each request alone so only the ones at fault fail.
+            logger.exception("sampling %d request(s) together failed; sampling each alone", len(reqs))
+            return self._sample_each_alone(logits, reqs, spec_token_ids)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
+                token_bitmask: TokenBitmask | None) -> StepResult:
+        """`logits` [sum(k_i + 1), V] for `reqs` in order (k_i proposals of request i, 0 without)."""
         if any(r.request_id in spec_token_ids for r in reqs):
             return self._verify(logits, reqs, spec_token_ids, token_bitmask)
         md = build_sampling_metadata(
@@ -150,7 +167,7 @@ class ModelRunner:
             generators=[self._generator_for(r) for r in reqs],
             eos_token_ids=[r.eos_token_ids for r in reqs],
             vocab_size=logits.shape[-1],
-            device=dev,
+            device=logits.device,
         )
         md.token_bitmask = token_bitmask
         out = self.sampler(logits, md)
@@ -161,6 +178,31 @@ class ModelRunner:
             result.sampled_logprobs[rid] = [out.sampled_logprobs[row]]
             if out.logprobs[row] is not None:
                 result.logprobs[rid] = [out.logprobs[row]]
+        return result
+
+    def _sample_each_alone(self, logits: torch.Tensor, reqs: list[Request],
+                           spec_token_ids: dict[str, list[int]]) -> StepResult:
+        result = StepResult({}, {}, {})
+        first_row = 0
+        for req in reqs:
+            rid = req.request_id
+            proposals = spec_token_ids.get(rid, [])
+            num_rows = len(proposals) + 1
+            try:
+                mask = None
+                if req.grammar_matcher is not None:
+                    mask = _fill_bitmasks([(0, req.grammar_matcher, proposals)], self.arch_config.vocab_size,  # type: ignore[list-item]
+                                          self.device)
+                alone = self._sample(logits[first_row : first_row + num_rows], [req],
+                                     {rid: proposals} if proposals else {}, mask)
+            except Exception as exc:
+                logger.exception("request %s: sampling failed", rid)
+                result.failed[rid] = f"sampling failed: {type(exc).__name__}: {exc}"
+            else:
+                result.sampled_token_ids.update(alone.sampled_token_ids)
+                result.sampled_logprobs.update(alone.sampled_logprobs)
+                result.logprobs.update(alone.logprobs)
+            first_row += num_rows
         return result
 
     def _start_bitmasks(

@@ -133,7 +133,7 @@ class SamplingRequestFields(_Body):
     # Extras beyond OpenAI's schema, accepted under vLLM's names.
     top_k: StrictInt | None = Field(None, ge=-1, description="0 or -1 disables.")
     min_p: Float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: Float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: Float | None = Field(None, ge=0.01, le=10.0)
     ignore_eos: StrictBool = False
     min_tokens: NonNegativeInt = 0
     stop_token_ids: list[TokenId] | None = None
