@@ -14,6 +14,8 @@ Per sample and model (None where there is nothing to show, e.g. no request finis
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import math
 import time
@@ -146,13 +148,25 @@ def derive(model: str, kind: str, new: RawSample, previous: RawSample | None, wi
 
 
 class DashboardStats:
-    """The ring buffer behind /dashboard/data; `sample()` is called once a second on the server's event loop."""
+    """The ring buffer behind /dashboard/data: one column (deque) per model and series, all as long as the time
+    column; `sample()` is called once a second on the server's event loop."""
 
     def __init__(self, state: Any, max_num_samples: int = MAX_NUM_SAMPLES) -> None:
         self.state = state
+        self.max_num_samples = max_num_samples
         self._raw: deque[RawSample] = deque(maxlen=WINDOW_S + 1)
-        self._points: deque[tuple[float, dict[str, dict[str, float | None]]]] = deque(maxlen=max_num_samples)
+        self._times_s: deque[float] = deque(maxlen=max_num_samples)
+        self._columns: dict[str, dict[str, deque[float | None]]] = {}  # model -> series -> values
         self.has_response_cache = False
+
+    def _model_columns(self, name: str, kind: str) -> dict[str, deque[float | None]]:
+        columns = self._columns.get(name)
+        if columns is None:
+            # A model that joins later (loaded after the first sample) starts with gaps.
+            series_names = GENERATE_SERIES if kind == "generate" else BATCHED_SERIES
+            columns = self._columns[name] = {
+                series: deque([None] * len(self._times_s), maxlen=self.max_num_samples) for series in series_names}
+        return columns
 
     def sample(self) -> None:
         state = self.state
@@ -162,26 +176,31 @@ class DashboardStats:
         previous = self._raw[-2] if len(self._raw) > 1 else None
         window_start = self._raw[0] if len(self._raw) > 1 else None
         self.has_response_cache = raw.has_response_cache
-        models = {name: derive(name, served.kind.value, raw, previous, window_start)
+        points = {name: (served.kind.value, derive(name, served.kind.value, raw, previous, window_start))
                   for name, served in state.models.items()}
-        self._points.append((raw.time_s, models))
+        for name, (kind, _) in points.items():
+            self._model_columns(name, kind)
+        self._times_s.append(round(raw.time_s, 3))
+        for name, columns in self._columns.items():
+            point = points.get(name, (None, {}))[1]
+            for series, column in columns.items():
+                value = point.get(series)
+                column.append(None if value is None else round(value, 3))
 
     def to_json(self, since_s: float | None = None) -> dict[str, Any]:
-        """Columns per model over the kept samples newer than `since_s` (all when None): {"t": [unix s], series: [...]}."""
-        points = [(t, models) for t, models in self._points if since_s is None or t > since_s]
-        times = [round(t, 3) for t, _ in points]
+        """Columns per model of the kept samples newer than `since_s` (all when None): {"t": [unix s], series: [...]}."""
+        start = 0 if since_s is None else bisect.bisect_right(list(self._times_s), since_s)
         models_json = {}
         for name, served in self.state.models.items():
-            kind = served.kind.value
-            series_names = GENERATE_SERIES if kind == "generate" else BATCHED_SERIES
+            columns = self._model_columns(name, served.kind.value)
             models_json[name] = {
-                "kind": kind,
+                "kind": served.kind.value,
                 "status": served.describe()["status"],
-                "series": {series: [models.get(name, {}).get(series) for _, models in points]
-                           for series in series_names},
+                "series": {series: list(itertools.islice(column, start, None)) for series, column in columns.items()},
             }
-        return {"sample_period_s": SAMPLE_PERIOD_S, "window_s": WINDOW_S, "max_num_samples": self._points.maxlen,
-                "has_response_cache": self.has_response_cache, "t": times, "models": models_json}
+        return {"sample_period_s": SAMPLE_PERIOD_S, "window_s": WINDOW_S, "max_num_samples": self.max_num_samples,
+                "has_response_cache": self.has_response_cache, "t": list(itertools.islice(self._times_s, start, None)),
+                "models": models_json}
 
     async def run(self) -> None:
         """Sample every SAMPLE_PERIOD_S until cancelled (next tick on the clock, so a slow sample does not drift)."""
