@@ -35,6 +35,11 @@ keyForm.addEventListener("submit", (event) => {
   poll();
 });
 
+function clockTime(unixS) {
+  const d = new Date(unixS * 1000);
+  return [d.getHours(), d.getMinutes(), d.getSeconds()].map((n) => String(n).padStart(2, "0")).join(":");
+}
+
 function chartWidth(el) { return Math.max(300, el.clientWidth - 8); }
 
 function makeChart(container, modelName, spec) {
@@ -57,7 +62,7 @@ function makeChart(container, modelName, spec) {
     scales: { x: { time: true } },
     series: [{}].concat(series.map(([, label], i) => ({ label, stroke: COLORS[i % COLORS.length], width: 1.5,
                                                         spanGaps: false }))),
-    axes: [{ values: (u, splits) => splits.map((s) => new Date(s * 1000).toLocaleTimeString()) }, { size: 55 }],
+    axes: [{ values: (u, splits) => splits.map(clockTime) }, { size: 55 }],
     legend: { live: true },
   }, [[]].concat(series.map(() => [])), el);
   return { el, empty, plot, modelName, keys: series.map(([key]) => key) };
