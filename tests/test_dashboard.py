@@ -1,5 +1,5 @@
-"""`/dashboard` as users meet it: a real `inferd serve` (the default LLM and embedding model, an API key) gets
-traffic from the official `openai` client, then Debian's headless Chromium, driven by Playwright, loads the page.
+"""`/dashboard` as users meet it: a real `inferd serve` (the default LLM, the default embedding model and a small
+sklearn ONNX tabular model, an API key) gets traffic from the official `openai` client and OIP v2 requests, then Debian's headless Chromium, driven by Playwright, loads the page.
 
 Checked: the page loads with no console error; after traffic the charts hold data (read from the DOM); the data
 endpoint's generated tokens/s, integrated over its samples, equal the tokens the client received (usage); the
@@ -26,6 +26,8 @@ CHROMIUM_PATH = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 EMBED_MODEL = "all-minilm-l6-v2"
+TABULAR_MODEL = "logreg"
+NUM_FEATURES = 5
 API_KEY = "dashboard-test-key"
 NUM_COMPLETIONS, MAX_TOKENS = 6, 12
 NUM_EMBEDDING_REQUESTS = 5
@@ -61,9 +63,29 @@ def test_histogram_quantile_lands_in_the_bucket_of_the_true_percentile() -> None
         assert low <= estimate <= all_bounds[bucket], (q, estimate, true_value)
 
 
+def _tabular_repository(root: Path) -> Path:
+    """Triton's layout with one sklearn LogisticRegression exported by skl2onnx (FP32 [n, 5] -> label, probabilities)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, NUM_FEATURES)).astype(np.float32)
+    labels = (features[:, 0] + features[:, 1] > 0).astype(np.int64)
+    onnx_model = convert_sklearn(LogisticRegression().fit(features, labels),
+                                 initial_types=[("input", FloatTensorType([None, NUM_FEATURES]))],
+                                 options={"zipmap": False})
+    (root / TABULAR_MODEL / "1").mkdir(parents=True)
+    (root / TABULAR_MODEL / "1" / "model.onnx").write_bytes(onnx_model.SerializeToString())
+    return root
+
+
 @pytest.fixture(scope="module")
-def server(inferd_home: Path, embedding_model_dir: Path, default_gguf_path: Path):
-    server = start_inferd_server(["--api-key", API_KEY, "--metrics-require-key"], model=[DEFAULT_MODEL, EMBED_MODEL])
+def server(inferd_home: Path, embedding_model_dir: Path, default_gguf_path: Path,
+           tmp_path_factory: pytest.TempPathFactory):
+    repository = _tabular_repository(tmp_path_factory.mktemp("tabular"))
+    server = start_inferd_server(["--api-key", API_KEY, "--metrics-require-key", "--model-repository", str(repository)],
+                                 model=[DEFAULT_MODEL, EMBED_MODEL])
     try:
         yield server
     finally:
@@ -83,6 +105,12 @@ def _send_traffic(server: InferdServer) -> int:
         num_tokens = sum(pool.map(complete, range(NUM_COMPLETIONS)))
     for index in range(NUM_EMBEDDING_REQUESTS):
         client.embeddings.create(model=EMBED_MODEL, input=[f"text {index}", "another text"])
+        rows = [[0.1 * index] * NUM_FEATURES, [-0.2] * NUM_FEATURES]
+        response = httpx.post(f"{server.base_url}/v2/models/{TABULAR_MODEL}/infer",
+                              headers={"Authorization": f"Bearer {API_KEY}"},
+                              json={"inputs": [{"name": "input", "shape": [2, NUM_FEATURES], "datatype": "FP32",
+                                                "data": [v for row in rows for v in row]}]})
+        assert response.status_code == 200, response.text
     return num_tokens
 
 
@@ -117,13 +145,15 @@ def test_dashboard_in_headless_chromium(server: InferdServer, tmp_path: Path) ->
     data = _wait_until_idle(server)
     llm = data["models"][DEFAULT_MODEL]
     assert llm["kind"] == "generate" and data["models"][EMBED_MODEL]["kind"] == "embed"
+    assert data["models"][TABULAR_MODEL]["kind"] == "tabular"
     # Each sample's tokens/s is the counter's rise over the seconds since the previous sample: summed back over the
     # samples it gives every token generated since the server started, i.e. what the client received.
     times, rates = data["t"], llm["series"]["generation_tokens_per_s"]
     integrated = sum(rate * (t - t_prev) for t_prev, t, rate in zip(times, times[1:], rates[1:]) if rate)
     assert integrated == pytest.approx(num_completion_tokens, rel=0.01)
     assert any(v is not None and v > 0 for v in llm["series"]["ttft_p90_ms"])
-    assert any(v is not None and v > 0 for v in data["models"][EMBED_MODEL]["series"]["requests_per_s"])
+    for model in (EMBED_MODEL, TABULAR_MODEL):
+        assert any(v is not None and v > 0 for v in data["models"][model]["series"]["requests_per_s"]), model
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM_PATH, args=CHROMIUM_ARGS)
@@ -141,12 +171,13 @@ def test_dashboard_in_headless_chromium(server: InferdServer, tmp_path: Path) ->
             page.add_init_script(f"sessionStorage.setItem('inferd-dashboard-api-key', '{API_KEY}')")
             page.goto(f"{server.base_url}/dashboard")
             for model, title in ((DEFAULT_MODEL, "time to first token (ms)"), (DEFAULT_MODEL, "tokens/s"),
-                                 (DEFAULT_MODEL, "requests"), (EMBED_MODEL, "embeddings requests/s")):
+                                 (DEFAULT_MODEL, "requests"), (EMBED_MODEL, "embeddings requests/s"),
+                                 (TABULAR_MODEL, "tabular requests/s")):
                 selector = f'.chart[data-model="{model}"][data-title="{title}"]'
                 page.wait_for_function(f"document.querySelector('{selector}')?.dataset.numValues > 0",
                                        timeout=30_000)
             num_charts = page.eval_on_selector_all(".chart canvas", "canvases => canvases.length")
-            assert num_charts == 7  # six for the LLM, one for the embedding model
+            assert num_charts == 8  # six for the LLM, one each for the embedding and the tabular model
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             assert errors == []
         finally:
