@@ -456,8 +456,9 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
 
 
 def plot_plan(plan: Plan, out_path: str | Path) -> None:
-    """Cost per 1M tokens (y, log) against p90 TTFT and p90 TPOT (x): one marker per measured point of each priced
-    deployment, the SLO's p90 bounds as vertical lines, APIs as horizontal lines (their latency is unknown)."""
+    """Cost per 1M tokens (y, log) against TTFT and TPOT (x: the statistic the SLO bounds, else p90): one marker per measured point of each priced
+    deployment (hollow where the point misses the SLO), the SLO's bounds on these metrics as vertical lines, APIs as
+    horizontal lines (their latency is unknown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,27 +466,31 @@ def plot_plan(plan: Plan, out_path: str | Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, metric in zip(axes, ("ttft", "tpot")):
+        # The x axis shows the statistic the SLO bounds for this metric (p90 when it bounds none).
+        stat = next((term.stat for term in plan.slo if term.metric == metric), "p90")
         for p in plan.deployments:
             if p.usd_per_hour is None:
                 continue
-            xs, ys = [], []
+            plotted = []  # (p90 ms, USD per 1M tokens at the point's rate, verdict)
             for v in p.verdicts:
                 tokens_per_hour = v.rate_per_s * v.tokens_per_request * 3600.0
-                if v.point.get(f"p90_{metric}_ms") is None or tokens_per_hour <= 0:
-                    continue
-                xs.append(v.point[f"p90_{metric}_ms"])
-                ys.append(p.usd_per_hour / tokens_per_hour * 1e6)
-            (line,) = ax.plot(xs, ys, marker="o", label=p.name)
-            for x, y, v in zip(xs, ys, [v for v in p.verdicts if v.point.get(f"p90_{metric}_ms") is not None]):
+                if v.point.get(f"{stat}_{metric}_ms") is not None and tokens_per_hour > 0:
+                    plotted.append((v.point[f"{stat}_{metric}_ms"], p.usd_per_hour / tokens_per_hour * 1e6, v))
+            (line,) = ax.plot([x for x, _, _ in plotted], [y for _, y, _ in plotted], marker="o", label=p.name)
+            misses = [(x, y) for x, y, v in plotted if not v.meets_slo]
+            if misses:  # hollow: the point misses the SLO
+                ax.plot([x for x, _ in misses], [y for _, y in misses], linestyle="none", marker="o",
+                        markerfacecolor="white", markeredgecolor=line.get_color())
+            for x, y, v in plotted:
                 ax.annotate(_point_name(v.point).replace("concurrency ", "c="), (x, y), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=line.get_color())
         for index, a in enumerate(plan.apis):
             ax.axhline(a.cost_per_1m_tokens_usd, linestyle=":", linewidth=1.2, label=f"api:{a.price.name}",
                        color=f"C{(len(plan.deployments) + index) % 10}")
         for term in plan.slo:
-            if term.metric == metric:
+            if term.metric == metric and term.stat == stat:
                 ax.axvline(term.limit_ms, color="red", linestyle="--", linewidth=1.2, label=f"SLO {term}")
-        ax.set_xlabel(f"p90 {metric.upper()} (ms)")
+        ax.set_xlabel(f"{stat} {metric.upper()} (ms)")
         ax.set_ylabel("USD per 1M tokens (input + output)")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3, which="both")
