@@ -6,6 +6,7 @@
   inferd embed --model M TEXT [TEXT ...]         embedding vectors as JSON on stdout
   inferd serve [--model M ...] [--models-file F]  HTTP server for several models (LLMs, embeddings)
   inferd bench serve|plot [...]                  serving benchmark for any OpenAI-compatible server
+  inferd plan --slo S --demand R [...]           cheapest deployment meeting a latency SLO (measured or from files)
   inferd collections create|load|query|list|delete   vector collections on a running server
 
 Imports are lazy per command: `inferd bench` must run without torch installed.
@@ -228,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser(sub)
     except ImportError as exc:
         _add_unavailable(sub, "bench", exc)
+    try:
+        from inferd.bench.plan import add_plan_parser
+
+        add_plan_parser(sub)
+    except ImportError as exc:
+        _add_unavailable(sub, "plan", exc)
     return parser
 
 

@@ -40,6 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
 from inferd.server.errors import error_response, install_error_handlers
 from inferd.server.routes.collections import router as collections_router
+from inferd.server.routes.dashboard import DASHBOARD_DATA_PATH, DASHBOARD_PAGE_PATHS
+from inferd.server.routes.dashboard import router as dashboard_router
 from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
 from inferd.server.routes.embeddings import router as embeddings_router
@@ -60,8 +62,8 @@ from inferd.server.state import (
 logger = logging.getLogger("inferd.server")
 
 API_KEY_ENV = "INFERD_API_KEY"
-# Paths served without an API key and while draining (probes, scrapers, docs); /metrics too unless
-# --metrics-require-key.
+# Paths served without an API key and while draining (probes, scrapers, docs, the dashboard's page without its
+# data); /metrics and /dashboard/data too unless --metrics-require-key.
 _OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc",
                          "/openapi.json"})
 _METRICS_PATH = "/metrics"
@@ -101,7 +103,9 @@ class GuardMiddleware:
         self.app = app
         self.state = state
         self._api_keys = tuple(k.encode() for k in state.options.api_keys)
-        self._open_paths = _OPEN_PATHS if state.options.metrics_require_key else _OPEN_PATHS | {_METRICS_PATH}
+        open_paths = _OPEN_PATHS | DASHBOARD_PAGE_PATHS
+        self._open_paths = open_paths if state.options.metrics_require_key else open_paths | {_METRICS_PATH,
+                                                                                              DASHBOARD_DATA_PATH}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -334,6 +338,7 @@ def build_app(
     app.include_router(embeddings_router)
     app.include_router(ops_router)
     app.include_router(collections_router)
+    app.include_router(dashboard_router)
     app.add_middleware(GuardMiddleware, state=state)
     return app
 

@@ -207,3 +207,13 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def read_samples(self) -> dict[str, list[tuple[dict[str, str], float]]]:
+        """Every sample of the registry as plain data, read from the collector objects (no text exposition):
+        sample name (`inferd:prompt_tokens_total`, `..._bucket`) -> [(labels, value)]. Series other modules
+        register later (e.g. `inferd:response_cache_hits_total`) appear here by name."""
+        samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+        return samples
