@@ -55,6 +55,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 # Prompts longer than this (characters) are tokenized off the event loop.
 _TOKENIZE_IN_THREAD_MIN_CHARS = 32 * 1024
+# A conversation of more than _TOKENIZE_IN_THREAD_MIN_CHARS / this many messages goes off the loop whatever their length.
+_CHARS_PER_MESSAGE_HINT = 128
 # HTTP 499 (nginx's "client closed request"): logged for a request whose client left; nobody receives it.
 _CLIENT_CLOSED_STATUS = 499
 
@@ -597,25 +599,31 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     if constraint is not None:
         await _compile_constraint(engine, constraint)
 
-    messages = []
-    for message in body.messages:
-        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
-        if message.name is not None:
-            entry["name"] = message.name
-        if message.tool_calls:
-            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
-        if message.tool_call_id is not None:
-            entry["tool_call_id"] = message.tool_call_id
-        messages.append(entry)
-    renders_tools = template_renders_tools(engine.tokenizer.tool_chat_template)
-    conversation = conversation_for_template(
-        messages, tools if are_tools_offered else None, template_renders=renders_tools)
-    num_chars = sum(len(m["content"]) for m in conversation)
+    def render_prompt() -> list[int]:
+        messages = []
+        for message in body.messages:
+            entry: dict[str, Any] = {"role": message.role, "content": message.text()}
+            if message.name is not None:
+                entry["name"] = message.name
+            if message.tool_calls:
+                entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
+            messages.append(entry)
+        renders_tools = template_renders_tools(engine.tokenizer.tool_chat_template)
+        conversation = conversation_for_template(
+            messages, tools if are_tools_offered else None, template_renders=renders_tools)
+        return engine.tokenizer.encode_chat(
+            conversation, add_generation_prompt=body.add_generation_prompt,
+            tools=tools if (are_tools_offered and renders_tools) else None)
+
+    # A long conversation is converted and rendered off the event loop (pure Python: the GIL passes back to the
+    # loop every few milliseconds); the size is judged without walking the messages.
+    size_hint = len(body.messages) * _CHARS_PER_MESSAGE_HINT
+    if size_hint < _TOKENIZE_IN_THREAD_MIN_CHARS:
+        size_hint = sum(len(m.text()) for m in body.messages)
     try:
-        prompt_token_ids = await _call_maybe_in_thread(
-            num_chars, engine.tokenizer.encode_chat, conversation, add_generation_prompt=body.add_generation_prompt,
-            tools=tools if (are_tools_offered and renders_tools) else None,
-        )
+        prompt_token_ids = await _call_maybe_in_thread(size_hint, render_prompt)
     except Exception as exc:  # the template rejects the conversation (e.g. roles that must alternate)
         raise bad_request(f"messages: the chat template failed: {exc}", "messages") from None
 
