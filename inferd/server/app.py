@@ -440,9 +440,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
-    """Serve until stopped; 0 after a clean stop (SIGTERM drain included), 1 if a model failed to load."""
-    _configure_logging(args.log_level)
+def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
+    """The ServerOptions of `inferd serve`'s flags (also what every Ray Serve replica of `--ray` runs with)."""
     engine_args = EngineArgs.from_cli(args)
     engine_args.validate_static()
     if args.max_queue < 1:
@@ -452,7 +451,7 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
     llm_defaults = {k: v for k, v in vars(engine_args).items() if k not in ("model", "served_model_name")}
     if args.body_read_timeout <= 0:
         raise ValueError(f"body_read_timeout must be > 0 seconds, got {args.body_read_timeout}")
-    options = ServerOptions(
+    return ServerOptions(
         api_keys=read_api_keys(args.api_key, args.api_key_file, os.environ),
         metrics_require_key=args.metrics_require_key,
         body_read_timeout_s=args.body_read_timeout,
@@ -465,6 +464,12 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
         grpc_port=args.grpc_port,
         grpc_host=args.host,
     )
+
+
+def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
+    """Serve until stopped; 0 after a clean stop (SIGTERM drain included), 1 if a model failed to load."""
+    _configure_logging(args.log_level)
+    options = server_options_from_args(args)
     exit_status = 0
     server: Any = None
 
