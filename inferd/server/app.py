@@ -283,12 +283,9 @@ def build_app(
         gc.freeze()
 
     async def unload_idle_models() -> None:
-        keep_alives = [m.keep_alive_s for m in state.models.values() if m.keep_alive_s is not None]
-        if not keep_alives:
-            return
-        period_s = min(1.0, max(0.05, min(keep_alives) / 4))
-        while True:
-            await asyncio.sleep(period_s)
+        while True:  # a request's keep_alive may set one on any model at any time (state.apply_keep_alive)
+            keep_alives = [m.keep_alive_s for m in state.models.values() if m.keep_alive_s is not None]
+            await asyncio.sleep(min(1.0, max(0.05, min(keep_alives) / 4)) if keep_alives else 1.0)
             try:
                 await state.unload_idle_models()
             except Exception:  # noqa: BLE001 - the reaper must outlive one failed unload

@@ -79,6 +79,9 @@ class SamplingRequestFields(_Body):
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
     speculative: StrictBool = Field(True, description="false: this request never uses speculative decoding.")
+    # Ollama's keep_alive: how long the model stays loaded after this request ("5m", "30s", seconds; 0 unloads it
+    # once idle, a negative value keeps it loaded); it becomes the model's keep-alive (state.apply_keep_alive).
+    keep_alive: StrictStr | Float | None = None
 
 
 class ResponseFormat(_Body):
