@@ -92,7 +92,8 @@ def reference(default_gguf_path: Path) -> dict[tuple[str, int], str]:
     return texts
 
 
-def _complete(base_url: str, prompt: str, max_tokens: int, *, stream: bool, timeout_s: float = 180) -> dict:
+def _complete(base_url: str, prompt: str, max_tokens: int, *, stream: bool, timeout_s: float = 180,
+              started: threading.Event | None = None) -> dict:
     """One /v1/completions request; returns its outcome: complete | error_event | 5xx | truncated, text, replica."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     with httpx.Client(timeout=timeout_s) as http:
@@ -124,6 +125,8 @@ def _complete(base_url: str, prompt: str, max_tokens: int, *, stream: bool, time
                         error = event["error"]
                         continue
                     text += event["choices"][0]["text"]
+                    if started is not None:
+                        started.set()
                     finish_reason = event["choices"][0]["finish_reason"] or finish_reason
             except httpx.HTTPError:
                 pass  # a connection cut short: judged below (truncated unless an error event came first)
@@ -219,21 +222,25 @@ def test_a_replica_killed_mid_request_loses_no_request(cluster: str, reference: 
     assert len(pids) == 2, pids
     results: list[dict] = []
     lock = threading.Lock()
+    streaming = [threading.Event() for _ in range(4)]
 
     def client(index: int) -> None:
         prompt = PROMPTS[index % len(PROMPTS)]
-        result = _complete(base, prompt, 48, stream=index % 2 == 0)
+        is_stream = index % 2 == 0
+        result = _complete(base, prompt, 48, stream=is_stream, started=streaming[index // 2] if is_stream else None)
         with lock:
             results.append({**result, "prompt": prompt})
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)  # requests are running on both replicas
+    for event in streaming:  # every stream has its first tokens: requests are running on both replicas
+        assert event.wait(timeout=120)
     os.kill(pids[0], signal.SIGKILL)
     for thread in threads:
         thread.join(timeout=300)
     outcomes = [r["outcome"] for r in results]
+    print(f"after SIGKILL of one replica: {sorted(outcomes)}")
     assert len(outcomes) == 8 and "truncated" not in outcomes, results
     for result in results:
         if result["outcome"] == "complete":
