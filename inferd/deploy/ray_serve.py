@@ -38,7 +38,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -452,8 +452,8 @@ def run(config: DeployConfig, server_options: ServerOptions, *, blocking: bool =
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config, server_options), name=APP_NAME, route_prefix="/", blocking=False)
-    names = ", ".join(f"{s.name} ({asdict(config.deployments[s.name])['min_replicas']}-"
-                      f"{config.deployments[s.name].max_replicas} replicas)" for s in config.specs)
+    names = ", ".join(f"{s.name} ({config.deployments[s.name].min_replicas}-{config.deployments[s.name].max_replicas}"
+                      f" replicas)" for s in config.specs)
     print(f"inferd on Ray Serve: http://{config.host}:{config.port} serving {names}", flush=True)
     if not blocking:
         return
