@@ -22,7 +22,8 @@ def test_deployment_options_become_ray_autoscaling_config() -> None:
         {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4, "upscale_delay_s": 1,
          "downscale_delay_s": 30}, "d")
     assert options.autoscaling_config() == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4,
-                                            "upscale_delay_s": 1, "downscale_delay_s": 30}
+                                            "upscale_delay_s": 1, "downscale_delay_s": 30,
+                                            "look_back_period_s": DeploymentOptions().look_back_period_s}
     assert options.num_cpus == DeploymentOptions().num_cpus
 
 

@@ -14,6 +14,7 @@ plus the HTTP address of Ray Serve's proxy:
           target_ongoing_requests: 16  # per replica; more scales up
           upscale_delay_s: 2
           downscale_delay_s: 60        # idle this long before a replica goes (to zero, with min_replicas 0)
+          look_back_period_s: 30       # window over which ongoing requests are averaged
           num_cpus: 1                  # Ray CPUs per replica (its torch threads follow it)
       - source: all-minilm-l6-v2
 
@@ -41,6 +42,7 @@ class DeploymentOptions:
     target_ongoing_requests: float = 16.0
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 60.0
+    look_back_period_s: float = 30.0  # Ray averages ongoing requests over this window before deciding
     # Requests one replica takes at once before the router queues them (an LLM batches up to max_num_seqs).
     max_ongoing_requests: int = 64
     # A replica asked to stop (downscale, redeploy) takes no new request and lets in-flight ones finish for this
@@ -60,7 +62,7 @@ class DeploymentOptions:
             raise ValueError(f"{where}.max_replicas: must be >= max(1, min_replicas), got {self.max_replicas}")
         if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError(f"{where}.initial_replicas: must lie in [min_replicas, max_replicas]")
-        for name in ("target_ongoing_requests", "max_ongoing_requests", "num_cpus"):
+        for name in ("target_ongoing_requests", "max_ongoing_requests", "num_cpus", "look_back_period_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",
@@ -76,6 +78,7 @@ class DeploymentOptions:
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
         }
         if self.initial_replicas is not None:
             config["initial_replicas"] = self.initial_replicas
