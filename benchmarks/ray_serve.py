@@ -146,6 +146,9 @@ def main() -> int:
     parser.add_argument("--kv-cache-memory", default="512MiB")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--metric-push-interval", type=float, default=None, metavar="SECONDS",
+                        help="Serve's autoscaling metric push interval for this Ray (default: Ray's own, 10 s; "
+                             "`inferd serve --ray` uses 0.5 s for a local Ray)")
     args = parser.parse_args()
     args.device = "cpu"
 
@@ -168,6 +171,12 @@ def main() -> int:
     print(f"model {spec.name}; CPU flags: {cpu_flags_summary()}; {os.cpu_count()} CPUs")
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    if args.metric_push_interval is not None:
+        from inferd.deploy.ray_serve import METRIC_PUSH_INTERVAL_VARIABLES
+
+        for variable in METRIC_PUSH_INTERVAL_VARIABLES:
+            os.environ[variable] = str(args.metric_push_interval)
+    print(f"Serve autoscaling metric push interval: {args.metric_push_interval or 'Ray default (10 s)'}")
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = int(os.environ.get("INFERD_BENCH_RAY_PORT", "8765"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})

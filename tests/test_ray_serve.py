@@ -59,10 +59,10 @@ def cluster(inferd_home: Path) -> Iterator[str]:
     from inferd.store.model_specs import resolve_spec
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    # Ray's replicas and handles report ongoing requests every 10 s by default: a short burst would end unseen.
-    for variable in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
-        os.environ[variable] = "0.5"
+    # Ray's replicas and handles report ongoing requests every 10 s by default: a short burst would end unseen (and
+    # a scale from zero waits for the next report). What `inferd serve --ray` sets for a local Ray:
+    for variable in ray_serve.METRIC_PUSH_INTERVAL_VARIABLES:
+        os.environ[variable] = str(ray_serve.METRIC_PUSH_INTERVAL_S)
     ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=128 << 20,
              log_to_driver=False, configure_logging=False)
     port = free_port()

@@ -58,6 +58,12 @@ APP_NAME = "inferd"
 MAX_ATTEMPTS = 3  # a request whose replica died before any byte was relayed is sent again, this many times in all
 RETRY_BACKOFF_S = 0.5
 REPLICA_HEADER = "x-inferd-replica"
+# How often handles and replicas report ongoing requests to Serve's autoscaler (Ray's default: 10 s, over which a
+# burst of a few seconds can come and go unseen: tests/test_ray_serve.py's burst did once). It did not change the
+# first token after a scale from zero (benchmarks/ray_serve.py --metric-push-interval, RESULTS.md).
+METRIC_PUSH_INTERVAL_S = 0.5
+METRIC_PUSH_INTERVAL_VARIABLES = ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                                  "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
 METRICS_PUSH_PERIOD_S = 1.0
 METRICS_STALE_S = 10.0  # a replica that has not pushed for this long (killed) drops out of /metrics
 # What a replica dying under a request looks like at the handle.
@@ -449,6 +455,9 @@ def run(config: DeployConfig, server_options: ServerOptions, *, blocking: bool =
     """Connect to $RAY_ADDRESS (or start a local Ray), start Serve's proxy on config.host:port, deploy, and (blocking)
     wait until interrupted; then the application is deleted (replicas drain)."""
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):  # a local Ray inherits these; a cluster's own settings stay its own
+            for variable in METRIC_PUSH_INTERVAL_VARIABLES:
+                os.environ.setdefault(variable, str(METRIC_PUSH_INTERVAL_S))
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config, server_options), name=APP_NAME, route_prefix="/", blocking=False)
