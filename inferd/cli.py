@@ -5,6 +5,7 @@
   inferd chat --model M                          interactive terminal chat, streamed
   inferd embed --model M TEXT [TEXT ...]         embedding vectors as JSON on stdout
   inferd serve [--model M ...] [--models-file F]  HTTP server for several models (LLMs, embeddings)
+  inferd serve --ray [...] | inferd deploy ray CONFIG   the same routes on Ray Serve, autoscaled per model
   inferd bench serve|plot [...]                  serving benchmark for any OpenAI-compatible server
   inferd plan --slo S --demand R [...]           cheapest deployment meeting a latency SLO (measured or from files)
   inferd collections create|load|query|list|delete   vector collections on a running server
@@ -165,12 +166,34 @@ def cmd_embed(ns: argparse.Namespace) -> int:
 def cmd_serve(ns: argparse.Namespace) -> int:
     from inferd.config import DEFAULT_MODEL
     from inferd.server.app import serve_main
+    from inferd.store import inferd_home
     from inferd.store.model_specs import resolve_model_table
 
+    ray_serve = None
+    if ns.ray:  # before resolving (and maybe pulling) models: a missing extra is reported at once
+        from inferd.deploy.config import load_ray_serve
+
+        ray_serve = load_ray_serve()
     model_args = ns.model or ([] if ns.models_file or ns.model_repository else [DEFAULT_MODEL])
     specs = resolve_model_table(model_args, models_file=ns.models_file, model_repository=ns.model_repository,
                                 kind=ns.kind, served_model_name=ns.served_model_name)
+    ns.prepared_weights_dir = str(inferd_home() / "prepared")  # fast keep-alive reloads and replica starts
+    if ray_serve is not None:
+        from inferd.deploy.config import deploy_config_from_cli
+        from inferd.server.app import server_options_from_args
+
+        ray_serve.run(deploy_config_from_cli(ns, specs), server_options_from_args(ns))
+        return 0
     return serve_main(ns, specs)
+
+
+def cmd_deploy_ray(ns: argparse.Namespace) -> int:
+    from inferd.deploy.config import load_ray_serve, read_deploy_config
+
+    ray_serve = load_ray_serve()
+    config = read_deploy_config(ns.config)
+    ray_serve.run(config, ray_serve.default_server_options())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,9 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from inferd.server.app import add_serve_parser
 
-        add_serve_parser(sub).set_defaults(func=cmd_serve)
+        serve_parser = add_serve_parser(sub)
+        serve_parser.set_defaults(func=cmd_serve)
+        from inferd.deploy.config import add_ray_serve_args
+
+        add_ray_serve_args(serve_parser)
     except ImportError as exc:
         _add_unavailable(sub, "serve", exc)
+    p = sub.add_parser("deploy", help="deploy on a distributed engine: `inferd deploy ray CONFIG` (Ray Serve)")
+    deploy_sub = p.add_subparsers(dest="target", required=True)
+    p = deploy_sub.add_parser("ray", help="one autoscaled Ray Serve deployment per model of a deploy config "
+                                          "(YAML, see inferd/deploy/config.py); needs pip install 'inferd[ray]'")
+    p.add_argument("config", help="deploy config: models (as in --models-file) with per-model `deployment:`")
+    p.set_defaults(func=cmd_deploy_ray)
     from inferd.collections.commands import add_collections_parser
 
     add_collections_parser(sub)

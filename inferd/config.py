@@ -82,6 +82,10 @@ class EngineArgs:
     served_model_name: str | None = None
     speculative: str = "auto"  # auto: prompt lookup while few sequences run and proposals are accepted
     num_speculative_tokens: int = 5
+    # Keep the finished (repacked) weights here after the first load and map them on later loads: what makes a
+    # keep-alive reload or a new Ray replica fast (models/prepared.py). None: off. `inferd serve` sets
+    # $INFERD_HOME/prepared.
+    prepared_weights_dir: str | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -135,6 +139,7 @@ class EngineArgs:
             served_model_name=getattr(ns, "served_model_name", None),
             speculative=getattr(ns, "speculative", d.speculative),
             num_speculative_tokens=getattr(ns, "num_speculative_tokens", d.num_speculative_tokens),
+            prepared_weights_dir=getattr(ns, "prepared_weights_dir", None),
         )
 
     def validate_static(self) -> None:

@@ -109,6 +109,7 @@ class LLMEngine:
         # (request_id, why) of user requests that failed on their own data since the last pop_failed_requests().
         self._failed_requests: list[tuple[str, str]] = []
         self.num_failed_requests = 0  # cumulative
+        self.load_timings_s: dict[str, float] = {}  # set by from_engine_args
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -121,18 +122,28 @@ class LLMEngine:
         model_path = Path(args.model)
         if not model_path.exists():
             raise ValueError(f"model: {args.model!r} is not an existing path (resolve catalog names with inferd.LLM)")
+        # Seconds per load phase (benchmarks/reload.py prints them): kernels (resolving the quantization builds or
+        # loads them; 0 once loaded in this process), weights (read + build the model), tokenizer, kv_cache (the
+        # engine with its KV pool).
+        load_timings_s: dict[str, float] = {}
+        started = time.perf_counter()
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         quantization = resolve_quantization(
             args.quantization, is_gguf=is_gguf_file(str(model_path)), device=device, dtype=dtype)
+        load_timings_s["kernels"] = time.perf_counter() - started
+        started = time.perf_counter()
         model, arch_config = load_model(str(model_path), device=device, dtype=torch_dtype(dtype),
-                                        quantization=quantization)
+                                        quantization=quantization, prepared_dir=args.prepared_weights_dir)
+        load_timings_s["weights"] = time.perf_counter() - started
         weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         if args.served_model_name is None:
             args.served_model_name = model_path.stem if model_path.is_file() else model_path.name
         print(f"inferd: {args.served_model_name} on {device}, {dtype} activations, quantization {quantization}: "
               f"{weight_bytes / 1e6:.0f} MB of weights", file=sys.stderr)
+        started = time.perf_counter()
         tokenizer = Tokenizer.from_pretrained(str(model_path))
+        load_timings_s["tokenizer"] = time.perf_counter() - started
         config = args.resolve(
             model_path=str(model_path), device=device, dtype=dtype, quantization=quantization,
             model_max_len=arch_config.max_position_embeddings,
@@ -156,7 +167,11 @@ class LLMEngine:
                 f"({config.max_model_len}); longer requests are refused",
                 file=sys.stderr,
             )
-        return cls(config, model, arch_config, tokenizer, num_blocks)
+        started = time.perf_counter()
+        engine = cls(config, model, arch_config, tokenizer, num_blocks)
+        load_timings_s["kv_cache"] = time.perf_counter() - started
+        engine.load_timings_s = load_timings_s
+        return engine
 
     # ------------------------------------------------------------------ requests
     @property

@@ -54,8 +54,17 @@ def _extension_name() -> str:
     for path in sorted(os.path.join(_CSRC_DIR, name) for name in os.listdir(_CSRC_DIR)):  # .cpp and .inc
         with open(path, "rb") as f:
             source += f.read()
-    tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + _march().encode()).hexdigest()[:12]
+    # The source folder too: torch's build.ninja names the sources by absolute path, so two checkouts sharing one
+    # name (and build folder) would rebuild it, ~1 minute, each time the other one loaded it.
+    tag = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode() + _march().encode()
+                         + os.path.abspath(_CSRC_DIR).encode()).hexdigest()[:12]
     return f"inferd_cpu_kernels_{tag}"
+
+
+def kernel_build_name() -> str:
+    """The name of this machine's kernel build: it hashes the kernel sources, torch's version, the CPU flags and
+    -march, so data laid out for these kernels (prepared weights) can be keyed by it."""
+    return _extension_name()
 
 
 def _build() -> None:

@@ -48,12 +48,20 @@ def read_model_arch_config(path: str) -> ModelArchConfig:
 
 
 def load_model(
-    path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype | str, quantization: str = "none"
+    path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype | str, quantization: str = "none",
+    prepared_dir: str | None = None,
 ) -> tuple[torch.nn.Module, ModelArchConfig]:
     """(model in eval mode on `device` in `dtype`, its arch config) from a HF directory (config.json +
     *.safetensors) or a .gguf file. quantization: a resolved scheme of inferd.quant (none: GGUF blocks are
-    dequantized; gguf: they are kept; int8 / int4: float weights are quantized as they load)."""
+    dequantized; gguf: they are kept; int8 / int4: float weights are quantized as they load).
+    prepared_dir: keep the finished weights there after the first load and map them on later loads
+    (models/prepared.py; CPU only)."""
     path = os.fspath(path)
+    if prepared_dir is not None and str(device) == "cpu":
+        from inferd.models.prepared import load_or_prepare
+
+        return load_or_prepare(prepared_dir, path, str(device), _as_dtype(dtype), quantization,
+                               lambda: load_model(path, device, dtype, quantization))
     from inferd.models.gguf_loader import load_gguf_model
     from inferd.models.hf_loader import is_hf_model_dir, load_hf_model
 

@@ -288,12 +288,9 @@ def build_app(
         gc.freeze()
 
     async def unload_idle_models() -> None:
-        keep_alives = [m.keep_alive_s for m in state.models.values() if m.keep_alive_s is not None]
-        if not keep_alives:
-            return
-        period_s = min(1.0, max(0.05, min(keep_alives) / 4))
-        while True:
-            await asyncio.sleep(period_s)
+        while True:  # a request's keep_alive may set one on any model at any time (state.apply_keep_alive)
+            keep_alives = [m.keep_alive_s for m in state.models.values() if m.keep_alive_s is not None]
+            await asyncio.sleep(min(1.0, max(0.05, min(keep_alives) / 4)) if keep_alives else 1.0)
             try:
                 await state.unload_idle_models()
             except Exception:  # noqa: BLE001 - the reaper must outlive one failed unload
@@ -449,9 +446,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
-    """Serve until stopped; 0 after a clean stop (SIGTERM drain included), 1 if a model failed to load."""
-    _configure_logging(args.log_level)
+def server_options_from_args(args: argparse.Namespace) -> ServerOptions:
+    """The ServerOptions of `inferd serve`'s flags (also what every Ray Serve replica of `--ray` runs with)."""
     engine_args = EngineArgs.from_cli(args)
     engine_args.validate_static()
     if args.max_queue < 1:
@@ -461,7 +457,7 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
     llm_defaults = {k: v for k, v in vars(engine_args).items() if k not in ("model", "served_model_name")}
     if args.body_read_timeout <= 0:
         raise ValueError(f"body_read_timeout must be > 0 seconds, got {args.body_read_timeout}")
-    options = ServerOptions(
+    return ServerOptions(
         api_keys=read_api_keys(args.api_key, args.api_key_file, os.environ),
         metrics_require_key=args.metrics_require_key,
         body_read_timeout_s=args.body_read_timeout,
@@ -476,6 +472,12 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
         response_cache_bytes=0 if str(args.response_cache_bytes).strip() == "0"
         else parse_size_bytes(args.response_cache_bytes, "response_cache_bytes"),
     )
+
+
+def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
+    """Serve until stopped; 0 after a clean stop (SIGTERM drain included), 1 if a model failed to load."""
+    _configure_logging(args.log_level)
+    options = server_options_from_args(args)
     exit_status = 0
     server: Any = None
 

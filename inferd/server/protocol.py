@@ -159,6 +159,9 @@ class SamplingRequestFields(_Body):
         None, description="vLLM's constrained decoding: json (a schema), json_object, regex, choice or grammar."
     )
     cache: StrictBool = Field(True, description="false: the response cache is neither read nor written for it.")
+    # Ollama's keep_alive: how long the model stays loaded after this request ("5m", "30s", seconds; 0 unloads it
+    # once idle, a negative value keeps it loaded); it becomes the model's keep-alive (state.apply_keep_alive).
+    keep_alive: StrictStr | Float | None = None
 
 
 class FunctionDefinition(_Body):

@@ -63,7 +63,7 @@ _HASHED_FILE_MAX_BYTES = 16 << 20
 # Bodies this large are canonicalised on a worker thread, like the routes' tokenizing.
 _CANONICAL_IN_THREAD_MIN_BYTES = 64 << 10
 # Body fields that never change the answer (`model` is replaced by the served model's identity).
-_FIELDS_NOT_IN_KEY = frozenset({"model", "user", "cache"})
+_FIELDS_NOT_IN_KEY = frozenset({"model", "user", "cache", "keep_alive"})
 # Finish reasons of an answer that did not complete.
 _INCOMPLETE_FINISH_REASONS = frozenset({None, "abort", "error"})
 # The head every chat/completions body and chunk starts with (protocol field order: id, object, created, ...).

@@ -169,6 +169,16 @@ class ServerState:
         served.last_used_time = time.monotonic()
         return self.get_model(name, kind)
 
+    def apply_keep_alive(self, served: ServedModel, keep_alive: str | float | None) -> None:
+        """A request's `keep_alive` (Ollama's semantics): from now on the model is unloaded once idle that long
+        (0: as soon as it is idle; negative: never). None leaves the model's keep-alive as it is."""
+        if keep_alive is None:
+            return
+        try:
+            served.keep_alive_s = parse_duration_s(keep_alive, "keep_alive")
+        except ValueError as exc:
+            raise InvalidParameter("keep_alive", str(exc)) from None
+
     def get_model(self, name: str | None, kind: ModelKind) -> ServedModel:
         """The ready model a request names (None: the only model of that kind), or the APIError that explains."""
         served = self._find(name, kind)
@@ -279,7 +289,8 @@ class ServerState:
         for served in list(self.models.values()):
             if served.keep_alive_s is None or served.status != "ready" or served.engine is None:
                 continue
-            if served.is_idle_for(now) >= served.keep_alive_s:
+            idle_s = served.is_idle_for(now)
+            if idle_s > 0 and idle_s >= served.keep_alive_s:  # 0: requests in flight (keep_alive 0 must wait them)
                 await self._unload(served, "idle")
                 logger.info("model %s unloaded after %.0f s idle (keep-alive); the next request loads it again",
                             served.name, now - served.last_used_time)

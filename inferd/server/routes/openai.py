@@ -562,6 +562,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = _state(request)
     arrival_time = _arrival_time(request)
     served = await state.use_model(body.model, ModelKind.GENERATE)
+    state.apply_keep_alive(served, body.keep_alive)
     engine: AsyncEngine = served.engine
     include_usage = _include_usage(body)
     if body.top_logprobs is not None and not body.logprobs:
@@ -728,6 +729,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = _state(request)
     arrival_time = _arrival_time(request)
     served = await state.use_model(body.model, ModelKind.GENERATE)
+    state.apply_keep_alive(served, body.keep_alive)
     engine: AsyncEngine = served.engine
     include_usage = _include_usage(body)
     if body.suffix:

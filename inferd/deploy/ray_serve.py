@@ -1,0 +1,481 @@
+"""Layer 6: inferd on Ray Serve, the only module that imports ray (`pip install 'inferd[ray]'`).
+
+    inferd serve --ray --model smollm2-135m-instruct --min-replicas 0 --max-replicas 2
+    inferd deploy ray deploy.yaml                                   (deploy/config.py's format)
+    serve run inferd.deploy.ray_serve:build_app config=deploy.yaml  (Ray's own CLI, same builder)
+
+The application, for a model table of N models:
+
+    Ray Serve proxy (HTTP) -> InferdIngress (one replica, FastAPI) -> ModelReplica deployment of model `model`
+                                        |                                (one per model, autoscaled: 0..max)
+                                        +-> MetricsBoard (one replica): each model replica's /metrics text
+
+- `ModelReplica` runs inferd's own app (server/app.py: same routes, validation, errors, metrics) with one model,
+  in process; a forwarded request is one ASGI call whose messages stream back through a Ray generator.
+- `InferdIngress` reads `model` from the JSON body (or the OIP path `/v2/models/{name}/...`), picks that model's
+  deployment handle, and relays the answer. It answers /health, /v1/models and /metrics itself.
+- Scale to zero: with min_replicas 0 a model with no traffic for downscale_delay_s has no replica; the next
+  request waits at the handle while Ray starts one (prepared weights make its load short: models/prepared.py).
+- Prefix affinity: generate deployments route with Ray Serve LLM's PrefixCacheAffinityRouter on `prompt` (the
+  chat messages' text or the completion prompt): a request prefers the replica that already served its longest
+  prefix (its KV blocks are in that replica's prefix cache), unless queue lengths differ by more than
+  prefix_imbalance_threshold; then power of two choices takes the less loaded replica.
+- No truncated 200: a non-streaming answer is relayed only once complete; if the replica dies first (SIGKILL,
+  node loss) the ingress retries on another replica (nothing was sent yet), and after `MAX_ATTEMPTS` answers 503
+  with Retry-After. A stream whose replica dies after its first bytes ends with an SSE error event (what
+  the OpenAI client raises as an APIError), then `data: [DONE]`.
+- Drain: a replica being stopped (downscale, redeploy) takes no new request and lets in-flight ones (streams
+  included) finish for up to graceful_shutdown_timeout_s.
+- /metrics: every model replica pushes its Prometheus text to the MetricsBoard every METRICS_PUSH_PERIOD_S; the
+  ingress serves all of them with a `replica` label added to every sample.
+"""
+
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from inferd.deploy.config import DeployConfig, DeploymentOptions, merge_exposition, read_deploy_config
+from inferd.server.errors import error_body
+from inferd.server.state import ServerOptions
+from inferd.serving import ModelKind, ModelSpec
+
+logger = logging.getLogger("inferd.deploy")
+
+APP_NAME = "inferd"
+MAX_ATTEMPTS = 3  # a request whose replica died before any byte was relayed is sent again, this many times in all
+RETRY_BACKOFF_S = 0.5
+REPLICA_HEADER = "x-inferd-replica"
+# How often handles and replicas report ongoing requests to Serve's autoscaler (Ray's default: 10 s, over which a
+# burst of a few seconds can come and go unseen: tests/test_ray_serve.py's burst did once). It did not change the
+# first token after a scale from zero (benchmarks/ray_serve.py --metric-push-interval, RESULTS.md).
+METRIC_PUSH_INTERVAL_S = 0.5
+METRIC_PUSH_INTERVAL_VARIABLES = ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                                  "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
+METRICS_PUSH_PERIOD_S = 1.0
+METRICS_STALE_S = 10.0  # a replica that has not pushed for this long (killed) drops out of /metrics
+# What a replica dying under a request looks like at the handle.
+_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+# The routes whose body names a model, and the kind the body's `model` defaults to when it is left out.
+_BODY_ROUTES = {
+    "/v1/chat/completions": ModelKind.GENERATE,
+    "/v1/completions": ModelKind.GENERATE,
+    "/tokenize": ModelKind.GENERATE,
+    "/detokenize": ModelKind.GENERATE,
+    "/v1/embeddings": ModelKind.EMBED,
+}
+
+
+@dataclass
+class ForwardedRequest:
+    """One HTTP request as the ingress hands it to a model replica. `prompt` is what prefix-affinity routing matches
+    on (PrefixCacheAffinityRouter reads an argument's `prompt` attribute)."""
+
+    method: str
+    path: str
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    prompt: str
+
+
+def _prompt_text(body: Any, path: str) -> str:
+    """Chat messages' text joined, or the completion prompt; the path when there is none (the router divides by
+    the text's length, so it must not be empty)."""
+    text = ""
+    if isinstance(body, dict):
+        messages = body.get("messages")
+        prompt = body.get("prompt", body.get("input"))
+        if isinstance(messages, list):
+            parts = []
+            for message in messages:
+                content = message.get("content") if isinstance(message, dict) else None
+                if isinstance(content, str):
+                    parts.append(content)
+                elif isinstance(content, list):
+                    parts += [p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            text = "".join(parts)
+        elif isinstance(prompt, str):
+            text = prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            text = prompt[0]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            text = " ".join(str(p) for p in prompt)
+    return text or path
+
+
+# ---------------------------------------------------------------------------------------------- the replica
+
+
+async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+    """Run one request through an ASGI app in this process, yielding its response messages: first
+    {"status", "headers"}, then {"body"} chunks (whatever the app sent since the last one, joined). Closing the
+    iterator early is a client disconnect (a stream's request is aborted)."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    disconnected = asyncio.Event()
+    done = object()
+    is_body_sent = False
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
+        "scheme": "http", "path": request.path, "raw_path": request.path.encode(), "root_path": "",
+        "query_string": request.query_string, "headers": request.headers, "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 0),
+    }
+
+    async def receive() -> dict[str, Any]:
+        nonlocal is_body_sent
+        if not is_body_sent:
+            is_body_sent = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await queue.put(message)
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - reported to the ingress as a 500 below
+            await queue.put(exc)
+        finally:
+            await queue.put(done)
+
+    task = asyncio.create_task(run())
+    try:
+        while True:
+            message = await queue.get()
+            if message is done:
+                return
+            if isinstance(message, Exception):
+                raise message
+            if message["type"] == "http.response.start":
+                yield {"status": message["status"], "headers": list(message.get("headers", []))}
+                continue
+            chunks = [message.get("body", b"")]
+            while not queue.empty():  # one Ray item for every chunk the app has sent meanwhile
+                extra = queue.get_nowait()
+                if extra is done or isinstance(extra, Exception) or extra.get("type") != "http.response.body":
+                    queue.put_nowait(extra)  # a single-consumer queue: put back at the end is in order here
+                    break
+                chunks.append(extra.get("body", b""))
+            body = b"".join(chunks)
+            if body:
+                yield {"body": body}
+    finally:
+        disconnected.set()
+        if not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
+            except (TimeoutError, asyncio.TimeoutError):
+                task.cancel()
+
+
+class ModelReplica:
+    """One replica of one model: inferd's app with that model loaded, in this Ray actor."""
+
+    async def __init__(self, spec: ModelSpec, options: ServerOptions, board: Any = None) -> None:
+        from inferd.server.app import build_app
+
+        self.spec = spec
+        self._app = build_app(options, [spec])
+        self._lifespan = self._app.router.lifespan_context(self._app)
+        await self._lifespan.__aenter__()
+        served = self._app.state.inferd.models[spec.name]
+        await served.loaded_event.wait()
+        if served.status != "ready":
+            raise RuntimeError(f"model {spec.name!r} failed to load: {served.load_error}")
+        timings = getattr(getattr(served.engine, "engine", None), "load_timings_s", {})
+        logger.info("model %s loaded in %.2f s (%s)", spec.name, served.load_time_s or 0.0,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id if context is not None else f"pid{os.getpid()}"
+        self._board = board
+        self._push_task = asyncio.create_task(self._push_metrics()) if board is not None else None
+
+    async def handle(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+        async for message in call_asgi(self._app, request):
+            if "status" in message:  # which replica answered (prefix-affinity is visible to clients and tests)
+                message["headers"].append((REPLICA_HEADER.encode(), self.replica_id.encode()))
+            yield message
+
+    async def metrics_text(self) -> str:
+        body = b""
+        async for message in call_asgi(self._app, ForwardedRequest("GET", "/metrics", b"", [], b"", "")):
+            body += message.get("body", b"")
+        return body.decode()
+
+    async def _push_metrics(self) -> None:
+        while True:
+            try:
+                await self._board.put.remote(self.spec.name, self.replica_id, await self.metrics_text())
+            except Exception:  # noqa: BLE001 - the board restarting must not end the replica
+                logger.warning("could not push metrics to the board", exc_info=True)
+            await asyncio.sleep(METRICS_PUSH_PERIOD_S)
+
+    async def check_health(self) -> None:
+        served = self._app.state.inferd.models[self.spec.name]
+        if served.engine is None or not served.engine.is_running:
+            raise RuntimeError(f"the engine of {self.spec.name!r} is not running")
+
+    async def __del__(self) -> None:
+        # Ray Serve calls this after the graceful drain (in-flight requests finished or timed out).
+        if self._push_task is not None:
+            self._push_task.cancel()
+            try:
+                await self._board.drop.remote(self.replica_id)
+            except Exception:  # noqa: BLE001
+                pass
+        await self._lifespan.__aexit__(None, None, None)
+
+
+class MetricsBoard:
+    """The latest Prometheus text of every model replica, for the ingress's /metrics."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, tuple[str, str, float]] = {}  # replica id -> (model, text, time pushed)
+
+    def put(self, model: str, replica_id: str, text: str) -> None:
+        self._texts[replica_id] = (model, text, time.monotonic())
+
+    def drop(self, replica_id: str) -> None:
+        self._texts.pop(replica_id, None)
+
+    def collect(self) -> dict[str, str]:
+        now = time.monotonic()
+        for replica_id in [r for r, (_, _, t) in self._texts.items() if now - t > METRICS_STALE_S]:
+            del self._texts[replica_id]
+        return {replica_id: text for replica_id, (_, text, _) in sorted(self._texts.items())}
+
+
+# ---------------------------------------------------------------------------------------------- the ingress
+
+ingress_app = FastAPI(title="inferd on Ray Serve")
+
+
+def _error(status_code: int, message: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status_code, message, param, code), status_code=status_code, headers=headers)
+
+
+def _relayed_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw
+            if k.lower() not in (b"content-length", b"transfer-encoding", b"connection")}
+
+
+@serve.ingress(ingress_app)
+class InferdIngress:
+    def __init__(self, table: list[tuple[str, str]], handles: dict[str, Any], board: Any) -> None:
+        """table: (model name, kind) in serving order; handles: model name -> its deployment handle."""
+        self._kinds = {name: ModelKind(kind) for name, kind in table}
+        self._handles = handles
+        self._board = board
+        self._started_at = int(time.time())
+
+    def _names(self) -> str:
+        return ", ".join(f"{n!r} ({k.value})" for n, k in self._kinds.items())
+
+    @ingress_app.get("/health")
+    async def health(self) -> JSONResponse:
+        models = {name: {"kind": kind.value, "status": "ready"} for name, kind in self._kinds.items()}
+        return JSONResponse({"status": "ok", "models": models})
+
+    @ingress_app.get("/v1/models")
+    async def list_models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [self._card(name) for name in self._kinds]})
+
+    @ingress_app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(self, model_id: str) -> JSONResponse:
+        if model_id not in self._kinds:
+            return _error(404, f"model {model_id!r} does not exist; served models: {self._names()}", "model",
+                          "model_not_found")
+        return JSONResponse(self._card(model_id))
+
+    def _card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self._started_at, "owned_by": "inferd",
+                "kind": self._kinds[name].value}
+
+    @ingress_app.get("/metrics")
+    async def metrics(self) -> Response:
+        texts = await self._board.collect.remote()
+        return Response(merge_exposition(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
+    async def forward(self, path: str, request: Request) -> Response:
+        path = "/" + path
+        body = await request.body()
+        name, parsed, error = self._model_of(path, request.method, body)
+        if error is not None:
+            return error
+        forwarded = ForwardedRequest(request.method, path, request.scope.get("query_string", b""),
+                                     list(request.scope["headers"]), body, _prompt_text(parsed, path))
+        return await self._relay(name, forwarded)
+
+    def _model_of(self, path: str, method: str, body: bytes) -> tuple[str, Any, Response | None]:
+        """(model name, parsed JSON body or None, None) or (.., .., the error response)."""
+        parsed: Any = None
+        if path.startswith("/v2/models/"):
+            name = path[len("/v2/models/"):].split("/", 1)[0]
+        elif path in _BODY_ROUTES and method == "POST":
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            name = parsed.get("model") if isinstance(parsed, dict) else None
+            if name is None:
+                of_kind = [n for n, k in self._kinds.items() if k is _BODY_ROUTES[path]]
+                if len(of_kind) != 1:  # (a body that is not JSON goes to the only model, whose app says why)
+                    return "", None, _error(400, f"model is required: this server serves {self._names()}", "model")
+                name = of_kind[0]
+        else:
+            return "", None, _error(404, f"{path} is not served on Ray Serve (its routes: /v1/chat/completions, "
+                                         f"/v1/completions, /v1/embeddings, /tokenize, /detokenize, /v2/models/...,"
+                                         f" /v1/models, /health, /metrics)", code="not_found")
+        if not isinstance(name, str) or name not in self._handles:
+            return "", None, _error(404, f"model {name!r} does not exist; served models: {self._names()}", "model",
+                                    "model_not_found")
+        return name, parsed, None
+
+    async def _relay(self, name: str, forwarded: ForwardedRequest) -> Response:
+        handle = self._handles[name].options(stream=True)
+        failure = "no replica answered"
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(RETRY_BACKOFF_S * attempt)
+            stream = handle.handle.remote(forwarded)
+            try:
+                start = await stream.__anext__()
+            except _REPLICA_GONE as exc:
+                failure = f"{type(exc).__name__}"
+                continue
+            except StopAsyncIteration:
+                failure = "the replica ended the answer before it began"
+                continue
+            headers = _relayed_headers(start["headers"])
+            if headers.get("content-type", "").startswith("text/event-stream"):
+                return StreamingResponse(self._relay_stream(name, stream), status_code=start["status"],
+                                         headers=headers)
+            chunks = []
+            try:
+                async for message in stream:
+                    chunks.append(message["body"])
+            except _REPLICA_GONE as exc:
+                failure = f"{type(exc).__name__}"
+                continue
+            return Response(b"".join(chunks), status_code=start["status"], headers=headers)
+        logger.warning("model %s: %d attempts failed (%s); answering 503", name, MAX_ATTEMPTS, failure)
+        return _error(503, f"no replica of model {name!r} could answer ({failure}); retry", code="replica_unavailable",
+                      headers={"Retry-After": "1"})
+
+    async def _relay_stream(self, name: str, stream: Any) -> AsyncIterator[bytes]:
+        try:
+            async for message in stream:
+                yield message["body"]
+        except _REPLICA_GONE as exc:
+            body = error_body(503, f"the replica of model {name!r} serving this stream went away "
+                                   f"({type(exc).__name__}); retry the request", None, "replica_unavailable")
+            yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            stream.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def prefix_router_class() -> type:
+    """Ray Serve LLM's PrefixCacheAffinityRouter. Its public module (ray.serve.llm) imports what `ray[llm]` installs
+    (pyarrow, ...), which inferd does not need; the class itself lives in a module that imports only Ray Serve."""
+    try:
+        from ray.serve.llm.request_router import PrefixCacheAffinityRouter
+    except ImportError:
+        from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
+            PrefixCacheAffinityRouter,
+        )
+    return PrefixCacheAffinityRouter
+
+
+def _model_deployment(spec: ModelSpec, options: DeploymentOptions) -> Any:
+    router = None
+    if spec.kind is ModelKind.GENERATE and options.prefix_affinity:
+        router = RequestRouterConfig(request_router_class=prefix_router_class(),
+                                     request_router_kwargs={"imbalanced_threshold": options.prefix_imbalance_threshold})
+    extra = {"request_router_config": router} if router is not None else {}
+    return serve.deployment(ModelReplica).options(
+        name=f"model-{spec.name}",
+        autoscaling_config=options.autoscaling_config(),
+        max_ongoing_requests=options.max_ongoing_requests,
+        graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
+        health_check_period_s=5.0,
+        ray_actor_options={"num_cpus": options.num_cpus},
+        **extra,
+    )
+
+
+def build_application(config: DeployConfig, server_options: ServerOptions) -> Any:
+    """The Ray Serve application (not yet running) of a deploy config."""
+    board = serve.deployment(MetricsBoard).options(name="metrics-board", num_replicas=1,
+                                                   ray_actor_options={"num_cpus": 0}).bind()
+    handles = {spec.name: _model_deployment(spec, config.deployments[spec.name]).bind(spec, server_options, board)
+               for spec in config.specs}
+    table = [(spec.name, spec.kind.value) for spec in config.specs]
+    return serve.deployment(InferdIngress).options(
+        name="ingress", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0},
+    ).bind(table, handles, board)
+
+
+def default_server_options() -> ServerOptions:
+    """What `inferd serve` would run with, for builders given only a deploy config (prepared weights on)."""
+    from inferd.store import inferd_home
+
+    return ServerOptions(llm_defaults={"prepared_weights_dir": str(inferd_home() / "prepared")})
+
+
+def build_app(args: Mapping[str, Any]) -> Any:
+    """`serve run inferd.deploy.ray_serve:build_app config=deploy.yaml` (Ray Serve's application builder)."""
+    if "config" not in args:
+        raise ValueError("build_app needs config=PATH (a deploy config: see inferd/deploy/config.py)")
+    return build_application(read_deploy_config(args["config"]), default_server_options())
+
+
+def run(config: DeployConfig, server_options: ServerOptions, *, blocking: bool = True) -> None:
+    """Connect to $RAY_ADDRESS (or start a local Ray), start Serve's proxy on config.host:port, deploy, and (blocking)
+    wait until interrupted; then the application is deleted (replicas drain)."""
+    if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):  # a local Ray inherits these; a cluster's own settings stay its own
+            for variable in METRIC_PUSH_INTERVAL_VARIABLES:
+                os.environ.setdefault(variable, str(METRIC_PUSH_INTERVAL_S))
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_application(config, server_options), name=APP_NAME, route_prefix="/", blocking=False)
+    names = ", ".join(f"{s.name} ({config.deployments[s.name].min_replicas}-{config.deployments[s.name].max_replicas}"
+                      f" replicas)" for s in config.specs)
+    print(f"inferd on Ray Serve: http://{config.host}:{config.port} serving {names}", flush=True)
+    if not blocking:
+        return
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # SIGTERM drains like Ctrl-C: the replicas finish what they hold
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()

@@ -1,0 +1,254 @@
+"""inferd on Ray Serve (inferd/deploy/ray_serve.py) on a local Ray cluster on 127.0.0.1 that this module starts and
+stops (one cluster for the module: starting Ray on two cores takes ~10 s).
+
+Two applications of the default model:
+  - "scale" (route /): min_replicas 0, max_replicas 2, target 1 ongoing request, downscale after 3 s idle
+  - "pair"  (route /pair): two replicas always, prefix-affinity routing
+The reference for every answer is the same model's greedy output from the offline engine (`LLM.generate`, whose
+parity with transformers is tested elsewhere). Outcomes that count as "not lost": a complete answer (200, and for
+a stream: a finish_reason and [DONE]), a 5xx with a JSON error, or a stream that ends with an error event; a 200
+cut short without either is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray Serve is not installed: pip install 'inferd[ray]' (the test extra has it)")
+
+from ray import serve  # noqa: E402
+
+from inferd.deploy.config import DeployConfig, DeploymentOptions  # noqa: E402
+from inferd.server.state import ServerOptions  # noqa: E402
+from server_fixtures import free_port  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def add(a, b):", "Rain falls on"]
+# Engine settings of every replica and of the reference: small KV pools keep four replicas' memory bounded.
+ENGINE = {"kv_cache_memory": "96MiB", "max_model_len": 512, "max_num_seqs": 16}
+
+
+def _replica_counts(app: str) -> int:
+    deployment = serve.status().applications[app].deployments[f"model-{MODEL}"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def _wait_for_replicas(app: str, predicate, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        count = _replica_counts(app)
+        if predicate(count):
+            return count
+        assert time.monotonic() < deadline, f"{app}: replica count stayed at {count}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(inferd_home: Path) -> Iterator[str]:
+    from inferd.deploy import ray_serve
+    from inferd.store.model_specs import resolve_spec
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    # Ray's replicas and handles report ongoing requests every 10 s by default: a short burst would end unseen (and
+    # a scale from zero waits for the next report). What `inferd serve --ray` sets for a local Ray:
+    for variable in ray_serve.METRIC_PUSH_INTERVAL_VARIABLES:
+        os.environ[variable] = str(ray_serve.METRIC_PUSH_INTERVAL_S)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=128 << 20,
+             log_to_driver=False, configure_logging=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        spec = resolve_spec(MODEL)
+        server_options = ServerOptions(llm_defaults={**ENGINE, "prepared_weights_dir": str(inferd_home / "prepared")})
+        scale = DeploymentOptions(min_replicas=0, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0.5,
+                                  downscale_delay_s=3, look_back_period_s=2, graceful_shutdown_timeout_s=20, prefix_affinity=False)
+        pair = DeploymentOptions(min_replicas=2, max_replicas=2, prefix_imbalance_threshold=4)
+        serve.run(ray_serve.build_application(DeployConfig((spec,), {MODEL: pair}), server_options),
+                  name="pair", route_prefix="/pair", blocking=False)
+        serve.run(ray_serve.build_application(DeployConfig((spec,), {MODEL: scale}), server_options),
+                  name="scale", route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(default_gguf_path: Path) -> dict[tuple[str, int], str]:
+    from inferd.engine.llm import LLM
+    from inferd.request import SamplingParams
+
+    llm = LLM(str(default_gguf_path), **ENGINE)
+    texts = {}
+    for max_tokens in (4, 8, 48, 96):
+        outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        texts.update({(p, max_tokens): o.outputs[0].text for p, o in zip(PROMPTS, outputs)})
+    return texts
+
+
+def _complete(base_url: str, prompt: str, max_tokens: int, *, stream: bool, timeout_s: float = 180,
+              on_first_token: Callable[[str], None] | None = None) -> dict:
+    """One /v1/completions request; returns its outcome: complete | error_event | 5xx | truncated, text, replica."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    with httpx.Client(timeout=timeout_s) as http:
+        if not stream:
+            response = http.post(f"{base_url}/v1/completions", json=body)
+            if response.status_code >= 500:
+                assert "error" in response.json(), response.text
+                return {"outcome": "5xx", "status": response.status_code}
+            assert response.status_code == 200, response.text
+            choice = response.json()["choices"][0]
+            return {"outcome": "complete" if choice["finish_reason"] else "truncated", "text": choice["text"],
+                    "replica": response.headers.get("x-inferd-replica")}
+        with http.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+            if response.status_code >= 500:
+                response.read()
+                assert "error" in response.json(), response.text
+                return {"outcome": "5xx", "status": response.status_code}
+            assert response.status_code == 200
+            text, finish_reason, is_done, error = "", None, False, None
+            try:
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        is_done = True
+                        continue
+                    event = json.loads(line[len("data: "):])
+                    if "error" in event:
+                        error = event["error"]
+                        continue
+                    if not text and on_first_token is not None:
+                        on_first_token(response.headers["x-inferd-replica"])
+                    text += event["choices"][0]["text"]
+                    finish_reason = event["choices"][0]["finish_reason"] or finish_reason
+            except httpx.HTTPError:
+                pass  # a connection cut short: judged below (truncated unless an error event came first)
+            if error is not None:
+                return {"outcome": "error_event", "error": error, "replica": response.headers.get("x-inferd-replica")}
+            outcome = "complete" if is_done and finish_reason else "truncated"
+            return {"outcome": outcome, "text": text, "replica": response.headers.get("x-inferd-replica")}
+
+
+def test_scale_from_zero_answers_the_first_request(cluster: str, reference: dict, record_property) -> None:
+    _wait_for_replicas("scale", lambda n: n == 0, timeout_s=60)
+    started = time.monotonic()
+    result = _complete(cluster, PROMPTS[0], 8, stream=False)
+    latency_s = time.monotonic() - started
+    record_property("scale_from_zero_first_answer_s", round(latency_s, 2))
+    print(f"scale from zero: first answer after {latency_s:.2f} s")
+    assert result["outcome"] == "complete"
+    assert result["text"] == reference[(PROMPTS[0], 8)]
+
+
+def test_burst_scales_up_and_idle_scales_to_zero_without_losing_requests(cluster: str, reference: dict) -> None:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(prompt: str) -> None:
+        result = _complete(cluster, prompt, 96, stream=True)
+        with lock:
+            results.append({**result, "prompt": prompt})
+
+    threads = [threading.Thread(target=client, args=(PROMPTS[i % len(PROMPTS)],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    peak = _wait_for_replicas("scale", lambda n: n >= 2, timeout_s=120)  # 8 ongoing / target 1 -> max_replicas
+    for thread in threads:
+        thread.join(timeout=300)
+    assert peak == 2
+    assert [r["outcome"] for r in results] == ["complete"] * 8
+    for result in results:
+        assert result["text"] == reference[(result["prompt"], 96)]
+    # Scale-down while traffic goes on: one replica is drained and stopped, the other keeps answering.
+    trickle = []
+    deadline = time.monotonic() + 120
+    while _replica_counts("scale") > 1:
+        assert time.monotonic() < deadline, "the second replica was never scaled down"
+        trickle.append(_complete(cluster, PROMPTS[1], 4, stream=False))
+    assert {r["outcome"] for r in trickle} <= {"complete", "5xx"}, trickle
+    assert all(r["text"] == reference[(PROMPTS[1], 4)] for r in trickle if r["outcome"] == "complete")
+    _wait_for_replicas("scale", lambda n: n == 0, timeout_s=120)
+
+
+def test_requests_sharing_a_prefix_prefer_one_replica(cluster: str, reference: dict) -> None:
+    base = f"{cluster}/pair"
+    _wait_for_replicas("pair", lambda n: n == 2, timeout_s=120)
+    prefix_a = "You are a careful assistant who answers in one short sentence about geography. "
+    prefix_b = "Translate the following English words into French, one per line, no commentary. "
+    replicas_a = {_complete(base, prefix_a + suffix, 4, stream=False)["replica"] for suffix in ("Paris?", "Rome?", "Oslo?")}
+    replicas_b = {_complete(base, prefix_b + suffix, 4, stream=False)["replica"] for suffix in ("cat", "dog", "sun")}
+    assert len(replicas_a) == 1 and len(replicas_b) == 1, (replicas_a, replicas_b)
+    assert replicas_a != replicas_b  # a new prefix goes to the replica holding the least (PrefixCacheAffinityRouter)
+
+
+def test_metrics_show_every_replica(cluster: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{cluster}/pair/metrics", timeout=30).text
+        replicas = {line.split('replica="', 1)[1].split('"', 1)[0] for line in text.splitlines()
+                    if line.startswith("inferd:model_loaded{")}
+        if len(replicas) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(replicas) == 2, text[:2000]
+
+
+def _replica_pid(app: str, replica_id: str) -> int:
+    """The process of one replica. Ray's public state API needs its dashboard, which the test cluster does not
+    run; the GCS actor table (ray._private.state) has the pid by actor name (`...#<replica id>`)."""
+    from ray._private.state import actors
+
+    (pid,) = [a["Pid"] for a in actors().values() if a["State"] == "ALIVE"
+              and a["Name"].startswith("SERVE_REPLICA::") and a["Name"].endswith(f"#{replica_id}")
+              and f"{app}#model-{MODEL}" in a["Name"]]
+    return pid
+
+
+def test_a_replica_killed_mid_request_loses_no_request(cluster: str, reference: dict) -> None:
+    base = f"{cluster}/pair"
+    _wait_for_replicas("pair", lambda n: n == 2, timeout_s=120)
+    results: dict[int, dict] = {}
+    victim: list[str] = []
+    victim_chosen = threading.Event()
+
+    def kill_the_first_streams_replica(replica_id: str) -> None:
+        if not victim_chosen.is_set():
+            victim.append(replica_id)
+            victim_chosen.set()
+
+    def client(index: int) -> None:
+        prompt = PROMPTS[index % len(PROMPTS)]
+        is_stream = index % 2 == 0
+        results[index] = {**_complete(base, prompt, 96, stream=is_stream,
+                                      on_first_token=kill_the_first_streams_replica if index == 0 else None),
+                          "prompt": prompt}
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    assert victim_chosen.wait(timeout=120)
+    os.kill(_replica_pid("pair", victim[0]), signal.SIGKILL)  # request 0 has 95 tokens to go there
+    for thread in threads:
+        thread.join(timeout=300)
+    outcomes = [results[i]["outcome"] for i in sorted(results)]
+    print(f"after SIGKILL of replica {victim[0]}: {outcomes}")
+    assert len(outcomes) == 8 and "truncated" not in outcomes, results
+    assert outcomes[0] == "error_event" and results[0]["replica"] == victim[0]  # bytes were out: the stream says so
+    for index in range(1, 8, 2):  # non-streaming answers are retried on the other replica (or 503)
+        assert outcomes[index] in ("complete", "5xx")
+    for result in results.values():
+        if result["outcome"] == "complete":
+            assert result["text"] == reference[(result["prompt"], 96)]
+    _wait_for_replicas("pair", lambda n: n == 2, timeout_s=120)  # Serve replaces the dead replica
+    assert _complete(base, PROMPTS[0], 8, stream=False)["text"] == reference[(PROMPTS[0], 8)]
