@@ -164,7 +164,9 @@ def main() -> int:
     spec = resolve_spec(args.model)
     engine = {"kv_cache_memory": args.kv_cache_memory, "max_model_len": args.max_model_len,
               "max_num_seqs": max(args.concurrency, 1), "prepared_weights_dir": str(inferd_home() / "prepared")}
-    server_options = ServerOptions(llm_defaults=engine)
+    # The response cache off, as in the direct peer (http_overhead.start_server): greedy requests repeat, and a
+    # cached answer would measure the cache, not the router.
+    server_options = ServerOptions(llm_defaults=engine, response_cache_bytes=0)
     tokenizer = Tokenizer.from_pretrained(spec.source)
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.concurrency)]
     prompt_ids = [tokenizer.encode_chat([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
