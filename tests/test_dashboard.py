@@ -141,6 +141,11 @@ def test_dashboard_in_headless_chromium(server: InferdServer, tmp_path: Path) ->
     assert httpx.get(f"{server.base_url}/dashboard/data").status_code == 401
     assert httpx.get(f"{server.base_url}/dashboard").status_code == 200
 
+    # The sampler's first sample is the baseline the rates rise from: traffic that ends before it would be invisible.
+    deadline = time.monotonic() + 30
+    while not _data(server)["t"]:
+        assert time.monotonic() < deadline, "the dashboard sampler took no sample in 30 s"
+        time.sleep(0.2)
     num_completion_tokens = _send_traffic(server)
     data = _wait_until_idle(server)
     llm = data["models"][DEFAULT_MODEL]
