@@ -46,6 +46,19 @@ def clean_tokens(llm, prompts) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy())]
 
 
+@pytest.fixture
+def poisoned_sampling(monkeypatch) -> None:
+    """Building the sampling metadata of any batch holding a poisoned request raises."""
+    real = model_runner.build_sampling_metadata
+
+    def poisoned(params, *args, **kwargs):
+        if any(p.seed == POISON_SEED for p in params):
+            raise InjectedFault("sampling metadata")
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(model_runner, "build_sampling_metadata", poisoned)
+
+
 def poison_second(prompts) -> list[SamplingParams]:
     return [greedy(seed=POISON_SEED) if i == 1 else greedy() for i in range(len(prompts))]
 
@@ -65,15 +78,7 @@ def assert_only_second_failed(llm, prompts, clean_tokens, fragment: str) -> None
     assert engine.kv_manager.usage == 0.0  # the failed request's blocks went back too
 
 
-def test_a_request_whose_sampling_fails_fails_alone(llm, prompts, clean_tokens, monkeypatch):
-    real = model_runner.build_sampling_metadata
-
-    def poisoned(params, *args, **kwargs):
-        if any(p.seed == POISON_SEED for p in params):
-            raise InjectedFault("sampling metadata")
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(model_runner, "build_sampling_metadata", poisoned)
+def test_a_request_whose_sampling_fails_fails_alone(llm, prompts, clean_tokens, poisoned_sampling):
     assert_only_second_failed(llm, prompts, clean_tokens, "InjectedFault: sampling metadata")
 
 
@@ -116,15 +121,7 @@ def test_a_failing_proposer_costs_only_the_speed_up(default_gguf_path, prompts, 
     assert [o.outputs[0].token_ids for o in outputs] == clean_tokens
 
 
-def test_async_engine_fails_the_request_and_serves_the_rest(llm, prompts, clean_tokens, monkeypatch):
-    real = model_runner.build_sampling_metadata
-
-    def poisoned(params, *args, **kwargs):
-        if any(p.seed == POISON_SEED for p in params):
-            raise InjectedFault("sampling metadata")
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(model_runner, "build_sampling_metadata", poisoned)
+def test_async_engine_fails_the_request_and_serves_the_rest(llm, prompts, clean_tokens, poisoned_sampling):
 
     async def run() -> list:
         engine = AsyncEngine(llm.engine)

@@ -72,3 +72,20 @@ def test_a_request_longer_than_the_keep_alive_is_not_cut(sleepy_server: InferdSe
             pytest.fail("the request finished within the keep-alive; the test proves nothing on so fast a machine: "
                         "raise max_tokens")
         _wait_for_status(http, model, "idle")
+
+
+def test_a_requests_keep_alive_becomes_the_models(sleepy_server: InferdServer) -> None:
+    """Ollama's per-request keep_alive through the routes: -1 keeps the model loaded past the server's 1 s, then 0
+    unloads it as soon as it is idle."""
+    model = sleepy_server.model_name
+    with httpx.Client(base_url=sleepy_server.base_url, timeout=600) as http:
+        pinned = http.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "keep_alive": -1})
+        assert pinned.status_code == 200, pinned.text
+        time.sleep(4.0)  # four times the server's --keep-alive
+        assert _model_status(http, model) == "ready"
+        released = http.post("/v1/completions", json={"model": model, **BODY, "keep_alive": 0})
+        assert released.status_code == 200, released.text
+        _wait_for_status(http, model, "idle", timeout_s=30)
+        bad = http.post("/v1/completions", json={"model": model, **BODY, "keep_alive": "soon"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive", bad.text

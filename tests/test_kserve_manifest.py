@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -59,7 +60,6 @@ def test_container_runs_an_inferd_serve_command_that_parses(isvc: dict) -> None:
 @pytest.mark.skipif(not os.environ.get(CRD_ENV), reason=f"KServe's CRD is not on PyPI; set {CRD_ENV}=path/to/"
                     "serving.kserve.io_inferenceservices.yaml (github.com/kserve/kserve, config/crd/full) to validate")
 def test_manifest_validates_against_the_kserve_crd(isvc: dict) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     crd = yaml.safe_load(Path(os.environ[CRD_ENV]).read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == isvc["apiVersion"].split("/")[1]]
     jsonschema.validate(isvc, version["schema"]["openAPIV3Schema"])

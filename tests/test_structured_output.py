@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 
+import jsonschema
 import pytest
 import torch
 
@@ -180,7 +181,6 @@ def test_constraint_the_answer_already_meets_changes_no_token(llm):
 
 
 def test_json_schema_answers_parse_and_validate(llm):
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the answers against the schema")
     constraint = StructuredOutputsParams(json=json.dumps(PERSON_SCHEMA))
     asks = ["Describe Alice, 31, who speaks French, as JSON.", "Give me a JSON record for a person.",
             "Tell me a joke.", "List three fruits."]

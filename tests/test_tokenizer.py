@@ -95,6 +95,15 @@ def test_default_model_ids_match_transformers(default_tokenizer, hf_default_toke
     assert default_tokenizer.decode(ids, skip_special_tokens=False) == text  # byte-level BPE round-trips exactly
 
 
+def test_long_text_ids_match_transformers(default_tokenizer, hf_default_tokenizer) -> None:
+    """Texts past 16k characters take encode_batch (it releases the GIL); the ids must not change."""
+    text = "<|im_start|>user\nWhat is 12 * 7? Answer: 84.<|im_end|>\n" * 600 + " ".join(CORPUS) * 20
+    assert len(text) > 16 * 1024
+    for add_special_tokens in (True, False):
+        expected = hf_default_tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        assert default_tokenizer.encode(text, add_special_tokens=add_special_tokens) == expected
+
+
 def test_default_model_digit_split_follows_smollm_pre_tokenizer(default_tokenizer, hf_default_tokenizer) -> None:
     """GGUF `tokenizer.ggml.pre = smollm` means SmolLM2's own tokenizer.json pre-tokenizer: Digits(individual)
     then ByteLevel (llama.cpp splits the same way). transformers' GGUF conversion uses the plain GPT-2 split for
