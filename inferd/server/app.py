@@ -42,6 +42,7 @@ from inferd.server.errors import error_response, install_error_handlers
 from inferd.server.routes.collections import router as collections_router
 from inferd.server.routes.dashboard import DASHBOARD_DATA_PATH, DASHBOARD_PAGE_PATHS
 from inferd.server.routes.dashboard import router as dashboard_router
+from inferd.server.routes.oip import INFER_PATH_RE, infer_asgi_app
 from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
 from inferd.server.routes.embeddings import router as embeddings_router
@@ -157,9 +158,11 @@ class GuardMiddleware:
     async def _read_body(self, scope: Scope, receive: Receive) -> Any:
         """The whole body (bytes), an error response, or None if the client disconnected."""
         max_body_bytes = self.state.options.max_body_bytes
-        too_large = _guard_error(
-            scope, 413, f"request body is larger than the limit of {max_body_bytes} bytes", code="request_too_large"
-        )
+
+        def too_large() -> JSONResponse:
+            return _guard_error(scope, 413, f"request body is larger than the limit of {max_body_bytes} bytes",
+                                code="request_too_large")  # fmt: skip
+
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -167,14 +170,15 @@ class GuardMiddleware:
                 except ValueError:
                     return _guard_error(scope, 400, "Content-Length is not an integer")
                 if declared_bytes > max_body_bytes:
-                    return too_large
+                    return too_large()
                 break
         chunks: list[bytes] = []
         num_bytes = 0
         timeout_s = self.state.options.body_read_timeout_s
         while True:
             try:
-                message = await asyncio.wait_for(receive(), timeout_s)
+                async with asyncio.timeout(timeout_s):  # a timer, not wait_for's extra task per message
+                    message = await receive()
             except TimeoutError:
                 return _guard_error(
                     scope, 408, f"the request body did not arrive within {timeout_s:g} s (declared Content-Length longer "
@@ -185,7 +189,7 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             num_bytes += len(chunk)
             if num_bytes > max_body_bytes:  # chunked transfer, or a Content-Length that lied
-                return too_large
+                return too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -340,6 +344,39 @@ def build_app(
     return app
 
 
+class HotPaths:
+    """The outermost ASGI app of `inferd serve`: OIP infer (`POST /v2/models/{name}[/versions/{v}]/infer`, the
+    tabular hot path, where one row costs less than the framework around it) goes to a bare ASGI handler behind
+    its own GuardMiddleware (the same key, drain, body and UTF-8 checks); everything else goes to FastAPI."""
+
+    def __init__(self, app: FastAPI, state: ServerState) -> None:
+        self.app = app
+        self._infer = GuardMiddleware(infer_asgi_app(state), state=state)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or INFER_PATH_RE.fullmatch(scope["path"]) is None:
+            await self.app(scope, receive, send)
+            return
+        is_started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal is_started
+            is_started = True
+            await send(message)
+
+        try:
+            await self._infer(scope, receive, tracked_send)
+        except Exception:
+            logger.exception("OIP infer failed")
+            if is_started:
+                raise  # uvicorn closes the connection: the answer is cut, never silently short
+            body = b'{"error":"internal server error"}'
+            await send({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 
@@ -489,7 +526,7 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
 
     app = build_app(options, specs, on_load_failure=on_load_failure)
     config = uvicorn.Config(
-        app,
+        HotPaths(app, app.state.inferd),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -145,6 +145,8 @@ class ServerMetrics:
                                            kind_labels)
         self._request_items = counter("inferd:request_items", "Inputs answered (texts, rows).", kind_labels)
         self._request_tokens = counter("inferd:request_tokens", "Input tokens processed (embed).", kind_labels)
+        # (model, kind, status) -> (requests, duration, items children, kind name) for observe_request
+        self._request_children: dict[tuple[str, Any, str], tuple[Any, Any, Any, str]] = {}
         self._batch_queue = histogram("inferd:batch_queue_time_seconds",
                                       "Per input: time from submit to the start of its batch.", _TTFT_BUCKETS_S,
                                       kind_labels)
@@ -183,10 +185,20 @@ class ServerMetrics:
 
     def observe_request(self, model_name: str, kind: Any, status: str, duration_s: float, num_items: int,
                         num_tokens: int = 0) -> None:
-        kind_name = str(getattr(kind, "value", kind))
-        self._requests.labels(model_name, kind_name, status).inc()
-        self._request_duration.labels(model_name, kind_name).observe(max(duration_s, 0.0))
-        self._request_items.labels(model_name, kind_name).inc(num_items)
+        key = (model_name, kind, status)
+        children = self._request_children.get(key)
+        if children is None:  # .labels() costs a lock and a dict walk per call: once per label set instead
+            kind_name = str(getattr(kind, "value", kind))
+            children = self._request_children[key] = (
+                self._requests.labels(model_name, kind_name, status),
+                self._request_duration.labels(model_name, kind_name),
+                self._request_items.labels(model_name, kind_name),
+                kind_name,
+            )
+        requests, duration, items, kind_name = children
+        requests.inc()
+        duration.observe(max(duration_s, 0.0))
+        items.inc(num_items)
         if num_tokens:
             self._request_tokens.labels(model_name, kind_name).inc(num_tokens)
 

@@ -25,6 +25,7 @@ import math
 import struct
 import time
 import itertools
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import inferd
 from inferd.batching import BatcherStoppedError, QueueFullError
@@ -43,6 +45,7 @@ from inferd.tabular.tensors import check_datatype, check_shape
 router = APIRouter()
 
 HEADER_LENGTH_KEY = "inference-header-content-length"
+HEADER_LENGTH_KEY_BYTES = HEADER_LENGTH_KEY.encode()
 SERVER_EXTENSIONS = ["model_repository", "binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"
 _REQUEST_COUNTER = itertools.count()  # ids for requests that bring none (abort needs one)
@@ -333,7 +336,8 @@ def encode_binary_tensor(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def _response(model_name: str, result: Any, request_id: Any, binary: dict[str, bool]) -> Response:
+def _response(model_name: str, result: Any, request_id: Any, binary: dict[str, bool]) -> tuple[bytes, dict[str, str]]:
+    """(the response body, its headers) of a finished infer."""
     outputs_json: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, array in result.outputs.items():
@@ -350,25 +354,26 @@ def _response(model_name: str, result: Any, request_id: Any, binary: dict[str, b
         body["id"] = request_id
     header = json.dumps(body, separators=(",", ":")).encode()
     if not chunks:
-        return Response(header, media_type="application/json")
-    return Response(
-        b"".join([header, *chunks]),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(header))},
-    )
+        return header, {"content-type": "application/json"}
+    return b"".join([header, *chunks]), {"content-type": "application/octet-stream",
+                                          "inference-header-content-length": str(len(header))}
 
 
-async def infer(request: Request) -> Response:
-    """POST /v2/models/{name}[/versions/{version}]/infer (a plain Starlette route: see below)."""
-    name = request.path_params["name"]
-    version = request.path_params.get("version")
+def _error_answer(status: int, message: str, headers: Mapping[str, str] | None = None,
+                  ) -> tuple[int, bytes, dict[str, str]]:
+    return status, json.dumps({"error": message}, separators=(",", ":")).encode(), {
+        "content-type": "application/json", **(headers or {})}
+
+
+async def infer_answer(state: Any, name: str, version: str | None, body: bytes, header_length: str | None,
+                       ) -> tuple[int, bytes, dict[str, str]]:
+    """(status, body, headers) of one infer request: the work of both the Starlette route and the raw ASGI path."""
     started = time.monotonic()
-    state = _state(request)
     num_rows = 0
     try:
-        engine = _engine(request, name)
+        engine = engine_of(state, name)
         number = version_of(engine, version)
-        request_json, binary = _split_body(await request.body(), request.headers.get(HEADER_LENGTH_KEY))
+        request_json, binary = _split_body(body, header_length)
         request_id = request_json.get("id")
         if request_id is not None and not isinstance(request_id, str):
             raise OIPError(400, "'id' must be a string")
@@ -380,18 +385,62 @@ async def infer(request: Request) -> Response:
         )
     except OIPError as exc:
         observe_request(state, name, "error", started, num_rows)
-        return _error(exc.status, exc.message)
+        return _error_answer(exc.status, exc.message)
     except TensorError as exc:
         observe_request(state, name, "error", started, num_rows)
-        return _error(exc.status, str(exc))
+        return _error_answer(exc.status, str(exc))
     except QueueFullError as exc:
         observe_request(state, name, "rejected", started, num_rows)
-        return _json({"error": str(exc)}, 429, headers={"Retry-After": "1"})
+        return _error_answer(429, str(exc), {"retry-after": "1"})
     except BatcherStoppedError as exc:
         observe_request(state, name, "error", started, num_rows)
-        return _error(503, str(exc))
+        return _error_answer(503, str(exc))
     observe_request(state, name, "ok", started, num_rows)
-    return _response(name, result, request_id, binary_outputs)
+    payload, headers = _response(name, result, request_id, binary_outputs)
+    return 200, payload, headers
+
+
+async def infer(request: Request) -> Response:
+    """POST /v2/models/{name}[/versions/{version}]/infer as a Starlette route. `inferd serve` answers these paths
+    before FastAPI with `infer_asgi`; this route serves the app when it runs without that wrapper (TestClient)."""
+    status, payload, headers = await infer_answer(
+        _state(request), request.path_params["name"], request.path_params.get("version"), await request.body(),
+        request.headers.get(HEADER_LENGTH_KEY),
+    )
+    return Response(payload, status_code=status, headers=headers)
+
+
+INFER_PATH_RE = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+def infer_asgi_app(state: Any) -> ASGIApp:
+    """The same infer as a bare ASGI app over `state`, for `HotPaths` (server/app.py): a one-row request spends
+    about half its CPU in Starlette's and FastAPI's middleware, routing and Response objects, which this skips."""
+
+    async def infer_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        match = INFER_PATH_RE.fullmatch(scope["path"])  # uvicorn's path is already percent-decoded
+        assert match is not None, scope["path"]
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        header_length = None
+        for key, value in scope["headers"]:
+            if key == HEADER_LENGTH_KEY_BYTES:
+                header_length = value.decode("latin-1")
+                break
+        status, payload, headers = await infer_answer(state, match.group(1), match.group(2), b"".join(chunks),
+                                                      header_length)  # fmt: skip
+        raw_headers = [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
+        raw_headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    return infer_asgi
 
 
 # The hot path skips FastAPI's per-request dependency solving and validation (it reads the body itself), which
