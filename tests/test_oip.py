@@ -348,3 +348,36 @@ def test_an_llm_and_tabular_models_in_one_server(inferd_home, tmp_path, referenc
         assert wrong_kind.status_code == 400 and "is a generate model" in wrong_kind.json()["error"]
     finally:
         stop_inferd_server(server.process)
+
+
+def test_api_keys_guard_rest_and_grpc_alike(tmp_path, reference):
+    """With --api-key, infer over REST (the bare ASGI path before FastAPI) and gRPC both need the key; the health
+    probes stay open, as over HTTP. Scores with the key equal the native model's."""
+    repo = build_repository(tmp_path / "repo", reference)
+    key = "k-" + "7" * 20
+    served = start_oip_server(repo, ("--api-key", key))
+    rows = reference.features[:3]
+    expected = reference.xgb.predict_proba(rows)
+    try:
+        http_client = tritonhttp.InferenceServerClient(served.http_url)
+        with pytest.raises(InferenceServerException, match="API key"):
+            http_client.infer("xgb_fraud", _inputs(tritonhttp, {"input": rows}))
+        with pytest.raises(InferenceServerException, match="API key"):
+            http_client.infer("xgb_fraud", _inputs(tritonhttp, {"input": rows}), headers={"Authorization": "Bearer nope"})
+        answer = http_client.infer("xgb_fraud", _inputs(tritonhttp, {"input": rows}),
+                                   headers={"Authorization": f"bearer {key}"})  # the scheme in any case
+        np.testing.assert_allclose(answer.as_numpy("probabilities"), expected, rtol=0, atol=SCORE_ATOL)
+        http_client.close()
+
+        grpc_client = tritongrpc.InferenceServerClient(served.grpc_url)
+        assert grpc_client.is_server_live() and grpc_client.is_server_ready()
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+            grpc_client.infer("xgb_fraud", _inputs(tritongrpc, {"input": rows}))
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+            grpc_client.get_model_metadata("xgb_fraud")
+        answer = grpc_client.infer("xgb_fraud", _inputs(tritongrpc, {"input": rows}),
+                                   headers={"authorization": f"Bearer {key}"})
+        np.testing.assert_allclose(answer.as_numpy("probabilities"), expected, rtol=0, atol=SCORE_ATOL)
+        grpc_client.close()
+    finally:
+        stop_inferd_server(served.process)

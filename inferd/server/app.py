@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import gc
 import importlib.metadata
-import hmac
 import json
 import logging
 import os
@@ -57,6 +56,7 @@ from inferd.server.state import (
     DEFAULT_MAX_QUEUE,
     ServerOptions,
     ServerState,
+    is_bearer_authorized,
     parse_duration_s,
 )
 
@@ -140,20 +140,8 @@ class GuardMiddleware:
             state.num_in_flight -= 1
 
     def _is_authorized(self, scope: Scope) -> bool:
-        """`Authorization: Bearer KEY` (the scheme in any case, RFC 7235) against every key, each compared in
-        constant time and all of them compared, so timing says nothing about which key nearly matched."""
-        token = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.strip().partition(b" ")
-                if scheme.lower() != b"bearer":
-                    return False
-                token = token.strip()
-                break
-        is_match = False
-        for key in self._api_keys:
-            is_match |= hmac.compare_digest(token, key)
-        return is_match
+        authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+        return is_bearer_authorized(authorization, self._api_keys)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> Any:
         """The whole body (bytes), an error response, or None if the client disconnected."""

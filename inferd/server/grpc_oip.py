@@ -23,6 +23,7 @@ import numpy as np
 import inferd
 from inferd.batching import BatcherStoppedError, QueueFullError
 from inferd.server.oip_grpc import inference_pb2 as pb
+from inferd.server.state import is_bearer_authorized
 from inferd.server.routes.oip import (
     PLATFORM,
     SERVER_EXTENSIONS,
@@ -176,10 +177,20 @@ class _Servicer:
         return pb.RepositoryModelUnloadResponse()
 
 
-def _handler(method: Callable[[Any, Any], Any], request_type: Any, response_type: Any) -> Any:
+def _handler(method: Callable[[Any, Any], Any], request_type: Any, response_type: Any, state: Any,
+             is_open: bool = False) -> Any:
+    """A unary handler; unless `is_open` (the health probes, open over HTTP too) it asks for the server's API key."""
     grpc = _grpc()
+    api_keys = () if is_open else tuple(key.encode() for key in state.options.api_keys)
 
     async def call(request: Any, context: Any) -> Any:
+        if api_keys:  # the HTTP server's keys guard this port too (metadata `authorization: Bearer KEY`)
+            authorization = next((value for key, value in context.invocation_metadata() or ()
+                                  if key == "authorization"), None)  # fmt: skip
+            if not is_bearer_authorized(authorization.encode() if isinstance(authorization, str) else authorization,
+                                        api_keys):  # fmt: skip
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "missing or incorrect API key (send metadata authorization: Bearer <key>)")
         try:
             return await method(request, context)
         except OIPError as exc:
@@ -206,15 +217,15 @@ async def start_grpc_server(state: Any, host: str, port: int) -> GrpcServer:
     grpc = _grpc()
     servicer = _Servicer(state)
     handlers = {
-        "ServerLive": _handler(servicer.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
-        "ServerReady": _handler(servicer.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
-        "ServerMetadata": _handler(servicer.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-        "ModelReady": _handler(servicer.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
-        "ModelMetadata": _handler(servicer.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-        "ModelInfer": _handler(servicer.model_infer, pb.ModelInferRequest, pb.ModelInferResponse),
-        "RepositoryIndex": _handler(servicer.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
-        "RepositoryModelLoad": _handler(servicer.repository_model_load, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
-        "RepositoryModelUnload": _handler(servicer.repository_model_unload, pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse),
+        "ServerLive": _handler(servicer.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse, state, True),
+        "ServerReady": _handler(servicer.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse, state, True),
+        "ServerMetadata": _handler(servicer.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse, state),
+        "ModelReady": _handler(servicer.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse, state),
+        "ModelMetadata": _handler(servicer.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse, state),
+        "ModelInfer": _handler(servicer.model_infer, pb.ModelInferRequest, pb.ModelInferResponse, state),
+        "RepositoryIndex": _handler(servicer.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse, state),
+        "RepositoryModelLoad": _handler(servicer.repository_model_load, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse, state),
+        "RepositoryModelUnload": _handler(servicer.repository_model_unload, pb.RepositoryModelUnloadRequest, pb.RepositoryModelUnloadResponse, state),
     }  # fmt: skip
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -364,6 +365,22 @@ def _shutdown_and_free(engine: Any) -> None:
     engine.shutdown()
     del engine
     gc.collect()  # weights and KV-cache tensors are freed once nothing refers to them
+
+
+def is_bearer_authorized(authorization: bytes | None, api_keys: Sequence[bytes]) -> bool:
+    """`Authorization: Bearer KEY` (the scheme in any case, RFC 7235) against every key, each compared in constant
+    time and all of them compared, so timing says nothing about which key nearly matched. The HTTP guard and the
+    gRPC service both ask this."""
+    token = b""
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+    is_match = False
+    for key in api_keys:
+        is_match |= hmac.compare_digest(token, key)
+    return is_match
 
 
 def parse_duration_s(value: str | float | int, field_name: str) -> float | None:
