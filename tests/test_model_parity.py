@@ -11,7 +11,8 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, DynamicCache, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                          Qwen3Config)
 
 from inferd.layers.attention import allocate_kv_caches, kv_cache_bytes_per_block
 from inferd.layers.paged_driver import PagedDriver
@@ -49,6 +50,14 @@ CONFIGS = {
             # head_dim 16: wavelengths 6 .. 19869 fall on all three sides of 256/4 and 256/1.
             "original_max_position_embeddings": 256,
         },
+    ),
+    # Gemma 3: sandwich norms, GELU-tanh, embeddings scaled, q/k norms, a sliding layer (window 12, local RoPE
+    # base) then a global one (its own base), query_pre_attn_scalar != head_dim.
+    "gemma3": lambda: Gemma3TextConfig(
+        **_TINY, head_dim=16, sliding_window=12, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24, rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 50000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0}},
     ),
     "linear_rope": lambda: LlamaConfig(
         **_TINY, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}
@@ -132,7 +141,7 @@ def test_prefill_then_greedy_decode_matches_transformers(name, tmp_path):
     assert_prefill_and_greedy_decode_match(model, arch_config, hf_model)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding_window"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral_sliding_window", "gemma3"])
 def test_mixed_batches_match_each_sequence_alone(name, tmp_path):
     """Batched steps of every shape the scheduler produces give each sequence the logits transformers gives it
     alone: multi-sequence prefill, chunked prefill attending to its cached first chunk, decode mixed with

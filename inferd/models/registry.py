@@ -1,7 +1,7 @@
 """Layer 2: architecture name -> model class.
 
-Accepts our arch names (llama, mistral, qwen2, qwen3), Hugging Face `architectures` names (LlamaForCausalLM...)
-and GGUF `general.architecture` values (llama, qwen2, qwen3).
+Accepts our arch names (llama, mistral, qwen2, qwen3, gemma3), Hugging Face `architectures` names (LlamaForCausalLM...)
+and GGUF `general.architecture` values (llama, qwen2, qwen3, gemma3).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from inferd.models.arch_config import ModelArchConfig
+from inferd.models.gemma3 import Gemma3ForCausalLM
 from inferd.models.llama import LlamaForCausalLM
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
@@ -17,12 +18,14 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 _ALIASES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 

