@@ -464,13 +464,23 @@ def main(argv: list[str] | None = None) -> int:
         grpc_results: dict[tuple[str, int], list[LoadResult]] = {}
         grpc_concurrencies = [int(c) for c in args.grpc_concurrency.split(",") if c]
         grpc_servers = {n: s for n, s in servers.items() if s.grpc_port is not None and n != "inferd-b1"}
+        grpc_failed: dict[str, str] = {}  # system -> why its gRPC load stopped (e.g. a peer's backend crashed)
         if grpc_concurrencies and grpc_servers:
             bodies = {n: grpc_bodies(rows, "fraud") for n in grpc_servers}
             for round_index in range(args.rounds):
                 order = list(grpc_servers) if round_index % 2 == 0 else list(reversed(grpc_servers))
                 for name in order:
+                    if name in grpc_failed:
+                        continue
                     for concurrency in grpc_concurrencies:
-                        result = run_grpc_load(grpc_servers[name], bodies[name], concurrency, args.duration_s, args.grpc_processes)
+                        try:
+                            result = run_grpc_load(grpc_servers[name], bodies[name], concurrency, args.duration_s,
+                                                   args.grpc_processes)  # fmt: skip
+                        except Exception as exc:  # noqa: BLE001 - a peer that breaks under load is reported, not fatal
+                            grpc_failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                            print(f"round {round_index + 1} {name:10s} gRPC c={concurrency:3d}: FAILED {grpc_failed[name]}",
+                                  flush=True)  # fmt: skip
+                            break
                         grpc_results.setdefault((name, concurrency), []).append(result)
                         print(f"round {round_index + 1} {name:10s} gRPC c={concurrency:3d}: {result.requests_per_s:8.0f}/s "
                               f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms", flush=True)  # fmt: skip
@@ -510,7 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in grpc_servers:
             cells = []
             for concurrency in grpc_concurrencies:
-                runs = grpc_results[(name, concurrency)]
+                runs = grpc_results.get((name, concurrency), [])
+                if not runs:
+                    cells.append(f"failed ({grpc_failed.get(name, 'no run')})")
+                    continue
                 cells.append(f"{statistics.median(r.requests_per_s for r in runs):.0f} "
                              f"({finite_median(r.p50_ms for r in runs):.2f} / {finite_median(r.p99_ms for r in runs):.2f})")  # fmt: skip
             print(f"| {name} | " + " | ".join(cells) + " |")
