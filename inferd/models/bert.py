@@ -60,6 +60,15 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+# (post-op, algorithm) of torch.ops.mkldnn._linear_pointwise for each activation; "gelu"/"none" is the erf GELU
+# (bitwise F.gelu's on this CPU), "gelu"/"tanh" the tanh approximation.
+_ONEDNN_ACTIVATIONS = {
+    "gelu": ("gelu", "none"),
+    "gelu_new": ("gelu", "tanh"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "relu": ("relu", ""),
+}
+_ONEDNN_BATCH_HINT = 64  # rows oneDNN picks its weight layout for; measured: any hint runs 16-4096 rows alike
 # The sentence-transformers modules we implement; any other module in modules.json is an error, never ignored.
 _ST_TRANSFORMER = "Transformer"
 _ST_POOLING = "Pooling"
@@ -323,6 +332,7 @@ class EncoderLayer(nn.Module):
         h = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
+        self.hidden_act = config.hidden_act
         self.act = _ACTIVATIONS[config.hidden_act]
         self.qkv = nn.Linear(h, 3 * h)  # query, key, value stacked along the output dim
         self.attn_out = nn.Linear(h, h)
@@ -330,13 +340,32 @@ class EncoderLayer(nn.Module):
         self.ffn_up = nn.Linear(h, config.intermediate_size)
         self.ffn_down = nn.Linear(config.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        # oneDNN-blocked copies of the four weights (pack_onednn_weights); None: nn.Linear (torch's BLAS)
+        self.onednn_weights: dict[str, torch.Tensor] | None = None
 
     def forward(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """hidden [T, h] packed rows -> [T, h] (rows past the last sequence are padding: computed, never read)."""
         num_rows = hidden.shape[0]
-        context = self.attention(self.qkv(hidden).view(num_rows, 3, self.num_heads, self.head_dim), batch)
-        hidden = self.attn_norm(hidden + self.attn_out(context))
-        return self.ffn_norm(hidden + self.ffn_down(self.act(self.ffn_up(hidden))))
+        packed = self.onednn_weights
+        if packed is None:
+            context = self.attention(self.qkv(hidden).view(num_rows, 3, self.num_heads, self.head_dim), batch)
+            hidden = self.attn_norm(hidden + self.attn_out(context))
+            return self.ffn_norm(hidden + self.ffn_down(self.act(self.ffn_up(hidden))))
+        linear = torch.ops.mkldnn._linear_pointwise
+        qkv = linear(hidden, packed["qkv"], self.qkv.bias, "none", [], "")
+        context = self.attention(qkv.view(num_rows, 3, self.num_heads, self.head_dim), batch)
+        hidden = self.attn_norm(hidden + linear(context, packed["attn_out"], self.attn_out.bias, "none", [], ""))
+        activation, algorithm = _ONEDNN_ACTIVATIONS[self.hidden_act]
+        up = linear(hidden, packed["ffn_up"], self.ffn_up.bias, activation, [], algorithm)  # GELU fused
+        return self.ffn_norm(hidden + linear(up, packed["ffn_down"], self.ffn_down.bias, "none", [], ""))
+
+    def pack_onednn_weights(self) -> None:
+        """Reorder the four weights once into oneDNN's blocked layout; forward then runs them through oneDNN's
+        fp32 GEMM with the bias (and GELU) fused."""
+        self.onednn_weights = {
+            name: torch.ops.mkldnn._reorder_linear_weight(getattr(self, name).weight.detach(), _ONEDNN_BATCH_HINT)
+            for name in ("qkv", "attn_out", "ffn_up", "ffn_down")
+        }
 
     def attention(self, qkv: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         """qkv [T, 3, heads, head_dim] -> context [T, heads * head_dim]: one gather into the slots, one masked SDPA
@@ -393,6 +422,21 @@ class BertEncoder(nn.Module):
         hidden = self(batch)
         return pool(hidden, batch.cu_seqlens, pooling)
 
+    def use_onednn(self) -> bool:
+        """Run the linear layers through oneDNN with prepacked weights when it can (CPU, float32, a torch built
+        with oneDNN); False when it cannot and nn.Linear stays. Call after load_weights."""
+        weight = self.word_embeddings.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not onednn_linear_available():
+            return False
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.pack_onednn_weights()
+        return True
+
+    @property
+    def uses_onednn(self) -> bool:
+        return all(layer.onednn_weights is not None for layer in self.layers)
+
     def pack(self, token_id_lists: Sequence[Sequence[int]]) -> PackedBatch:
         config = self.config
         lengths = [len(ids) for ids in token_id_lists]
@@ -431,6 +475,17 @@ class BertEncoder(nn.Module):
         missing_params = sorted(set(params) - loaded)
         if missing_params:
             raise ValueError(f"checkpoint lacks tensors for {missing_params[:8]}{' ...' if len(missing_params) > 8 else ''}")
+
+
+def onednn_linear_available() -> bool:
+    """torch has oneDNN (mkldnn) and the prepacked fp32 linear ops (`_reorder_linear_weight`, `_linear_pointwise`,
+    private ops that torch.compile's CPU backend uses; missing from a torch built without them)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return callable(torch.ops.mkldnn._linear_pointwise) and callable(torch.ops.mkldnn._reorder_linear_weight)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _copy_param(param: torch.Tensor, tensor: torch.Tensor, hf_name: str) -> None:
@@ -546,14 +601,23 @@ def _iter_safetensors_quiet(model_dir: str) -> Iterator[tuple[str, torch.Tensor]
                 yield name, f.get_tensor(name)
 
 
-def load_bert_encoder(model_dir: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> BertEncoder:
-    """The encoder of a HF directory, in eval mode on `device` in `dtype`."""
+def load_bert_encoder(
+    model_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    onednn: bool = True,
+) -> BertEncoder:
+    """The encoder of a HF directory, in eval mode on `device` in `dtype`; `onednn`: on CPU in float32, run the
+    linear layers through oneDNN with prepacked weights (BertEncoder.use_onednn) where torch has it."""
     model_dir = os.fspath(model_dir)
     config = read_encoder_config(model_dir)
     with torch.device("meta"):
         model = BertEncoder(config)
     model = model.to_empty(device=device).to(dtype).eval()
     model.load_weights(_iter_safetensors_quiet(model_dir))
+    if onednn:
+        model.use_onednn()
     return model
 
 
@@ -570,6 +634,7 @@ __all__ = [
     "encoder_config_from_hf",
     "is_encoder_dir",
     "load_bert_encoder",
+    "onednn_linear_available",
     "pool",
     "read_encoder_config",
     "read_sentence_encoder_files",
