@@ -21,11 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from inferd.batching import BatchLimits, BatchRecord, MicroBatcher
+from inferd.device import CPU_THREADS, CpuThreadHolder, num_cpus
 from inferd.embeddings.model import EmbeddingModel
 from inferd.serving import ModelKind
+
+
+def default_num_threads() -> int:
+    """The served worker's thread cap when the models file does not set num_threads: every CPU but one, which the
+    event loop keeps for HTTP, JSON and tokenizing (at least 1)."""
+    return max(1, num_cpus() - 1)
 
 
 @dataclass(frozen=True)
@@ -38,9 +44,9 @@ class EmbedOptions:
     max_queue: int = 4096  # queued inputs at most; past that a request gets 429
     device: str = "auto"
     dtype: str = "auto"
-    # torch intra-op threads of this model's worker thread (0: torch's default, all cores). Set per thread, so an
-    # embedding model can be kept to part of the CPU beside an LLM; on a busy machine 1 thread avoids waiting at
-    # every kernel's thread barrier.
+    # torch threads of this model's worker thread at most (0: auto, see default_num_threads). Within that cap the
+    # worker takes its share of the CPUs (inferd.device.CpuThreadShare): all of them while no other model computes,
+    # an even split while an LLM decodes beside it.
     num_threads: int = 0
 
     @classmethod
@@ -112,6 +118,7 @@ class AsyncEmbedEngine:
             max_wait_s=self.options.max_wait_ms / 1000.0,
             max_queue_items=self.options.max_queue,
         )
+        self._cpu_threads: CpuThreadHolder | None = None  # set by start() on CPU
         self._batcher: MicroBatcher[tuple[int, ...], np.ndarray] = MicroBatcher(
             self._run_batch, limits, cost=len, on_batch=on_batch, name="inferd-embed"
         )
@@ -143,10 +150,15 @@ class AsyncEmbedEngine:
 
     # ServedEngine
     def start(self) -> None:
+        if self.model.device == "cpu" and self._cpu_threads is None:
+            self._cpu_threads = CPU_THREADS.register(max_threads=self.options.num_threads or default_num_threads())
         self._batcher.start()
 
     def shutdown(self) -> None:
         self._batcher.shutdown()
+        if self._cpu_threads is not None:
+            self._cpu_threads.close()
+            self._cpu_threads = None
 
     @property
     def is_running(self) -> bool:
@@ -180,8 +192,13 @@ class AsyncEmbedEngine:
         return np.stack(rows)
 
     def _run_batch(self, items: list[tuple[int, ...]]) -> list[np.ndarray]:
-        # runs on the batcher's worker thread; torch's thread count set here holds for this thread only
-        if self.options.num_threads and torch.get_num_threads() != self.options.num_threads:
-            torch.set_num_threads(self.options.num_threads)
-        vectors = self.model.embed_token_ids(items)
+        # runs on the batcher's worker thread; the torch thread count claim() sets holds for this thread only
+        cpu_threads = self._cpu_threads
+        if cpu_threads is not None:
+            cpu_threads.claim()
+        try:
+            vectors = self.model.embed_token_ids(items)
+        finally:
+            if cpu_threads is not None:
+                cpu_threads.release()
         return list(vectors)

@@ -19,7 +19,14 @@ rows, and in attention a longer slot only adds masked keys, whose weights are ex
 kernel; one that split the key dimension by total length could change the last bits). The packed row count is
 padded to at least `MIN_PACKED_ROWS` because MKL's float32 GEMM takes a different summation order for fewer than
 about 12 rows (measured: rows 1-3, 5-7, 9-11 differ from the same rows inside a larger GEMM in the last bits; from
-12 rows on, every row is bitwise the same whatever the row count).
+12 rows on, every row is bitwise the same whatever the row count). On the oneDNN path (below) only a 1-row
+GEMM differs, so batches there are padded to `MIN_PACKED_ROWS_ONEDNN` rows only: a 3-token input costs 3 rows.
+
+On CPU in float32 the four linear layers of each layer run through oneDNN with weights reordered once at load
+(`torch.ops.mkldnn._linear_pointwise`, bias and GELU fused) instead of nn.Linear's MKL sgemm: on this project's
+AMD EPYC machine MKL ran the encoder's shapes at ~40-60 GFLOP/s on one thread, oneDNN at ~100-150 (MKL does not
+take its AVX-512 path on AMD). Both paths are tested against transformers; `load_bert_encoder(onednn=False)`
+keeps nn.Linear.
 
 Loaded from a Hugging Face / sentence-transformers directory: config.json + *.safetensors for the encoder;
 modules.json, 1_Pooling/config.json (either the `pooling_mode` key or the legacy `pooling_mode_*_tokens` flags)
@@ -39,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_PACKED_ROWS = 16  # see the module docstring: below ~12 rows MKL sums in another order
+MIN_PACKED_ROWS_ONEDNN = 2  # oneDNN's fp32 GEMM sums one row in another order than 2..3000 rows (measured)
 ATTENTION_PAD_MULTIPLE = 16  # attention slots are a multiple of this many tokens
 # Slots of more tokens than this split off sequences at most half as long. Up to 128-token slots attention is a few
 # percent of a token's FLOPs (4 * 128 * hidden against 24 * hidden^2 for hidden 384), so padding there is cheap.
@@ -239,7 +247,7 @@ class SlotGroup:
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """Per-batch plain data: B sequences laid end to end in T >= MIN_PACKED_ROWS rows (padding rows: id 0), and
+    """Per-batch plain data: B sequences laid end to end in T >= min_rows rows (padding rows: id 0), and
     the slots attention uses. Sequences are grouped longest first; a group's slots are its longest length rounded up
     to ATTENTION_PAD_MULTIPLE, and a sequence at most half that long starts a new group once slots exceed
     ATTENTION_GROUP_MIN_SPLIT tokens, so a long input never pads many short ones. Padding slot positions repeat the
@@ -261,13 +269,19 @@ class PackedBatch:
         return self.cu_seqlens[-1]
 
     @classmethod
-    def build(cls, token_id_lists: Sequence[Sequence[int]], position_offset: int, device: torch.device | str) -> PackedBatch:
+    def build(
+        cls,
+        token_id_lists: Sequence[Sequence[int]],
+        position_offset: int,
+        device: torch.device | str,
+        min_rows: int = MIN_PACKED_ROWS,
+    ) -> PackedBatch:
         lengths = [len(ids) for ids in token_id_lists]
         cu_seqlens = [0]
         for n in lengths:
             cu_seqlens.append(cu_seqlens[-1] + n)
         num_tokens = cu_seqlens[-1]
-        num_pad_rows = max(num_tokens, MIN_PACKED_ROWS) - num_tokens
+        num_pad_rows = max(num_tokens, min_rows) - num_tokens
         flat = [token_id for ids in token_id_lists for token_id in ids] + [0] * num_pad_rows
         positions = [p for n in lengths for p in range(n)] + [0] * num_pad_rows
 
@@ -444,7 +458,8 @@ class BertEncoder(nn.Module):
             raise ValueError("every sequence needs at least one token")
         if max(lengths) > config.max_num_positions:
             raise ValueError(f"a sequence of {max(lengths)} tokens exceeds the model's {config.max_num_positions} positions")
-        return PackedBatch.build(token_id_lists, config.position_offset, self.word_embeddings.weight.device)
+        min_rows = MIN_PACKED_ROWS_ONEDNN if self.uses_onednn else MIN_PACKED_ROWS
+        return PackedBatch.build(token_id_lists, config.position_offset, self.word_embeddings.weight.device, min_rows)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Fill every parameter from transformers' names (bert./roberta. prefixes and gamma/beta accepted)."""
@@ -628,6 +643,7 @@ __all__ = [
     "PackedBatch",
     "EncoderConfig",
     "MIN_PACKED_ROWS",
+    "MIN_PACKED_ROWS_ONEDNN",
     "POOLING_MODES",
     "PoolingConfig",
     "SentenceEncoderFiles",
