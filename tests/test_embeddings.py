@@ -87,6 +87,22 @@ def test_real_default_matches_sentence_transformers(embedder: Embedder, st_model
         assert ids == st_ids[i][: int(st_mask[i].sum())].tolist()
 
 
+def test_int8_path_within_0_999_of_sentence_transformers(embedding_model_dir: Path, st_model) -> None:
+    """The opt-in int8 encoder: every vector within cosine 0.999 of sentence-transformers' float model, and still the
+    same bits alone as inside a batch."""
+    int8 = Embedder(embedding_model_dir, device="cpu", dtype="float32", quantization="int8")
+    assert type(int8.model.encoder.layers[0].ffn_up).__name__ == "QuantLinear"
+    texts = varied_texts()
+    ours = int8.embed(texts)
+    ref = st_model.encode(texts, batch_size=32, convert_to_numpy=True)
+    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() >= 0.999, (cosine.min(), texts[int(cosine.argmin())][:80])
+    alone = np.stack([int8.embed([t])[0] for t in texts[:30]])
+    assert np.array_equal(alone, ours[:30])
+    with pytest.raises(ValueError, match="unknown encoder quantization 'int4'; supported: none, int8"):
+        Embedder(embedding_model_dir, device="cpu", quantization="int4")
+
+
 def test_truncate_false_names_the_text(embedder: Embedder) -> None:
     with pytest.raises(ValueError, match=r"texts\[1\] has \d+ tokens, more than the model's max_seq_length 256"):
         embedder.embed(["short", "word " * 300], truncate=False)

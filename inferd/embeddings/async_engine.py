@@ -44,6 +44,7 @@ class EmbedOptions:
     max_queue: int = 4096  # queued inputs at most; past that a request gets 429
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"  # "int8": opt-in int8 linear layers on CPU (EmbeddingModel.from_path)
     # torch threads of this model's worker thread at most (0: auto, see default_num_threads). Within that cap the
     # worker takes its share of the CPUs (inferd.device.CpuThreadShare): all of them while no other model computes,
     # an even split while an LLM decodes beside it.
@@ -132,7 +133,7 @@ class AsyncEmbedEngine:
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> AsyncEmbedEngine:
         parsed = EmbedOptions.from_mapping(options or {})
-        model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype)
+        model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype, quantization=parsed.quantization)
         return cls(model, parsed, on_batch=on_batch)
 
     # what the server and routes read
