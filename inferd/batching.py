@@ -8,12 +8,16 @@ Many small requests arrive from the event loop; one worker thread runs the model
     results = await batcher.submit_many_async(items)   # from the event loop; cancelling it drops the items
     batcher.shutdown()
 
+    # Or several worker threads, each taking the next batch when it is free (e.g. one single-threaded model call per
+    # CPU: no thread barrier inside a kernel):
+    batcher = MicroBatcher(run_batch, limits, num_workers=2)
+
     # Or with no worker thread, driven by the owner (e.g. from its event loop, for models that score in microseconds):
     batcher = MicroBatcher(run_batch, limits, use_worker_thread=False); batcher.start()
     futures = batcher.submit_many(items); wait_s = batcher.run_ready()   # runs what may run now, here
 
 Policy (continuous batching, as TEI and Triton's dynamic batcher do it):
-  - Items wait in one FIFO queue. When the worker is free it takes items from the head, in order, while the
+  - Items wait in one FIFO queue. When a worker is free it takes items from the head, in order, while the
     batch stays within `max_batch_items` and `max_batch_cost` (the sum of `cost(item)`, e.g. tokens). An item
     whose cost alone exceeds `max_batch_cost` runs in a batch of its own (callers reject what cannot run).
   - With `max_wait_s` > 0 a batch that is not full waits until its oldest item has waited that long, for more
@@ -104,7 +108,10 @@ class MicroBatcher(Generic[T, R]):
         on_batch: Callable[[BatchRecord], None] | None = None,
         name: str = "inferd-batcher",
         use_worker_thread: bool = True,
+        num_workers: int = 1,
     ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self._run_batch = run_batch
         self.limits = limits
         self._cost = cost or (lambda _item: 1)
@@ -114,7 +121,8 @@ class MicroBatcher(Generic[T, R]):
         self._queued_cost = 0
         self._cond = threading.Condition()
         self._is_stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._num_workers = num_workers
         self._use_worker_thread = use_worker_thread
         self._is_started = False
         # Cumulative counters (read without the lock: ints are replaced atomically).
@@ -129,8 +137,11 @@ class MicroBatcher(Generic[T, R]):
         self._is_started = True
         if not self._use_worker_thread:
             return  # the owner calls run_ready()
-        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-        self._thread.start()
+        for index in range(self._num_workers):
+            name = self._name if self._num_workers == 1 else f"{self._name}-{index}"
+            self._threads.append(threading.Thread(target=self._loop, name=name, daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         with self._cond:
@@ -142,14 +153,15 @@ class MicroBatcher(Generic[T, R]):
         for pending in dropped:
             if pending.future.set_running_or_notify_cancel():
                 pending.future.set_exception(BatcherStoppedError("the model is shutting down"))
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout_s)
 
     @property
     def is_running(self) -> bool:
         if not self._use_worker_thread:
             return self._is_started and not self._is_stopping
-        return self._thread is not None and self._thread.is_alive() and not self._is_stopping
+        return any(thread.is_alive() for thread in self._threads) and not self._is_stopping
 
     @property
     def num_queued_items(self) -> int:
@@ -282,6 +294,8 @@ class MicroBatcher(Generic[T, R]):
         while True:
             with self._cond:
                 batch = self._take_batch()
+                if batch is not None and self._queue and self._num_workers > 1:
+                    self._cond.notify()  # items are left: an idle worker may take the next batch
             if batch is None:
                 return
             self._run(batch)
@@ -306,8 +320,9 @@ class MicroBatcher(Generic[T, R]):
                     except Exception as item_exc:  # noqa: BLE001
                         pending.future.set_exception(item_exc)
         compute_time_s = time.monotonic() - started
-        self.num_batches += 1
-        self.num_items_run += len(batch)
+        with self._cond:  # several workers may finish at once
+            self.num_batches += 1
+            self.num_items_run += len(batch)
         if self._on_batch is not None:
             record = BatchRecord(len(batch), sum(p.cost for p in batch), queue_times_s, compute_time_s, is_retried_alone)
             try:

@@ -74,9 +74,10 @@ class CpuThreadShare:
     does not flap. Thread counts are per thread (OpenMP's ICV), so each holder sets only its own.
     """
 
-    def __init__(self, num_cpus: int, hold_s: float = 0.1) -> None:
+    def __init__(self, num_cpus: int, hold_s: float = 0.1, is_split: bool = True) -> None:
         self.num_cpus = max(1, num_cpus)
         self.hold_s = hold_s
+        self.is_split = is_split  # False: every holder gets num_cpus (its cap permitting) whoever else is busy
         self._lock = threading.Lock()
         self._busy_until: dict[int, float] = {}  # holder id -> monotonic time its busy spell ends (inf: working)
         self._next_id = 0
@@ -109,7 +110,8 @@ class CpuThreadHolder:
 
     def num_threads(self) -> int:
         """This holder's share now: num_cpus split evenly among the busy holders (itself included), >= 1."""
-        share = max(1, self.share.num_cpus // (1 + self.share.num_busy_others(self.holder_id)))
+        num_sharing = 1 + self.share.num_busy_others(self.holder_id) if self.share.is_split else 1
+        share = max(1, self.share.num_cpus // num_sharing)
         return min(share, self.max_threads) if self.max_threads else share
 
     def mark_busy(self) -> None:
@@ -133,5 +135,6 @@ class CpuThreadHolder:
         self.share._mark(self.holder_id, None)
 
 
-# The process's CPUs, shared by every model served on CPU.
-CPU_THREADS = CpuThreadShare(num_cpus())
+# The process's CPUs, shared by every model served on CPU. $INFERD_CPU_THREAD_SHARE=off keeps each model at its
+# own thread count (benchmarks/embeddings.py mixed --no-cpu-share measures the difference).
+CPU_THREADS = CpuThreadShare(num_cpus(), is_split=os.environ.get("INFERD_CPU_THREAD_SHARE", "on") != "off")

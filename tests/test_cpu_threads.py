@@ -52,3 +52,11 @@ def test_claim_sets_only_the_calling_threads_torch_threads() -> None:
     thread.join()
     assert seen == [1, 1]
     assert torch.get_num_threads() == before
+
+
+def test_without_split_each_holder_keeps_its_own_count() -> None:
+    share = CpuThreadShare(num_cpus=2, hold_s=3600.0, is_split=False)
+    llm, embed = share.register(), share.register(max_threads=1)
+    llm.mark_busy()
+    embed.mark_busy()
+    assert llm.num_threads() == 2 and embed.num_threads() == 1
