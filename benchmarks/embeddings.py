@@ -565,11 +565,11 @@ async def stream_chat_tokens_per_s(base_url: str, model: str, max_tokens: int) -
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of a process's threads so far, by role: the embedding worker (thread name
-    inferd-embed), the LLM step loop (inferd-engine-loop), the event loop (the main thread), other (OpenMP team
-    members, thread pools; an OpenMP worker of either model lands here)."""
+    """CPU seconds (user + system) of a process's threads so far, by role: the embedding workers (OS thread names
+    inferd-embed*: single-threaded, no OpenMP team of their own), the event loop (the main thread), and the rest
+    (the LLM's step loop and its OpenMP team, thread pools)."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {"embed worker": 0.0, "llm loop": 0.0, "event loop": 0.0, "other": 0.0}
+    out = {"embed workers": 0.0, "event loop": 0.0, "llm and the rest": 0.0}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/stat") as f:
@@ -580,8 +580,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             continue  # the thread ended meanwhile
         fields = stat.rsplit(")", 1)[1].split()
         seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
-        role = ("embed worker" if comm.startswith("inferd-embed") else "llm loop" if comm.startswith("inferd-engine")
-                else "event loop" if int(tid) == pid else "other")
+        role = "embed workers" if comm.startswith("inferd-embed") else "event loop" if int(tid) == pid else "llm and the rest"
         out[role] += seconds
     return out
 
