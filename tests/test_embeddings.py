@@ -160,6 +160,58 @@ def test_engine_rejects_bad_inputs_and_full_queue(embedder: Embedder) -> None:
     assert torch.get_num_threads() == threads_before  # num_threads held for the worker thread only
 
 
+def test_workers_compute_within_the_cpu_share(embedder: Embedder) -> None:
+    """Two single-threaded workers: both compute at once while no other model is busy, one at a time while
+    another model (a stand-in holder of the process's CpuThreadShare) is busy; vectors unchanged either way."""
+    import threading
+
+    from inferd.device import CPU_THREADS
+
+    model = embedder.model
+    token_id_lists = model.tokenizer.encode_batch(varied_texts(num_random=30, seed=3), truncate=True)
+    expected = np.stack([model.embed_token_ids([ids])[0] for ids in token_id_lists])
+    lock = threading.Lock()
+    now = {"computing": 0, "max": 0}
+
+    class Observed:  # the real model, with its concurrency counted
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def embed_token_ids(self, items):
+            with lock:
+                now["computing"] += 1
+                now["max"] = max(now["max"], now["computing"])
+            try:
+                return model.embed_token_ids(items)
+            finally:
+                with lock:
+                    now["computing"] -= 1
+
+    def run_all(other_busy: bool) -> tuple[np.ndarray, int]:
+        now["max"] = 0
+        engine = AsyncEmbedEngine(Observed(), EmbedOptions(num_threads=2, max_batch_items=2))  # type: ignore[arg-type]
+        other = CPU_THREADS.register()
+
+        async def run() -> list[np.ndarray]:
+            engine.start()
+            try:
+                if other_busy:
+                    other.mark_busy()
+                return await asyncio.gather(*(engine.embed([ids]) for ids in token_id_lists))
+            finally:
+                other.close()
+                engine.shutdown()
+
+        return np.concatenate(asyncio.run(run())), now["max"]
+
+    if CPU_THREADS.num_cpus < 2:
+        pytest.skip("one CPU: the share is one worker whatever else is busy")
+    vectors, max_computing = run_all(other_busy=True)
+    assert max_computing == 1 and np.array_equal(vectors, expected)
+    vectors, max_computing = run_all(other_busy=False)
+    assert max_computing == 2 and np.array_equal(vectors, expected)
+
+
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match=r"unknown embedding model option\(s\) \['max_batch_size'\]; known: \["):
         EmbedOptions.from_mapping({"max_batch_size": 3})
