@@ -8,17 +8,17 @@ budget in front of one `EmbeddingModel`.
 
 Every input is one item of `inferd.batching.MicroBatcher` whose cost is its token count: a free worker thread
 takes items FIFO while the batch stays within `max_batch_tokens` and `max_batch_items` (TEI's max_batch_tokens
-idea), runs them as one packed sequence (no padding), and items that arrive meanwhile form the next batch.
+idea), runs them as one packed sequence (no padding), and items that arrive meanwhile form the next batch. A
+request's inputs may be split across batches; its vectors are the same either way (the encoder is
+batch-independent). Cancelling `embed` (the client left) drops its items that have not run yet.
 
 On CPU the engine has `num_threads` workers (default: one per CPU), each running its batch on ONE torch thread,
 rather than one worker whose kernels fan out to several OpenMP threads: a multi-threaded kernel ends at a barrier
 that waits for its slowest thread, and on a shared machine (other processes, this server's event loop, an LLM
-stepping beside it) that thread is often descheduled; measured on the project's loaded 2-core machine, batch 1
-ran at 25.5 sentences/s on one thread and 0.9/s on two. How many workers may compute at once follows the CPU
-share (inferd.device.CpuThreadShare): all of them while no other model computes, one per CPU left while an LLM
-decodes beside them. A request's
-inputs may be split across batches; its vectors are the same either way (the encoder is batch-independent).
-Cancelling `embed` (the client left) drops its items that have not run yet.
+stepping beside it) that thread is often descheduled (benchmarks/RESULTS.md: on the project's loaded 2-core
+machine, batch 1 in process ran many times slower on two threads than on one). How many workers may compute at
+once follows the CPU share (inferd.device.CpuThreadShare): all of them while no other model computes, one per CPU
+left while an LLM decodes beside them.
 """
 
 from __future__ import annotations
