@@ -2,9 +2,11 @@
 same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machine, one run.
 
     .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
-    .venv/bin/python benchmarks/embeddings.py http [--servers inferd,fastapi-st,infinity,litserve] [--rounds 2]
+        [--threads N] [--int8] [--nn-linear]   # + the int8 encoder, + the nn.Linear (torch BLAS) ablation
+    .venv/bin/python benchmarks/embeddings.py http [--servers inferd,inferd-1thread,inferd-int8,fastapi-st,infinity,
+        litserve,litserve-nobatch] [--rounds 2]   # inferd-<N>thread(s): the num_threads option N
     .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs per length bucket vs one call
-    .venv/bin/python benchmarks/embeddings.py mixed       # an LLM stream and embeddings on one server
+    .venv/bin/python benchmarks/embeddings.py mixed [--no-cpu-share]   # an LLM stream and embeddings on one server
 
 offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
 thread count, runs alternating, medians of `--rounds`. Prints achieved GFLOP/s (useful FLOPs: the encoder's
@@ -17,7 +19,12 @@ hand (peers/embed_fastapi_st.py), Infinity and LitServe (peers/embed_litserve.py
 request, a second server without batching for 32 per request, which LitServe cannot batch); peers/setup_embed_peers.sh makes their venvs; a
 server whose venv is missing is reported and skipped). All servers run at once; scenarios alternate between
 them per round, so slow drifts of this shared machine hit every server alike. Every server's vectors are checked
-against sentence-transformers (lowest cosine printed).
+against sentence-transformers (lowest cosine printed). Each round also measures inferd in process in the client
+(`--offline-threads`, while every server is idle), the reference for the issue's "% of our own offline rate".
+
+mixed: one greedy chat stream of the LLM alone, then beside 1-per-request embedding traffic at c=8, on one
+`inferd serve` holding both; prints what each keeps and each thread group's share of the machine's CPU time while
+both ran (read from /proc per thread).
 """
 
 from __future__ import annotations
