@@ -622,16 +622,22 @@ def run_mixed(args: argparse.Namespace) -> None:
             rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
             rows["embeddings alone"].append(asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0])
 
-            async def together() -> tuple[float, float]:
-                llm_task = asyncio.create_task(stream_chat_tokens_per_s(base_url, llm, args.max_tokens))
-                embed_rate = (await closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0]
-                return await llm_task, embed_rate
+            async def together() -> tuple[float, float, dict[str, float], float, bool]:
+                """Both at once; the CPU times are read when the LLM stream ends (the embedding traffic should
+                outlast it: `outlasted` says whether it did, so the LLM's figure was all under load)."""
+                embed_task = asyncio.create_task(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))
+                cpu_before, t0 = thread_cpu_seconds(process.pid), time.perf_counter()
+                llm_rate = await stream_chat_tokens_per_s(base_url, llm, args.max_tokens)
+                cpu_after, wall = thread_cpu_seconds(process.pid), time.perf_counter() - t0
+                outlasted = not embed_task.done()
+                shares = {role: (cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)) for role in cpu_before}
+                return llm_rate, (await embed_task)[0], shares, wall, outlasted
 
-            cpu_before, t0 = thread_cpu_seconds(process.pid), time.perf_counter()
-            llm_rate, embed_rate = asyncio.run(together())
-            cpu_after, wall = thread_cpu_seconds(process.pid), time.perf_counter() - t0
-            for role in cpu_before:  # share of the machine's CPU time while both ran
-                rows.setdefault(f"cpu {role}", []).append((cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)))
+            llm_rate, embed_rate, shares, wall, outlasted = asyncio.run(together())
+            if not outlasted:
+                print("# the embedding traffic ended before the LLM stream: raise --num-sentences", flush=True)
+            for role, share in shares.items():  # share of the machine's CPU time while the LLM streamed beside them
+                rows.setdefault(f"cpu {role}", []).append(share)
             rows["llm with embeddings"].append(llm_rate)
             rows["embeddings with llm"].append(embed_rate)
             print("# round: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
@@ -641,7 +647,7 @@ def run_mixed(args: argparse.Namespace) -> None:
         print("|---|---|---|---|---|---|")
         print(f"| {med['llm alone']:.1f} | {med['llm with embeddings']:.1f} | {med['llm with embeddings'] / med['llm alone']:.0%} | "
               f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | {med['embeddings with llm'] / med['embeddings alone']:.0%} |")
-        print("\nShare of the machine's CPU time while both ran (medians): " + ", ".join(
+        print("\nShare of the machine's CPU time while the LLM streamed beside the embeddings (medians): " + ", ".join(
             f"{k[4:]} {v:.0%}" for k, v in med.items() if k.startswith("cpu ")))
     finally:
         stop_servers([server])
