@@ -2,9 +2,11 @@
 same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machine, one run.
 
     .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
-    .venv/bin/python benchmarks/embeddings.py http [--servers inferd,fastapi-st,infinity,litserve] [--rounds 2]
+        [--threads N] [--int8] [--nn-linear]   # + the int8 encoder, + the nn.Linear (torch BLAS) ablation
+    .venv/bin/python benchmarks/embeddings.py http [--servers inferd,inferd-1thread,inferd-int8,fastapi-st,infinity,
+        litserve,litserve-nobatch] [--rounds 2]   # inferd-<N>thread(s): the num_threads option N
     .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs per length bucket vs one call
-    .venv/bin/python benchmarks/embeddings.py mixed       # an LLM stream and embeddings on one server
+    .venv/bin/python benchmarks/embeddings.py mixed [--no-cpu-share]   # an LLM stream and embeddings on one server
 
 offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
 thread count, runs alternating, medians of `--rounds`. Prints achieved GFLOP/s (useful FLOPs: the encoder's
@@ -17,7 +19,12 @@ hand (peers/embed_fastapi_st.py), Infinity and LitServe (peers/embed_litserve.py
 request, a second server without batching for 32 per request, which LitServe cannot batch); peers/setup_embed_peers.sh makes their venvs; a
 server whose venv is missing is reported and skipped). All servers run at once; scenarios alternate between
 them per round, so slow drifts of this shared machine hit every server alike. Every server's vectors are checked
-against sentence-transformers (lowest cosine printed).
+against sentence-transformers (lowest cosine printed). Each round also measures inferd in process in the client
+(`--offline-threads`, while every server is idle), the reference for the issue's "% of our own offline rate".
+
+mixed: one greedy chat stream of the LLM alone, then beside 1-per-request embedding traffic at c=8, on one
+`inferd serve` holding both; prints what each keeps and each thread group's share of the machine's CPU time while
+both ran (read from /proc per thread).
 """
 
 from __future__ import annotations
@@ -92,22 +99,30 @@ def machine_line() -> str:
     )
 
 
-def matmul_gflops(repeats: int = 7) -> tuple[float, float]:
-    """(float32 GEMM GFLOP/s at 1024^3, at the encoder's FFN shape [1024 tokens, 384] x [384, 1536]), medians."""
+def matmul_gflops(repeats: int = 7) -> tuple[float, float, float]:
+    """float32 GEMM GFLOP/s, medians: torch's matmul (MKL) at 1024^3 and at the encoder's FFN shape [1024 tokens,
+    384] x [384, 1536], and oneDNN's prepacked linear at the FFN shape (the kernel inferd's encoder runs; MKL does
+    not take its AVX-512 path on AMD CPUs, so its rate understates the machine)."""
     import torch
 
-    rates = []
-    for m, k, n in ((1024, 1024, 1024), (1024, 384, 1536)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
+    def rate(fn, flops: int) -> float:
+        fn()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(5):
-                a @ b
+                fn()
             times.append((time.perf_counter() - t0) / 5)
-        rates.append(2 * m * k * n / statistics.median(times) / 1e9)
-    return rates[0], rates[1]
+        return flops / statistics.median(times) / 1e9
+
+    rates = []
+    for m, k, n in ((1024, 1024, 1024), (1024, 384, 1536)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        rates.append(rate(lambda: a @ b, 2 * m * k * n))
+    x, w = torch.randn(1024, 384), torch.randn(1536, 384)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+    rates.append(rate(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), 2 * 1024 * 384 * 1536))
+    return rates[0], rates[1], rates[2]
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -132,6 +147,16 @@ def run_offline(args: argparse.Namespace) -> None:
     batch1 = sentences[: args.num_batch1]
     embedder = Embedder(path, device="cpu", dtype="float32", max_batch_items=32)
     st_model = SentenceTransformer(str(path), device="cpu")
+    variants = {}  # extra inferd rows: the int8 path and the nn.Linear (torch's BLAS) ablation
+    if args.int8:
+        variants["inferd int8"] = Embedder(path, device="cpu", dtype="float32", max_batch_items=32, quantization="int8")
+    if args.nn_linear:
+        from inferd.embeddings.model import EmbeddingModel
+        from inferd.models.bert import load_bert_encoder
+
+        plain = Embedder(path, device="cpu", dtype="float32", max_batch_items=32)
+        plain.model = EmbeddingModel(load_bert_encoder(path, onednn=False), plain.model.tokenizer, plain.model.pooling)
+        variants["inferd nn.Linear"] = plain
     lengths = [len(ids) for ids in embedder.model.tokenizer.encode_batch(sentences, truncate=True)]
     flops_all = embedder.model.flops(lengths)
     flops_b1 = embedder.model.flops(lengths[: args.num_batch1])
@@ -155,10 +180,26 @@ def run_offline(args: argparse.Namespace) -> None:
 
     runs = {"inferd batch 32": (ours_32, len(sentences), flops_all), "sentence-transformers batch 32": (st_32, len(sentences), flops_all),
             "inferd batch 1": (ours_1, len(batch1), flops_b1), "sentence-transformers batch 1": (st_1, len(batch1), flops_b1)}
+
+    def variant_runs(name: str, variant) -> dict:
+        def b32() -> np.ndarray:
+            return np.concatenate([variant.embed(sentences[i : i + 32]) for i in range(0, len(sentences), 32)])
+
+        def b1() -> None:
+            for s in batch1:
+                variant.embed([s])
+
+        return {f"{name} batch 32": (b32, len(sentences), flops_all), f"{name} batch 1": (b1, len(batch1), flops_b1)}
+
+    for name, variant in variants.items():
+        runs.update(variant_runs(name, variant))
     rates: dict[str, list[float]] = {name: [] for name in runs}
     ours_vectors = ours_32()  # warm-up and the vectors to compare
     ref_vectors = st_32()
     min_cos = float(cosines(ours_vectors, ref_vectors).min())
+    for name in variants:
+        variant_cos = float(cosines(runs[f"{name} batch 32"][0](), ref_vectors).min())  # also its warm-up
+        print(f"# {name}: lowest cosine vs sentence-transformers {variant_cos:.8f}")
     gemm_rates: list[tuple[float, float]] = []
     for round_index in range(args.rounds):
         gemm_rates.append(matmul_gflops(repeats=3))  # measured every round: the machine's rate drifts
@@ -168,11 +209,13 @@ def run_offline(args: argparse.Namespace) -> None:
             rates[name].append(num / (time.perf_counter() - t0))
         print(f"# round {round_index + 1}: " + ", ".join(f"{n} {r[-1]:.1f}/s" for n, r in rates.items()), flush=True)
     gemm_big = statistics.median(r[0] for r in gemm_rates)
-    gemm_ffn = statistics.median(r[1] for r in gemm_rates)
-    print(f"# float32 GEMM (median of the rounds): {gemm_big:.0f} GFLOP/s at 1024^3, {gemm_ffn:.0f} GFLOP/s at the FFN "
-          "shape [1024,384]x[384,1536]")
+    gemm_mkl_ffn = statistics.median(r[1] for r in gemm_rates)
+    gemm_onednn_ffn = statistics.median(r[2] for r in gemm_rates)
+    gemm_ffn = max(gemm_mkl_ffn, gemm_onednn_ffn)
+    print(f"# float32 GEMM (median of the rounds): torch matmul (MKL) {gemm_big:.0f} GFLOP/s at 1024^3, {gemm_mkl_ffn:.0f} "
+          f"at the FFN shape [1024,384]x[384,1536]; oneDNN prepacked linear {gemm_onednn_ffn:.0f} at the FFN shape")
     print()
-    print("| in-process | sentences/s (median) | rounds | GFLOP/s achieved | vs GEMM at FFN shape |")
+    print("| in-process | sentences/s (median) | rounds | GFLOP/s achieved | vs the best float32 GEMM at FFN shape |")
     print("|---|---|---|---|---|")
     for name, (_fn, num, flops) in runs.items():
         median = statistics.median(rates[name])
@@ -287,14 +330,24 @@ def start_servers(names: list[str], path: Path, args_inferd: list[str], num_thre
     for name in names:
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
-        if name in ("inferd", "inferd-1thread"):
+        if name == "inferd" or name.startswith("inferd-"):
             # the response cache off: every round must reach the model, as it does on the peers
             cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), "--response-cache-bytes", "0",
                    *args_inferd]
-            model_threads = 1 if name == "inferd-1thread" else num_threads
-            if model_threads:  # per-model options come from a models file
+            # inferd-<N>thread(s): the model's num_threads option N; inferd-int8: quantization int8
+            options = {}
+            if name.endswith(("thread", "threads")):
+                options["num_threads"] = int(name.split("-", 1)[1].split("thread")[0])
+            elif name == "inferd-int8":
+                options["quantization"] = "int8"
+            elif name != "inferd":
+                raise SystemExit(f"unknown server {name!r}")
+            if num_threads and "num_threads" not in options:
+                options["num_threads"] = num_threads
+            if options:  # per-model options come from a models file
                 models_file = tempfile.NamedTemporaryFile("w", prefix="embed-bench-models-", suffix=".yaml", delete=False)
-                models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {model_threads}}}\n")
+                rendered = ", ".join(f"{k}: {v}" for k, v in options.items())
+                models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{{rendered}}}\n")
                 models_file.close()
                 cmd += ["--models-file", models_file.name]
             else:
@@ -441,7 +494,28 @@ def run_http(args: argparse.Namespace) -> None:
             min_cos[server.name] = float(cosines(vectors, ref).min())
             print(f"# {server.name}: lowest cosine vs sentence-transformers on {len(check)} sentences {min_cos[server.name]:.8f}")
         results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+        offline_rates: dict[str, list[float]] = {}
+        offline = None
+        if args.offline_threads:
+            import torch
+
+            from inferd.embeddings import Embedder
+
+            offline = Embedder(path, device="cpu", dtype="float32", max_batch_items=32)
+            offline_ids = offline.model.tokenizer.encode_batch(sentences, truncate=True)
+            offline.embed_token_ids(offline_ids[:64])  # warm-up
         for round_index in range(args.rounds):
+            if offline is not None:  # our own in-process rate, while every server is idle, this round
+                for num_threads in (int(n) for n in args.offline_threads.split(",")):
+                    torch.set_num_threads(num_threads)
+                    for label, batch_size in ((f"offline batch 32, {num_threads} thread(s)", 32),
+                                              (f"offline batch 1, {num_threads} thread(s)", 1)):
+                        num = len(offline_ids) if batch_size == 32 else args.num_c1
+                        t0 = time.perf_counter()
+                        for i in range(0, num, batch_size):
+                            offline.embed_token_ids(offline_ids[i : i + batch_size])
+                        offline_rates.setdefault(label, []).append(num / (time.perf_counter() - t0))
+                        print(f"# round {round_index + 1} inferd {label}: {offline_rates[label][-1]:.1f} sentences/s", flush=True)
             for label, per_request, concurrency, num in scenarios:
                 bodies = [sentences[i : i + per_request] for i in range(0, num, per_request)]
                 for server in servers:
@@ -467,6 +541,11 @@ def run_http(args: argparse.Namespace) -> None:
                 errs = sum(r[2] for r in runs)
                 cells.append(f"{rate:.1f} ({p50:.0f})" + (f" {errs} err" if errs else ""))
             print(f"| {server.name} | " + " | ".join(cells) + f" | {min_cos[server.name]:.8f} |")
+        if offline_rates:
+            print()
+            for label, rates in offline_rates.items():
+                print(f"inferd in process (client side, servers idle), {label}: {statistics.median(rates):.1f} sentences/s "
+                      f"(rounds {', '.join(f'{r:.1f}' for r in rates)})")
     finally:
         stop_servers(servers)
 
@@ -492,12 +571,33 @@ async def stream_chat_tokens_per_s(base_url: str, model: str, max_tokens: int) -
     return (num_chunks - 1) / (last - first) if num_chunks > 1 and last > first else float("nan")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process's threads so far, by role: the embedding workers (OS thread names
+    inferd-embed*: single-threaded, no OpenMP team of their own), the event loop (the main thread), and the rest
+    (the LLM's step loop and its OpenMP team, thread pools)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"embed workers": 0.0, "event loop": 0.0, "llm and the rest": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
+        role = "embed workers" if comm.startswith("inferd-embed") else "event loop" if int(tid) == pid else "llm and the rest"
+        out[role] += seconds
+    return out
+
+
 def run_mixed(args: argparse.Namespace) -> None:
     """An LLM stream and embedding traffic on one `inferd serve` holding both models: each alone, then together,
     so the LLM's slowdown can be read against the CPU share the embeddings took."""
     llm = args.llm
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), INFERD_CPU_THREAD_SHARE="off" if args.no_cpu_share else "on")
     log = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--port", str(port), "--response-cache-bytes", "0"]
     if args.embed_num_threads:  # per-model options come from a models file
@@ -522,21 +622,33 @@ def run_mixed(args: argparse.Namespace) -> None:
             rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
             rows["embeddings alone"].append(asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0])
 
-            async def together() -> tuple[float, float]:
-                llm_task = asyncio.create_task(stream_chat_tokens_per_s(base_url, llm, args.max_tokens))
-                embed_rate = (await closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0]
-                return await llm_task, embed_rate
+            async def together() -> tuple[float, float, dict[str, float], float, bool]:
+                """Both at once; the CPU times are read when the LLM stream ends (the embedding traffic should
+                outlast it: `outlasted` says whether it did, so the LLM's figure was all under load)."""
+                embed_task = asyncio.create_task(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))
+                cpu_before, t0 = thread_cpu_seconds(process.pid), time.perf_counter()
+                llm_rate = await stream_chat_tokens_per_s(base_url, llm, args.max_tokens)
+                cpu_after, wall = thread_cpu_seconds(process.pid), time.perf_counter() - t0
+                outlasted = not embed_task.done()
+                shares = {role: (cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)) for role in cpu_before}
+                return llm_rate, (await embed_task)[0], shares, wall, outlasted
 
-            llm_rate, embed_rate = asyncio.run(together())
+            llm_rate, embed_rate, shares, wall, outlasted = asyncio.run(together())
+            if not outlasted:
+                print("# the embedding traffic ended before the LLM stream: raise --num-sentences", flush=True)
+            for role, share in shares.items():  # share of the machine's CPU time while the LLM streamed beside them
+                rows.setdefault(f"cpu {role}", []).append(share)
             rows["llm with embeddings"].append(llm_rate)
             rows["embeddings with llm"].append(embed_rate)
-            print("# round: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()), flush=True)
+            print("# round: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(f"\n| {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | LLM keeps | "
               "embeddings sentences/s alone | with the LLM stream | embeddings keep |")
         print("|---|---|---|---|---|---|")
         print(f"| {med['llm alone']:.1f} | {med['llm with embeddings']:.1f} | {med['llm with embeddings'] / med['llm alone']:.0%} | "
               f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | {med['embeddings with llm'] / med['embeddings alone']:.0%} |")
+        print("\nShare of the machine's CPU time while the LLM streamed beside the embeddings (medians): " + ", ".join(
+            f"{k[4:]} {v:.0%}" for k, v in med.items() if k.startswith("cpu ")))
     finally:
         stop_servers([server])
 
@@ -549,6 +661,8 @@ def main() -> None:
     p.add_argument("--num-batch1", type=int, default=300)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
+    p.add_argument("--int8", action="store_true", help="also the opt-in int8 encoder (quantization: int8)")
+    p.add_argument("--nn-linear", action="store_true", help="also the encoder on nn.Linear (torch's BLAS), no oneDNN")
     p.set_defaults(func=run_offline)
     p = sub.add_parser("attention")
     p.add_argument("--rounds", type=int, default=3)
@@ -561,6 +675,8 @@ def main() -> None:
     p.add_argument("--inferd-num-threads", type=int, default=0,
                    help="the embedding model's num_threads option for server inferd (inferd-1thread: 1)")
     p.add_argument("--num-c1", type=int, default=300, help="sentences sent at concurrency 1")
+    p.add_argument("--offline-threads", default="1,2",
+                   help="also measure inferd in process at these torch thread counts each round ('' : not)")
     p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(func=run_http)
     p = sub.add_parser("mixed")
@@ -570,6 +686,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--embed-num-threads", type=int, default=0, help="the embedding model's num_threads option")
+    p.add_argument("--no-cpu-share", action="store_true",
+                   help="INFERD_CPU_THREAD_SHARE=off: each model keeps its own thread count (the LLM all CPUs)")
     p.set_defaults(func=run_mixed)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO_ROOT))

@@ -1,6 +1,12 @@
-"""Layer 2: the ONLY place that asks "is CUDA here?" and turns dtype names into torch dtypes."""
+"""Layer 2: the ONLY place that asks "is CUDA here?" and turns dtype names into torch dtypes; and how models
+served side by side share the CPU's threads (CpuThreadShare)."""
 
 from __future__ import annotations
+
+import math
+import os
+import threading
+import time
 
 import torch
 
@@ -35,3 +41,100 @@ def free_device_memory_bytes(device: str) -> int:
         free_bytes, _total = torch.cuda.mem_get_info()
         return free_bytes
     raise ValueError("free_device_memory_bytes is only defined for cuda")
+
+
+# ---------------------------------------------------------------------------------------------------- CPU threads
+
+
+def num_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class CpuThreadShare:
+    """How many torch threads each model's compute thread may use, so models served side by side split the CPUs
+    instead of oversubscribing them.
+
+    torch runs a CPU kernel on a team of OpenMP threads that meet at a barrier when it ends. Two models computing
+    at once with every CPU each put twice as many threads as CPUs on the machine, and every kernel of either
+    then waits for a team member the OS has descheduled: an LLM stream beside embedding traffic on 2 CPUs kept
+    35-39% of its speed. Instead, a compute thread calls `claim(holder)` before each unit of work (an LLM step,
+    an embedding batch), which sets its torch thread count to its share, and `release(holder)` after it:
+
+        share = CPU_THREADS.register(max_threads=0)      # 0: no cap of its own
+        share.claim()   # torch.set_num_threads(num_cpus // number of holders busy now, at least 1, within the cap)
+        ... run the batch ...
+        share.release()
+
+    A holder counts as busy from its claim until `hold_s` after its release, so a model that works in quick
+    succession (decode steps, back-to-back batches) keeps its share between units and the other's thread count
+    does not flap. Thread counts are per thread (OpenMP's ICV), so each holder sets only its own.
+    """
+
+    def __init__(self, num_cpus: int, hold_s: float = 0.1, is_split: bool = True) -> None:
+        self.num_cpus = max(1, num_cpus)
+        self.hold_s = hold_s
+        self.is_split = is_split  # False: every holder gets num_cpus (its cap permitting) whoever else is busy
+        self._lock = threading.Lock()
+        self._busy_until: dict[int, float] = {}  # holder id -> monotonic time its busy spell ends (inf: working)
+        self._next_id = 0
+
+    def register(self, max_threads: int = 0) -> CpuThreadHolder:
+        with self._lock:
+            self._next_id += 1
+            return CpuThreadHolder(self, self._next_id, max_threads)
+
+    def num_busy_others(self, holder_id: int) -> int:
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for other, until in self._busy_until.items() if other != holder_id and until > now)
+
+    def _mark(self, holder_id: int, until: float | None) -> None:
+        with self._lock:
+            if until is None:
+                self._busy_until.pop(holder_id, None)
+            else:
+                self._busy_until[holder_id] = until
+
+
+class CpuThreadHolder:
+    """One compute thread's place in a CpuThreadShare (see there)."""
+
+    def __init__(self, share: CpuThreadShare, holder_id: int, max_threads: int) -> None:
+        self.share = share
+        self.holder_id = holder_id
+        self.max_threads = max_threads  # 0: no cap beyond the share
+
+    def num_threads(self) -> int:
+        """This holder's share now: num_cpus split evenly among the busy holders (itself included), >= 1."""
+        num_sharing = 1 + self.share.num_busy_others(self.holder_id) if self.share.is_split else 1
+        share = max(1, self.share.num_cpus // num_sharing)
+        return min(share, self.max_threads) if self.max_threads else share
+
+    def mark_busy(self) -> None:
+        """Count this holder as busy until release() (claim() does this and sets the thread count)."""
+        self.share._mark(self.holder_id, math.inf)
+
+    def claim(self) -> int:
+        """Mark this holder busy and set the calling thread's torch thread count to its share; returns it."""
+        self.mark_busy()
+        num_threads = self.num_threads()
+        if torch.get_num_threads() != num_threads:
+            torch.set_num_threads(num_threads)
+        return num_threads
+
+    def release(self) -> None:
+        """The unit of work is done; the holder stays counted as busy for share.hold_s."""
+        self.share._mark(self.holder_id, time.monotonic() + self.share.hold_s)
+
+    def close(self) -> None:
+        """The holder's model stopped: it no longer counts."""
+        self.share._mark(self.holder_id, None)
+
+
+# The process's CPUs, shared by every model served on CPU. $INFERD_CPU_THREAD_SHARE=off keeps each model at its
+# own thread count (benchmarks/embeddings.py mixed --no-cpu-share measures the difference).
+CPU_THREADS = CpuThreadShare(num_cpus(), is_split=os.environ.get("INFERD_CPU_THREAD_SHARE", "on") != "off")

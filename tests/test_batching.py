@@ -224,3 +224,61 @@ def test_run_ready_reports_the_wait_until_a_partial_batch_may_run():
         assert [f.result(0) for f in [first, *rest]] == [10, 20, 30] and model.batches == [[1, 2, 3]]
     finally:
         batcher.shutdown()
+
+
+def test_two_workers_run_two_batches_at_once_and_leftovers_wake_the_idle_one():
+    """With num_workers=2, while one batch is held inside the model the other worker takes the next items (the
+    first worker's leftovers, which wake it), and every item still gets its own result."""
+    running = threading.Semaphore(0)
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def model(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        running.release()
+        release.wait(5)
+        return [x * 10 for x in items]
+
+    batcher = MicroBatcher(model, BatchLimits(max_batch_items=2), num_workers=2)
+    batcher.start()
+    try:
+        futures = batcher.submit_many([1, 2, 3, 4, 5])  # one notify: the second worker is woken by the leftovers
+        assert running.acquire(timeout=5) and running.acquire(timeout=5)  # two batches inside the model at once
+        assert sorted(batches) == [[1, 2], [3, 4]]
+        release.set()
+        assert [f.result(5) for f in futures] == [10, 20, 30, 40, 50]
+        assert batcher.num_batches == 3 and batcher.num_items_run == 5
+    finally:
+        release.set()
+        batcher.shutdown()
+    assert not batcher.is_running
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        MicroBatcher(model, BatchLimits(), num_workers=0)
+
+
+def test_two_idle_workers_split_a_burst_between_them():
+    """Four items arrive at once at two idle workers: each takes two (ceil(4 / 2)), not one worker all four."""
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def model(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        entered.release()
+        release.wait(5)
+        return items
+
+    batcher = MicroBatcher(model, BatchLimits(max_batch_items=8), num_workers=2)
+    batcher.start()
+    try:
+        deadline = time.monotonic() + 5
+        while batcher._num_idle_workers < 2 and time.monotonic() < deadline:  # both workers wait for work
+            time.sleep(0.01)
+        futures = batcher.submit_many([1, 2, 3, 4])
+        assert entered.acquire(timeout=5) and entered.acquire(timeout=5)
+        assert sorted(batches) == [[1, 2], [3, 4]]
+        release.set()
+        assert [f.result(5) for f in futures] == [1, 2, 3, 4]
+    finally:
+        release.set()
+        batcher.shutdown()

@@ -22,6 +22,7 @@ from inferd.models.bert import (
     POOLING_MODES,
     PoolingConfig,
     load_bert_encoder,
+    onednn_linear_available,
     read_sentence_encoder_files,
 )
 
@@ -113,11 +114,15 @@ def _hf_hidden(hf_model, sequences: list[list[int]]) -> tuple[torch.Tensor, torc
     return out.last_hidden_state, mask
 
 
-@pytest.mark.parametrize("model_type,hidden_act", [("bert", "gelu"), ("bert", "gelu_new"), ("roberta", "gelu")])
-def test_hidden_states_match_transformers(tmp_path: Path, model_type: str, hidden_act: str) -> None:
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "nn-linear"])
+@pytest.mark.parametrize(
+    "model_type,hidden_act", [("bert", "gelu"), ("bert", "gelu_new"), ("bert", "relu"), ("roberta", "gelu")]
+)
+def test_hidden_states_match_transformers(tmp_path: Path, model_type: str, hidden_act: str, onednn: bool) -> None:
     st_model = make_tiny_sentence_encoder(tmp_path, model_type=model_type, hidden_act=hidden_act, seed=1)
     hf_model = st_model[0].auto_model.eval()
-    ours = load_bert_encoder(tmp_path / "st")
+    ours = load_bert_encoder(tmp_path / "st", onednn=onednn)
+    assert ours.uses_onednn == (onednn and onednn_linear_available())
     sequences = _random_sequences(ours.config.vocab_size, [3, 17, 1 + 1, 40, 9, 64], seed=2)
     ref, _mask = _hf_hidden(hf_model, sequences)
     batch = ours.pack(sequences)
@@ -187,10 +192,11 @@ def test_max_seq_length_from_tokenizer_config(tmp_path: Path) -> None:
     assert read_sentence_encoder_files(str(tmp_path / "st")).max_seq_length == 20
 
 
-def test_batch_composition_never_changes_a_vector(tmp_path: Path) -> None:
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "nn-linear"])
+def test_batch_composition_never_changes_a_vector(tmp_path: Path, onednn: bool) -> None:
     """Each sequence alone == the same sequence inside batches of other sizes and orders, bitwise."""
     make_tiny_sentence_encoder(tmp_path, seed=5)
-    ours = load_bert_encoder(tmp_path / "st")
+    ours = load_bert_encoder(tmp_path / "st", onednn=onednn)
     pooling = PoolingConfig(("mean",), normalize=True)
     rng = random.Random(6)
     lengths = [rng.randrange(2, 65) for _ in range(40)] + [2, 3, 5, 7, 11]

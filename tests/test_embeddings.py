@@ -87,6 +87,22 @@ def test_real_default_matches_sentence_transformers(embedder: Embedder, st_model
         assert ids == st_ids[i][: int(st_mask[i].sum())].tolist()
 
 
+def test_int8_path_within_0_999_of_sentence_transformers(embedding_model_dir: Path, st_model) -> None:
+    """The opt-in int8 encoder: every vector within cosine 0.999 of sentence-transformers' float model, and still the
+    same bits alone as inside a batch."""
+    int8 = Embedder(embedding_model_dir, device="cpu", dtype="float32", quantization="int8")
+    assert type(int8.model.encoder.layers[0].ffn_up).__name__ == "QuantLinear"
+    texts = varied_texts()
+    ours = int8.embed(texts)
+    ref = st_model.encode(texts, batch_size=32, convert_to_numpy=True)
+    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() >= 0.999, (cosine.min(), texts[int(cosine.argmin())][:80])
+    alone = np.stack([int8.embed([t])[0] for t in texts[:30]])
+    assert np.array_equal(alone, ours[:30])
+    with pytest.raises(ValueError, match="unknown encoder quantization 'int4'; supported: none, int8"):
+        Embedder(embedding_model_dir, device="cpu", quantization="int4")
+
+
 def test_truncate_false_names_the_text(embedder: Embedder) -> None:
     with pytest.raises(ValueError, match=r"texts\[1\] has \d+ tokens, more than the model's max_seq_length 256"):
         embedder.embed(["short", "word " * 300], truncate=False)
@@ -142,6 +158,58 @@ def test_engine_rejects_bad_inputs_and_full_queue(embedder: Embedder) -> None:
     asyncio.run(run())
     assert not engine.is_running
     assert torch.get_num_threads() == threads_before  # num_threads held for the worker thread only
+
+
+def test_workers_compute_within_the_cpu_share(embedder: Embedder) -> None:
+    """Two single-threaded workers: both compute at once while no other model is busy, one at a time while
+    another model (a stand-in holder of the process's CpuThreadShare) is busy; vectors unchanged either way."""
+    import threading
+
+    from inferd.device import CPU_THREADS
+
+    model = embedder.model
+    token_id_lists = model.tokenizer.encode_batch(varied_texts(num_random=30, seed=3), truncate=True)
+    expected = np.stack([model.embed_token_ids([ids])[0] for ids in token_id_lists])
+    lock = threading.Lock()
+    now = {"computing": 0, "max": 0}
+
+    class Observed:  # the real model, with its concurrency counted
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def embed_token_ids(self, items):
+            with lock:
+                now["computing"] += 1
+                now["max"] = max(now["max"], now["computing"])
+            try:
+                return model.embed_token_ids(items)
+            finally:
+                with lock:
+                    now["computing"] -= 1
+
+    def run_all(other_busy: bool) -> tuple[np.ndarray, int]:
+        now["max"] = 0
+        engine = AsyncEmbedEngine(Observed(), EmbedOptions(num_threads=2, max_batch_items=2))  # type: ignore[arg-type]
+        other = CPU_THREADS.register()
+
+        async def run() -> list[np.ndarray]:
+            engine.start()
+            try:
+                if other_busy:
+                    other.mark_busy()
+                return await asyncio.gather(*(engine.embed([ids]) for ids in token_id_lists))
+            finally:
+                other.close()
+                engine.shutdown()
+
+        return np.concatenate(asyncio.run(run())), now["max"]
+
+    if CPU_THREADS.num_cpus < 2:
+        pytest.skip("one CPU: the share is one worker whatever else is busy")
+    vectors, max_computing = run_all(other_busy=True)
+    assert max_computing == 1 and np.array_equal(vectors, expected)
+    vectors, max_computing = run_all(other_busy=False)
+    assert max_computing == 2 and np.array_equal(vectors, expected)
 
 
 def test_options_are_validated() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from inferd.server.protocol_embeddings import (
     EmbeddingInputError,
     EmbeddingRequest,
     check_lengths,
+    embeddings_response_json,
     encode_vectors,
     parse_embedding_input,
     shorten,
@@ -88,3 +90,18 @@ def test_base64_is_what_the_openai_client_decodes() -> None:
     decoded = np.stack([np.frombuffer(base64.b64decode(s), dtype="float32") for s in encoded])
     assert np.array_equal(decoded, vectors)
     assert encode_vectors(vectors, "float") == vectors.tolist()
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+def test_response_json_is_what_json_dumps_writes(encoding_format: str) -> None:
+    """The fast serializer's body parses to exactly the object json.dumps would have written (every float too)."""
+    vectors = np.random.default_rng(0).standard_normal((5, 384)).astype(np.float32) * np.float32(1e-3)
+    vectors[0, :4] = [0.0, -0.0, 1.0e-38, 3.4e38]
+    body = embeddings_response_json(vectors, encoding_format, "m", 7)
+    expected = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(encode_vectors(vectors, encoding_format))],
+        "model": "m",
+        "usage": {"prompt_tokens": 7, "total_tokens": 7},
+    }
+    assert json.loads(body) == json.loads(json.dumps(expected))

@@ -6,16 +6,25 @@ budget in front of one `EmbeddingModel`.
     vectors = await engine.embed([[101, 7592, 102], [101, 2088, 102]])   # float32 [2, dim]
     engine.shutdown()
 
-Every input is one item of `inferd.batching.MicroBatcher` whose cost is its token count: the worker thread takes
-items FIFO while the batch stays within `max_batch_tokens` and `max_batch_items` (TEI's max_batch_tokens idea),
-runs them as one packed sequence (no padding), and items that arrive meanwhile form the next batch. A request's
-inputs may be split across batches; its vectors are the same either way (the encoder is batch-independent).
-Cancelling `embed` (the client left) drops its items that have not run yet.
+Every input is one item of `inferd.batching.MicroBatcher` whose cost is its token count: a free worker thread
+takes items FIFO while the batch stays within `max_batch_tokens` and `max_batch_items` (TEI's max_batch_tokens
+idea), runs them as one packed sequence (no padding), and items that arrive meanwhile form the next batch. A
+request's inputs may be split across batches; its vectors are the same either way (the encoder is
+batch-independent). Cancelling `embed` (the client left) drops its items that have not run yet.
+
+On CPU the engine has `num_threads` workers (default: one per CPU), each running its batch on ONE torch thread,
+rather than one worker whose kernels fan out to several OpenMP threads: a multi-threaded kernel ends at a barrier
+that waits for its slowest thread, and on a shared machine (other processes, this server's event loop, an LLM
+stepping beside it) that thread is often descheduled (benchmarks/RESULTS.md: on the project's loaded 2-core
+machine, batch 1 in process ran many times slower on two threads than on one). How many workers may compute at
+once follows the CPU share (inferd.device.CpuThreadShare): all of them while no other model computes, one per CPU
+left while an LLM decodes beside them.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +33,17 @@ import numpy as np
 import torch
 
 from inferd.batching import BatchLimits, BatchRecord, MicroBatcher
+from inferd.device import CPU_THREADS, CpuThreadHolder, num_cpus
 from inferd.embeddings.model import EmbeddingModel
 from inferd.serving import ModelKind
+
+
+def default_num_threads() -> int:
+    """The model's thread cap when the models file does not set num_threads: one worker per CPU."""
+    return num_cpus()
+
+
+_SHARE_RECHECK_S = 0.02  # a worker held back by the CPU share looks again this often (another model may be done)
 
 
 @dataclass(frozen=True)
@@ -38,9 +56,10 @@ class EmbedOptions:
     max_queue: int = 4096  # queued inputs at most; past that a request gets 429
     device: str = "auto"
     dtype: str = "auto"
-    # torch intra-op threads of this model's worker thread (0: torch's default, all cores). Set per thread, so an
-    # embedding model can be kept to part of the CPU beside an LLM; on a busy machine 1 thread avoids waiting at
-    # every kernel's thread barrier.
+    quantization: str = "none"  # "int8": opt-in int8 linear layers on CPU (EmbeddingModel.from_path)
+    # CPU threads this model computes on at most: that many single-threaded workers (0: default_num_threads()).
+    # Within that cap the model takes its share of the CPUs (inferd.device.CpuThreadShare): all of them while no
+    # other model computes, an even split while an LLM decodes beside it.
     num_threads: int = 0
 
     @classmethod
@@ -112,8 +131,13 @@ class AsyncEmbedEngine:
             max_wait_s=self.options.max_wait_ms / 1000.0,
             max_queue_items=self.options.max_queue,
         )
+        self._is_cpu = model.device == "cpu"
+        self._num_workers = (self.options.num_threads or default_num_threads()) if self._is_cpu else 1
+        self._cpu_threads: CpuThreadHolder | None = None  # set by start() on CPU
+        self._gate = threading.Condition()  # how many workers compute now, within the CPU share
+        self._num_computing = 0
         self._batcher: MicroBatcher[tuple[int, ...], np.ndarray] = MicroBatcher(
-            self._run_batch, limits, cost=len, on_batch=on_batch, name="inferd-embed"
+            self._run_batch, limits, cost=len, on_batch=on_batch, name="inferd-embed", num_workers=self._num_workers
         )
 
     @classmethod
@@ -125,7 +149,7 @@ class AsyncEmbedEngine:
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> AsyncEmbedEngine:
         parsed = EmbedOptions.from_mapping(options or {})
-        model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype)
+        model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype, quantization=parsed.quantization)
         return cls(model, parsed, on_batch=on_batch)
 
     # what the server and routes read
@@ -143,10 +167,15 @@ class AsyncEmbedEngine:
 
     # ServedEngine
     def start(self) -> None:
+        if self._is_cpu and self._cpu_threads is None:
+            self._cpu_threads = CPU_THREADS.register(max_threads=self._num_workers)
         self._batcher.start()
 
     def shutdown(self) -> None:
         self._batcher.shutdown()
+        if self._cpu_threads is not None:
+            self._cpu_threads.close()
+            self._cpu_threads = None
 
     @property
     def is_running(self) -> bool:
@@ -180,8 +209,22 @@ class AsyncEmbedEngine:
         return np.stack(rows)
 
     def _run_batch(self, items: list[tuple[int, ...]]) -> list[np.ndarray]:
-        # runs on the batcher's worker thread; torch's thread count set here holds for this thread only
-        if self.options.num_threads and torch.get_num_threads() != self.options.num_threads:
-            torch.set_num_threads(self.options.num_threads)
-        vectors = self.model.embed_token_ids(items)
-        return list(vectors)
+        # runs on one of the batcher's worker threads
+        holder = self._cpu_threads
+        if holder is None:  # not on CPU (or not started through start())
+            return list(self.model.embed_token_ids(items))
+        if torch.get_num_threads() != 1:  # per thread: this worker's kernels stay on its own thread
+            torch.set_num_threads(1)
+        with self._gate:
+            while self._num_computing >= holder.num_threads():  # the CPU share allows this many workers now
+                self._gate.wait(_SHARE_RECHECK_S)
+            self._num_computing += 1
+            holder.mark_busy()
+        try:
+            return list(self.model.embed_token_ids(items))
+        finally:
+            with self._gate:
+                self._num_computing -= 1
+                if self._num_computing == 0:
+                    holder.release()
+                self._gate.notify()

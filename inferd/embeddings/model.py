@@ -36,8 +36,12 @@ class EmbeddingModel:
         self.dtype = encoder.word_embeddings.weight.dtype
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto") -> EmbeddingModel:
-        """A resolved model directory (config.json of a BERT-family encoder, *.safetensors, tokenizer.json)."""
+    def from_path(
+        cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", quantization: str = "none"
+    ) -> EmbeddingModel:
+        """A resolved model directory (config.json of a BERT-family encoder, *.safetensors, tokenizer.json).
+        quantization "int8": most linear layers int8 x int8 on CPU (inferd.models.bert.INT8_LINEAR_NAMES; opt-in,
+        lowest cosine against sentence-transformers 0.9995 on all-MiniLM-L6-v2, benchmarks/RESULTS.md)."""
         path = os.fspath(path)
         if not is_encoder_dir(path):
             raise ValueError(f"{path!r} is not a directory with config.json of a BERT-family encoder (bert, roberta, xlm-roberta)")
@@ -49,7 +53,7 @@ class EmbeddingModel:
         tokenizer = EmbedTokenizer.from_dir(path, max_seq_length, do_lower_case=files.do_lower_case)
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} ids, the encoder {config.vocab_size}")
-        encoder = load_bert_encoder(path, resolved_device, torch_dtype(resolved_dtype))
+        encoder = load_bert_encoder(path, resolved_device, torch_dtype(resolved_dtype), quantization=quantization)
         return cls(encoder, tokenizer, files.pooling)
 
     def check_token_ids(self, token_ids: Sequence[int]) -> None:

@@ -41,6 +41,8 @@ class EmbedTokenizer:
     def encode_batch(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
         """Ids of every text, with special tokens; truncate: cut to max_seq_length (special tokens kept)."""
         backend = self._truncating if truncate else self._full
+        if len(texts) == 1:  # the common server request: no dispatch to the Rust thread pool
+            return [backend.encode(self._prepare(texts[0]), add_special_tokens=True).ids]
         return [e.ids for e in backend.encode_batch([self._prepare(t) for t in texts], add_special_tokens=True)]
 
     def decode(self, token_ids: Sequence[int]) -> str:

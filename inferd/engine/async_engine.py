@@ -260,7 +260,26 @@ class AsyncEngine:
 
     # ---- loop-thread side ------------------------------------------------------------------------------
 
+    def _cpu_threads(self) -> Any:
+        """This loop thread's CpuThreadHolder when the model runs on CPU (it then shares the CPUs with any other
+        model of this process that computes at the same time); None on a GPU."""
+        config = getattr(self.engine, "config", None)
+        if getattr(config, "device", None) != "cpu":
+            return None
+        from inferd.device import CPU_THREADS
+
+        return CPU_THREADS.register()
+
     def _run_loop(self) -> None:
+        assert self._loop is not None
+        cpu_threads = self._cpu_threads()
+        try:
+            self._run_steps(cpu_threads)
+        finally:
+            if cpu_threads is not None:
+                cpu_threads.close()
+
+    def _run_steps(self, cpu_threads: Any) -> None:
         assert self._loop is not None
         live_request_ids: set[str] = set()
         while not self._is_stopping:
@@ -279,7 +298,13 @@ class AsyncEngine:
 
             if live_request_ids and self.engine.has_unfinished_requests():
                 try:
-                    outputs = self.engine.step()
+                    if cpu_threads is not None:
+                        cpu_threads.claim()
+                    try:
+                        outputs = self.engine.step()
+                    finally:
+                        if cpu_threads is not None:
+                            cpu_threads.release()
                 except Exception as exc:
                     logger.exception("engine step failed; failing %d request(s)", len(live_request_ids))
                     for request_id in live_request_ids:

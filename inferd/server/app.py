@@ -147,10 +147,10 @@ class GuardMiddleware:
         """The whole body (bytes), an error response, or None if the client disconnected."""
         max_body_bytes = self.state.options.max_body_bytes
 
-        def too_large() -> JSONResponse:
-            return _guard_error(scope, 413, f"request body is larger than the limit of {max_body_bytes} bytes",
-                                code="request_too_large")  # fmt: skip
-
+        def too_large() -> JSONResponse:  # built only when needed: a JSONResponse costs tens of µs per request
+            return _guard_error(
+                scope, 413, f"request body is larger than the limit of {max_body_bytes} bytes", code="request_too_large"
+            )
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:

@@ -10,7 +10,6 @@ used as given) -> too long: 400 naming the input's index, or cut to the model's 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ from inferd.server.protocol_embeddings import (
     EmbeddingInputError,
     EmbeddingRequest,
     check_lengths,
-    encode_vectors,
+    embeddings_response_json,
     parse_embedding_input,
     shorten,
 )
@@ -92,19 +91,10 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
         except ValueError as exc:
             raise bad_request(str(exc), "input") from None
         vectors = shorten(vectors, body.dimensions, engine.dimension)
-        payload = {
-            "object": "list",
-            "data": [
-                {"object": "embedding", "index": i, "embedding": value}
-                for i, value in enumerate(encode_vectors(vectors, body.encoding_format))
-            ],
-            "model": served.name,
-            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
-        }
+        content = embeddings_response_json(vectors, body.encoding_format, served.name, num_tokens)
         status = "ok"
         headers = {CACHE_HEADER: cache_status} if cache_status is not None else None
-        return Response(content=json.dumps(payload, separators=(",", ":")), media_type="application/json",
-                        headers=headers)
+        return Response(content=content, media_type="application/json", headers=headers)
     except asyncio.CancelledError:
         status = "aborted"  # the client went away; its queued inputs were dropped
         raise
