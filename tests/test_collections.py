@@ -183,8 +183,8 @@ def test_bad_input_names_the_field(tmp_path):
         (lambda: col.upsert([Item("a", np.zeros(4))]), "items[0].vector"),
         (lambda: col.upsert([Item("a", np.ones(4)), Item("a", np.ones(4))]), "items[1].id"),
         (lambda: col.upsert([Item("", np.ones(4))]), "items[0].id"),
-        (lambda: col.upsert([Item("a", np.ones(4), {"x": float("nan")})]), "items"),
-        (lambda: col.upsert([Item("a", np.ones(4), {"x": object()})]), "items"),
+        (lambda: col.upsert([Item("a", np.ones(4), {"x": float("nan")})]), "items[0].metadata"),
+        (lambda: col.upsert([Item("a", np.ones(4), {"x": object()})]), "items[0].metadata"),
         (lambda: col.query(np.ones(4), k=0), "k"),
         (lambda: col.query(np.ones(4), k=100_000), "k"),
         (lambda: col.query(np.ones(5), k=1), "vector"),
@@ -347,9 +347,11 @@ def test_kill_9_keeps_every_acknowledged_write(tmp_path):
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         out = first + out
-        for line in out.splitlines():
-            parts = line.split(" ", 1)
-            if parts[0] == "ack" and line.endswith(tuple("0123456789")):
+        for line in out.splitlines(keepends=True):
+            if not line.endswith("\n"):  # print() writes a line in pieces: the kill can cut the last one short
+                continue
+            parts = line[:-1].split(" ", 1)
+            if parts[0] == "ack":
                 ids_json, batch = parts[1].rsplit(" ", 1)
                 for i in json.loads(ids_json):
                     acked[i] = int(batch)
@@ -377,6 +379,7 @@ def test_usearch_is_imported_in_one_module_lazily():
 STRESS = r"""
 import sys, threading, numpy as np
 from inferd.collections import CollectionStore, Item
+from inferd.collections.collection import NotFoundError
 col = CollectionStore(sys.argv[1], exact_max_vectors=300).create("s", dimension=48, metric="cosine")
 rng = np.random.default_rng(0)
 x = rng.standard_normal((6000, 48)).astype(np.float32)
@@ -389,8 +392,13 @@ def reader(seed):
             col.describe()
             flt = {"g": int(r.integers(3))} if seed % 2 else None
             res = col.query(r.standard_normal(48).astype(np.float32), k=5, filter=flt)
-            if len(col):
-                col.get(res[0].id) if res else None
+            if res:
+                try:
+                    col.get(res[0].id)
+                except NotFoundError:  # deleted between the query and the get: only an id this loop deletes
+                    i = int(res[0].id)
+                    if (i - i // 200 * 200) % 9:
+                        raise
         except Exception as e:
             errors.append(repr(e))
 readers = [threading.Thread(target=reader, args=(i,)) for i in range(3)]

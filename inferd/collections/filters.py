@@ -19,7 +19,7 @@ item's metadata, so $eq/$in are set lookups; the other operators check the candi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,8 +162,8 @@ class MetadataIndex:
                     del by_value[tagged]
 
     def matching_keys(self, conditions: list[FieldCondition], all_keys: Iterable[int],
-                      metadata_of: Mapping[int, Mapping[str, Any]]) -> set[int]:
-        """Keys whose metadata satisfies every condition."""
+                      metadata_of: Callable[[int], Mapping[str, Any] | None]) -> set[int]:
+        """Keys whose metadata satisfies every condition (`metadata_of(key)` decodes one item's metadata)."""
         candidates: set[int] | None = None
         for cond in conditions:
             by_value = self._postings.get(cond.field, {})
@@ -177,4 +177,4 @@ class MetadataIndex:
         if not rest:
             return candidates if candidates is not None else set(all_keys)
         pool = candidates if candidates is not None else all_keys
-        return {k for k in pool if all(_matches_rest(c, metadata_of.get(k)) for c in rest)}
+        return {k for k in pool if all(_matches_rest(c, metadata_of(k)) for c in rest)}
