@@ -204,34 +204,44 @@ def test_bad_input_names_the_field(tmp_path):
 
 
 def test_hnsw_recall_and_exact_filters(tmp_path):
-    """Past exact_max_vectors a background indexer builds the graph: recall vs exact, filters still exact."""
+    """Past exact_max_vectors a background indexer builds the graph: recall vs exact; a filter with few matches
+    is answered exactly, one with many through the graph (every result matches; recall vs exact >= 0.95)."""
     rng = np.random.default_rng(3)
     n, dim = 6000, 32
     col = CollectionStore(tmp_path, exact_max_vectors=1000).create("c", dimension=dim, metric="cosine")
     vectors = rng.standard_normal((n, dim)).astype(np.float32)
     ids = [f"v{i}" for i in range(n)]
     for start in range(0, n, 1000):
-        col.upsert([Item(ids[i], vectors[i], {"group": i % 10}) for i in range(start, start + 1000)])
+        col.upsert([Item(ids[i], vectors[i], {"group": i % 10, "rare": i % 100 == 7})
+                    for i in range(start, start + 1000)])
         # acknowledged = searchable at once, indexed or not: an item's own vector finds it first
         i = start + 999
         assert col.query(vectors[i], k=1)[0].id == ids[i]
     assert col.wait_indexed(timeout_s=300)
     described = col.describe()
     assert described["index"] == "hnsw" and described["unindexed"] == 0 and described["count"] == n
-    hits = 0
-    allowed = {ids[i] for i in range(n) if i % 10 == 3}
+    hits = filtered_hits = 0
+    in_group = {ids[i] for i in range(n) if i % 10 == 3}
+    rare = {ids[i] for i in range(n) if i % 100 == 7}
     for _ in range(50):
         q = rng.standard_normal(dim).astype(np.float32)
         truth = {e[0] for e in reference_search(vectors, ids, q, "cosine", 10)}
         hits += len(truth & {r.id for r in col.query(q, k=10)})
-        # 600 matching items (< exact_max_vectors): exact over the matches, scored on the graph's float16 copies.
+        # 600 matches (600^2 > 5 * 10 * 6000): the graph, searched deeper, keeps only matches.
         got = col.query(q, k=10, filter={"group": 3})
-        expected = reference_search(vectors, ids, q, "cosine", 10, allowed)
-        true_score = dict(reference_search(vectors, ids, q, "cosine", n, allowed))
-        assert all(r.id in allowed and abs(r.score - true_score[r.id]) < 2e-3 for r in got)
+        true_score = dict(reference_search(vectors, ids, q, "cosine", n, in_group))
+        assert len(got) == 10 and all(r.id in in_group and abs(r.score - true_score[r.id]) < 2e-3 for r in got)
+        filtered_hits += len({e[0] for e in reference_search(vectors, ids, q, "cosine", 10, in_group)}
+                             & {r.id for r in got})
+        # 60 matches: exact over the matches, scored on the graph's float16 copies.
+        got = col.query(q, k=10, filter={"rare": True})
+        expected = reference_search(vectors, ids, q, "cosine", 10, rare)
+        true_score = dict(reference_search(vectors, ids, q, "cosine", n, rare))
+        assert all(r.id in rare and abs(r.score - true_score[r.id]) < 2e-3 for r in got)
         tenth = expected[-1][1]
         assert {e[0] for e in expected if e[1] > tenth + 4e-3} <= {r.id for r in got}  # only near-ties may swap
     assert hits / 500 >= 0.95
+    assert filtered_hits / 500 >= 0.95
     col.delete(ids[:100])
     q = rng.standard_normal(dim).astype(np.float32)
     assert set(ids[:100]).isdisjoint(r.id for r in col.query(q, k=200))

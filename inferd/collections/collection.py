@@ -21,7 +21,7 @@ Index: two parts, both searched by every query and merged by score.
     record is on disk and its vectors are in `flat`, so bulk loads run at log speed, not graph-insert speed,
     and every acknowledged vector is searchable at once (exactly, until the indexer reaches it).
 Filtered queries are answered exactly over the keys that match the filter when there are few of them, else by
-the graph with oversampling (falling back to exact when it returns too few matches).
+the graph with oversampling (deeper, then exact, when it returns too few matches): `_search_subset`.
 
 Threading: public methods take the collection's lock (`_lock`) and are called from worker threads, not the
 event loop. Every call into the graph also takes `_graph_lock`: usearch's Python index is not safe to read
@@ -63,6 +63,9 @@ DEFAULT_COMPACT_WAL_BYTES = 256 << 20
 MAX_K = 1000
 # Largest k of a query answered without waiting (`query(wait=False)`): a graph search stays ~1 ms up to here.
 MAX_QUICK_K = 100
+# A filtered query with many matches asks the graph for this many times k / (fraction of items matching)
+# neighbours (`_search_subset`).
+FILTER_OVERSAMPLING = 5
 # Vectors the indexer moves from `flat` into the graph per step (tens of ms of graph inserts on 2 quiet cores;
 # a query waits for the step in progress).
 INDEXER_CHUNK = 128
@@ -484,7 +487,8 @@ class Collection:
         excluded = {self._key_by_id[x] for x in exclude if x in self._key_by_id}
         if conditions:
             allowed = self._metadata_index.matching_keys(conditions, self._key_by_id.values(), self._metadata_of)
-            allowed -= excluded
+            if excluded:
+                allowed = allowed - excluded
             keys, scores = self._search_subset(query, k, allowed)
         else:
             keys, scores = self._search_all(query, k, excluded)
@@ -525,23 +529,36 @@ class Collection:
         return self._merge(parts, k, excluded)
 
     def _search_subset(self, query: np.ndarray, k: int, allowed: set[int]) -> tuple[np.ndarray, np.ndarray]:
-        if not allowed:
+        """Best k of the keys in `allowed` (read only: it can be the metadata index's own posting set).
+
+        Few matches: scored exactly (each one's vector read back from the graph, a few us apiece). Many: the graph
+        is asked for enough neighbours that ~FILTER_OVERSAMPLING * k of them should match, four times as many
+        again while fewer than k did, and the matching vectors not in the graph yet are scored exactly. Exact
+        while num_matches^2 <= FILTER_OVERSAMPLING * k * num_vectors, i.e. while reading the matches back costs
+        about what searching that deep (~12 us per neighbour past ef) would.
+        """
+        num_allowed = len(allowed)
+        if num_allowed == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        subset = np.fromiter(allowed, dtype=np.int64, count=len(allowed))
-        if self._graph is not None and len(allowed) > self.exact_max_vectors:
-            # Many matches: the graph, asked for enough neighbours that ~2k of them should pass the filter, and
-            # the matching vectors not yet in the graph exactly.
-            with self._graph_lock:
-                total = len(self._graph)
-                num_fetch = min(total, max(4 * k, int(2 * k * total / len(allowed))))
-                graph_keys, graph_scores = self._graph.search(query, num_fetch)
-            keep = np.array([key in allowed for key in graph_keys.tolist()], dtype=bool)
-            flat_keys = np.array([key for key in subset.tolist() if self._flat.has(key)], dtype=np.int64)
-            flat_part = (flat_keys, self._flat.exact_scores(flat_keys, query)) if len(flat_keys) else None
-            merged = self._merge([(graph_keys[keep], graph_scores[keep])] + ([flat_part] if flat_part else []),
-                                 k, set())
-            if keep.sum() >= k:
-                return merged
+        if self._graph is not None:
+            num_vectors = len(self._flat) + len(self._graph)
+            if num_allowed * num_allowed > FILTER_OVERSAMPLING * k * num_vectors:
+                flat_keys, flat_matrix = self._flat.all()
+                is_allowed = np.fromiter((key in allowed for key in flat_keys.tolist()), dtype=bool,
+                                         count=len(flat_keys))
+                flat_part = (flat_keys[is_allowed], _exact_scores(flat_matrix[is_allowed], query, self.config.metric))
+                num_fetch = max(4 * k, math.ceil(FILTER_OVERSAMPLING * k * num_vectors / num_allowed))
+                for _ in range(3):
+                    with self._graph_lock:
+                        num_graph = len(self._graph)
+                        graph_keys, graph_scores = self._graph.search(query, min(num_fetch, num_graph))
+                    keep = np.fromiter((key in allowed for key in graph_keys.tolist()), dtype=bool,
+                                       count=len(graph_keys))
+                    merged = self._merge([(graph_keys[keep], graph_scores[keep]), flat_part], k, set())
+                    if len(merged[0]) >= k or num_fetch >= num_graph:
+                        return merged
+                    num_fetch *= 4
+        subset = np.fromiter(allowed, dtype=np.int64, count=num_allowed)
         scores = _exact_scores(self._vectors(subset), query, self.config.metric)
         best = top_k(scores, k)
         return subset[best], scores[best]
