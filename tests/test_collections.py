@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,6 +141,42 @@ def test_filters_match_brute_force(tmp_path):
         got = col.query(q, k=20, filter=flt)
         assert_same_results(got, reference_search(vectors, ids, q, "cosine", 20, allowed))
         assert all(matches(r.metadata, flt) for r in got)
+
+
+def test_query_without_waiting_answers_the_same_or_steps_aside(tmp_path):
+    """`query(wait=False)` (what the server runs on its event loop) gives the answer `query()` gives, or None at
+    once: for a filter that reads every item's metadata, or while another thread holds the collection's locks."""
+    rng = np.random.default_rng(8)
+    col = CollectionStore(tmp_path).create("c", dimension=DIM, metric="cosine")
+    items = make_items(rng, 300)
+    col.upsert(items)
+    q = rng.standard_normal(DIM).astype(np.float32)
+    for kwargs in ({"k": 10}, {"k": 5, "filter": {"genre": "jazz"}}, {"k": 5, "filter": {"tags": {"$in": ["t1"]}}},
+                   {"id": "item3", "k": 4}, {"k": 3, "exclude": ["item1"]}):
+        vector = None if "id" in kwargs else q
+        quick = col.query(vector, **kwargs, wait=False)
+        assert quick is not None and quick == col.query(vector, **kwargs)
+    assert col.query(q, k=5, filter={"year": {"$gte": 1990}}, wait=False) is None  # reads every item's metadata
+    assert col.query(q, k=200, wait=False) is None  # k past MAX_QUICK_K
+    with pytest.raises(InvalidRequestError):  # bad input is still refused at once
+        col.query(q, k=0, wait=False)
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        with col._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(30)
+    try:
+        # None, not the answer: waiting would have lasted until the holder's 30 s ran out, then answered
+        assert col.query(q, k=10, wait=False) is None
+    finally:
+        release.set()
+        holder.join()
+    assert col.query(q, k=10, wait=False) == col.query(q, k=10)
 
 
 def test_upsert_replace_delete_get_and_reload(tmp_path):
