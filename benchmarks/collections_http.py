@@ -213,10 +213,11 @@ def main() -> int:
           f"load average at start: {load_average()}", flush=True)
     t = time.perf_counter()
     base, queries = make_dataset("clustered", args.n, args.queries, args.dim, seed=0)
-    truth = exact_top_k(base, queries, K)
     group_of = np.arange(args.n) % 10  # metadata {"group": i % 10}: a filter on one group keeps 10%
-    allowed = np.flatnonzero(group_of == 3)
-    truth_f = allowed[exact_top_k(base[allowed], queries, K)]
+    if not args.skip_queries:
+        truth = exact_top_k(base, queries, K)
+        allowed = np.flatnonzero(group_of == 3)
+        truth_f = allowed[exact_top_k(base[allowed], queries, K)]
     print(f"# dataset and exact answers: {time.perf_counter() - t:.0f} s", flush=True)
     collections_dir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="inferd-collections-bench-"))
     collections_dir.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,10 @@ Filtered queries are answered exactly over the keys that match the filter when t
 the graph with oversampling (deeper, then exact, when it returns too few matches): `_search_subset`.
 
 Threading: public methods take the collection's lock (`_lock`) and are called from worker threads, not the
-event loop. Every call into the graph also takes `_graph_lock`: usearch's Python index is not safe to read
-(search, get, memory_usage) while another thread inserts (a server segfaulted that way in the HTTP benchmark).
-The indexer inserts a chunk holding only `_graph_lock`, so upserts and exact work go on meanwhile, and a
+event loop, except `query(wait=False)`, which takes both locks only if they are free and otherwise returns None
+at once (the server's event loop calls it). Every call into the graph also takes `_graph_lock`: usearch's
+Python index is not safe to read (search, get, memory_usage) while another thread inserts (a server segfaulted
+that way in the HTTP benchmark). The indexer inserts a chunk holding only `_graph_lock`, so upserts and exact work go on meanwhile, and a
 query waits at most one chunk's insert time. Lock order: `_lock` before `_graph_lock`.
 """
 
