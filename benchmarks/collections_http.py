@@ -164,12 +164,12 @@ def httpx_query_fn(client: httpx.Client):
     return query
 
 
-def http_queries(query, queries: np.ndarray, filter_group: int | None) -> tuple[list[float], np.ndarray]:
+def http_queries(query, queries: np.ndarray, filter_group: int | None, k: int = K) -> tuple[list[float], np.ndarray]:
     """Latency of each query (the request's round trip, response read; JSON decoding of the answer after the clock)."""
     latencies, found = [], []
     bodies = []
     for q in queries:
-        body = {"vector": q.tolist(), "k": K}
+        body = {"vector": q.tolist(), "k": k}
         if filter_group is not None:
             body["filter"] = {"group": filter_group}
         bodies.append(json.dumps(body).encode())
@@ -275,6 +275,14 @@ def main() -> int:
                 p50, p99 = percentiles_ms(lat)
                 rows[f"HTTP vector query, k=10, filter 10% ({client_name})"] = (
                     f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, recall@10 {recall_at_k(found_f, truth_f):.4f}")
+            # The worker-thread hop, A/B: k=100 is answered on the event loop, k=101 (past MAX_QUICK_K) on a worker
+            # thread; both search the graph at ef=128 and return ~100 results.
+            query = raw_query_fn(port)
+            for k in (100, 101, 100, 101):
+                lat, _ = http_queries(query, queries, None, k=k)
+                p50, p99 = percentiles_ms(lat)
+                rows[f"HTTP vector query, k={k} ({'event loop' if k == 100 else 'worker thread'}, http.client)"] = (
+                    f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
 
         if args.texts:
             rng = random.Random(0)
