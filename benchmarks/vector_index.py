@@ -388,16 +388,19 @@ def crossover(cache_dir: Path, dim: int, sizes: list[int]) -> list[dict]:
 
 
 def machine_line() -> str:
-    flags = ""
+    flags, model = "", platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
                 if line.startswith("flags"):
-                    flags = " ".join(sorted(x for x in line.split() if x.startswith("avx512f") or x in ("avx2", "fma")))
+                    flags = " ".join(sorted(x for x in line.split() if x.startswith("avx512") or x in ("avx2", "fma",
+                                                                                                     "f16c")))
                     break
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, flags: {flags}"
+    return f"{model}, {os.cpu_count()} CPUs, flags: {flags}"
 
 
 def fmt(x, spec):

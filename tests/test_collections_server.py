@@ -136,7 +136,7 @@ def test_bad_input_gets_4xx_naming_the_field_and_the_server_lives_on(server):
         (post("/v1/collections/strict/items", '{"items": [{"id": "a", "vector": [1, 0, 0, 0]}'), 400, None),
         (post("/v1/collections/strict/items", '{"items": "x"}'), 400, "items"),
         (post("/v1/collections/strict/items", '{"items": [{"id": "a", "vector": [1, 0, 0, 0], '
-                                              '"metadata": {"x": NaN}}]}'), 400, "items"),
+                                              '"metadata": {"x": NaN}}]}'), 400, "items[0].metadata"),
         (post("/v1/collections/strict/items", '{"items": [{"id": 5, "vector": [1, 0, 0, 0]}]}'), 400, "items"),
         (post("/v1/collections/strict/query", '{"vector": [1, 0, 0, 0], "k": 0}'), 400, "k"),
         (post("/v1/collections/strict/query", '{"vector": [1, 0, 0, 0], "k": 1001}'), 400, "k"),

@@ -19,7 +19,7 @@ item's metadata, so $eq/$in are set lookups; the other operators check the candi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,8 +162,11 @@ class MetadataIndex:
                     del by_value[tagged]
 
     def matching_keys(self, conditions: list[FieldCondition], all_keys: Iterable[int],
-                      metadata_of: Mapping[int, Mapping[str, Any]]) -> set[int]:
-        """Keys whose metadata satisfies every condition."""
+                      metadata_of: Callable[[int], Mapping[str, Any] | None]) -> set[int]:
+        """Keys whose metadata satisfies every condition (`metadata_of(key)` decodes one item's metadata).
+
+        Read only: a single equality answers with its posting set itself (no copy of 100k keys per query).
+        """
         candidates: set[int] | None = None
         for cond in conditions:
             by_value = self._postings.get(cond.field, {})
@@ -172,9 +175,9 @@ class MetadataIndex:
                     hits = set().union(*(by_value.get(v, ()) for v in wanted)) if wanted else set()
                 else:
                     hits = by_value.get(wanted, set())
-                candidates = set(hits) if candidates is None else candidates & hits
+                candidates = hits if candidates is None else candidates & hits
         rest = [c for c in conditions if c.not_eq is not None or c.none_of is not None or c.ranges]
         if not rest:
             return candidates if candidates is not None else set(all_keys)
         pool = candidates if candidates is not None else all_keys
-        return {k for k in pool if all(_matches_rest(c, metadata_of.get(k)) for c in rest)}
+        return {k for k in pool if all(_matches_rest(c, metadata_of(k)) for c in rest)}

@@ -17,7 +17,9 @@ A "vector" is a JSON list of numbers or, for speed, a base64 string of little-en
 The store (every collection under $INFERD_HOME/collections) opens in this router's lifespan, so a restarted
 server answers with every collection it acknowledged writes to. Text is embedded by the collection's model,
 served by this same server (`state.use_model(model, ModelKind.EMBED)`, which wakes a model asleep after its
-keep-alive). Collection work runs on worker threads: an upsert returns after its log record is fsync'd.
+keep-alive). Collection work runs on worker threads (an upsert returns after its log record is fsync'd), except
+a quick query whose locks are free, answered on the event loop (`Collection.query(wait=False)`): the hop to a
+thread and back cost more than the ~1 ms graph search (benchmarks/RESULTS.md, "Collections over HTTP").
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -254,7 +257,7 @@ async def delete_item(request: Request, name: str, item_id: str) -> dict[str, An
 
 @router.post("/v1/collections/{name}/query", openapi_extra={"requestBody": {"content": {"application/json": {
     "schema": QueryRequest.model_json_schema()}}, "required": True}})
-async def query(request: Request, name: str) -> dict[str, Any]:
+async def query(request: Request, name: str) -> Response:
     collection = _collection(request, name)
     body: QueryRequest = await _parse(request, QueryRequest)
     given = [f for f in ("text", "vector", "id") if getattr(body, f) is not None]
@@ -268,6 +271,12 @@ async def query(request: Request, name: str) -> dict[str, Any]:
             raise bad_request(f"text: longer than {MAX_TEXT_CHARS} characters", "text")
         engine = await _embed_engine(request, collection, "text")
         vector = (await embed_texts(engine, [body.text], collection.config.model))[0]
-    results = await _call(collection.query, vector, id=body.id, k=body.k, filter=body.filter, exclude=body.exclude)
-    return {"object": "list",
-            "results": [{"id": r.id, "score": r.score, "metadata": r.metadata} for r in results]}
+    query_args = {"id": body.id, "k": body.k, "filter": body.filter, "exclude": body.exclude}
+    try:  # a quick query with free locks is answered here: ~1 ms, less than the hop to a worker thread and back
+        results = collection.query(vector, **query_args, wait=False)
+    except CollectionError as exc:
+        raise _api_error(exc) from None
+    if results is None:
+        results = await _call(collection.query, vector, **query_args)
+    payload = {"object": "list", "results": [{"id": r.id, "score": r.score, "metadata": r.metadata} for r in results]}
+    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
