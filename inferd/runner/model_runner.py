@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,11 +91,13 @@ class ModelRunner:
         num_scheduled_tokens: dict[str, int],
         block_ids_of: dict[str, list[int]],
         spec_token_ids: dict[str, list[int]] | None = None,
+        proposal_probs: dict[str, torch.Tensor] | None = None,
     ) -> StepResult:
-        """`spec_token_ids`: request_id -> proposals scheduled after its last known token (SchedulerOutput)."""
+        """`spec_token_ids`: request_id -> proposals scheduled after its last known token (SchedulerOutput).
+        `proposal_probs`: request_id -> the proposer's distribution q [k, V] each of its k proposals was drawn
+        from (a draft model's; absent: a point mass on each proposal, the n-gram case)."""
         spec_token_ids = spec_token_ids or {}
         bs = self.block_size
-        num_seqs = len(scheduled_requests)
         query_start_loc = [0]
         seq_lens: list[int] = []
         num_computed: list[int] = []
@@ -124,9 +127,57 @@ class ModelRunner:
                 sample_rows.append(i)
                 logits_token_indices.extend(range(t - 1 - len(proposals), t))
         num_tokens = t
-        max_blocks = max((seq_len + bs - 1) // bs for seq_len in seq_lens)
         masks = self._start_bitmasks([scheduled_requests[i] for i in sample_rows], spec_token_ids)
+        hidden = self._forward(num_tokens, query_start_loc, seq_lens, num_computed)
+        if not sample_rows:
+            return StepResult({}, {}, {})
+        idx = torch.tensor(logits_token_indices, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
 
+        reqs = [scheduled_requests[i] for i in sample_rows]
+        proposal_probs = proposal_probs or {}
+        try:
+            token_bitmask = masks.result() if masks is not None else None
+            return self._sample(logits, reqs, spec_token_ids, token_bitmask, proposal_probs)
+        except Exception:
+            # One request's data (a parameter, its penalties, its grammar) can break a whole batch's sampling:
+            # sample each request alone so only the ones at fault fail.
+            logger.exception("sampling %d request(s) together failed; sampling each alone", len(reqs))
+            return self._sample_each_alone(logits, reqs, spec_token_ids, proposal_probs)
+
+    @torch.inference_mode()
+    def compute_last_logits(self, chunks: list[tuple[Sequence[int], int, list[int]]]) -> torch.Tensor:
+        """Run the model over bare token chunks, one per sequence: (token ids to compute, position of the first,
+        the sequence's block table covering every position computed). Writes their K/V into this runner's cache
+        and returns float32 logits [B, V] at each chunk's last token. At most max_num_batched_tokens tokens and
+        max_num_seqs chunks in all (what a draft model's proposer asks; no sampling here)."""
+        bs = self.block_size
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        num_computed: list[int] = []
+        t = 0
+        for i, (token_ids, start, block_ids) in enumerate(chunks):
+            n = len(token_ids)
+            self._input_ids_np[t : t + n] = token_ids
+            pos = np.arange(start, start + n, dtype=np.int64)
+            self._positions_np[t : t + n] = pos
+            table = np.asarray(block_ids, dtype=np.int64)
+            self._slot_mapping_np[t : t + n] = table[pos // bs] * bs + pos % bs
+            self._block_tables_np[i, : len(block_ids)] = table
+            t += n
+            query_start_loc.append(t)
+            seq_lens.append(start + n)
+            num_computed.append(start)
+        hidden = self._forward(t, query_start_loc, seq_lens, num_computed)
+        idx = torch.tensor(query_start_loc[1:], dtype=torch.long, device=self.device) - 1
+        return self.model.compute_logits(hidden.index_select(0, idx))
+
+    def _forward(self, num_tokens: int, query_start_loc: list[int], seq_lens: list[int],
+                 num_computed: list[int]) -> torch.Tensor:
+        """The model over the first `num_tokens` entries of the step buffers -> hidden [T, hidden]."""
+        bs = self.block_size
+        num_seqs = len(seq_lens)
+        max_blocks = max((seq_len + bs - 1) // bs for seq_len in seq_lens)
         dev = self.device
         input_ids = torch.from_numpy(self._input_ids_np[:num_tokens]).to(dev, non_blocking=True)
         positions = torch.from_numpy(self._positions_np[:num_tokens]).to(dev, non_blocking=True)
@@ -139,27 +190,14 @@ class ModelRunner:
             block_size=bs,
             device=dev,
         )
-        hidden = self.model(input_ids, positions, attn_metadata, self.kv_caches)
-        if not sample_rows:
-            return StepResult({}, {}, {})
-        idx = torch.tensor(logits_token_indices, dtype=torch.long, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, idx))
-
-        reqs = [scheduled_requests[i] for i in sample_rows]
-        try:
-            token_bitmask = masks.result() if masks is not None else None
-            return self._sample(logits, reqs, spec_token_ids, token_bitmask)
-        except Exception:
-            # One request's data (a parameter, its penalties, its grammar) can break a whole batch's sampling:
-            # sample each request alone so only the ones at fault fail.
-            logger.exception("sampling %d request(s) together failed; sampling each alone", len(reqs))
-            return self._sample_each_alone(logits, reqs, spec_token_ids)
+        return self.model(input_ids, positions, attn_metadata, self.kv_caches)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
-                token_bitmask: TokenBitmask | None) -> StepResult:
+                token_bitmask: TokenBitmask | None,
+                proposal_probs: dict[str, torch.Tensor] | None = None) -> StepResult:
         """`logits` [sum(k_i + 1), V] for `reqs` in order (k_i proposals of request i, 0 without)."""
         if any(r.request_id in spec_token_ids for r in reqs):
-            return self._verify(logits, reqs, spec_token_ids, token_bitmask)
+            return self._verify(logits, reqs, spec_token_ids, token_bitmask, proposal_probs or {})
         md = build_sampling_metadata(
             params=[r.sampling_params for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
@@ -180,8 +218,8 @@ class ModelRunner:
                 result.logprobs[rid] = [out.logprobs[row]]
         return result
 
-    def _sample_each_alone(self, logits: torch.Tensor, reqs: list[Request],
-                           spec_token_ids: dict[str, list[int]]) -> StepResult:
+    def _sample_each_alone(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
+                           proposal_probs: dict[str, torch.Tensor]) -> StepResult:
         result = StepResult({}, {}, {})
         first_row = 0
         for req in reqs:
@@ -194,7 +232,7 @@ class ModelRunner:
                     mask = _fill_bitmasks([(0, req.grammar_matcher, proposals)], self.arch_config.vocab_size,  # type: ignore[list-item]
                                           self.device)
                 alone = self._sample(logits[first_row : first_row + num_rows], [req],
-                                     {rid: proposals} if proposals else {}, mask)
+                                     {rid: proposals} if proposals else {}, mask, proposal_probs)
             except Exception as exc:
                 logger.exception("request %s: sampling failed", rid)
                 result.failed[rid] = f"sampling failed: {type(exc).__name__}: {exc}"
@@ -225,7 +263,8 @@ class ModelRunner:
         return self._grammar_pool.submit(_fill_bitmasks, entries, vocab_size, self.device)
 
     def _verify(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
-                token_bitmask: TokenBitmask | None = None) -> StepResult:
+                token_bitmask: TokenBitmask | None = None,
+                proposal_probs: dict[str, torch.Tensor] | None = None) -> StepResult:
         """`logits` [sum(k_i + 1), V]: each request's rows at its last known token and its k_i proposals. Row j of a
         request sees proposals[:j] as output (penalties, min_tokens)."""
         proposals = [spec_token_ids.get(r.request_id, []) for r in reqs]
@@ -243,7 +282,11 @@ class ModelRunner:
             device=self.device,
         )
         md.token_bitmask = token_bitmask
-        out = self.sampler.verify(logits, md, proposals, generators)
+        probs_of = proposal_probs or {}
+        # q of request i sliced to its scheduled proposals (the scheduler may cut a draft's run short).
+        q = [probs_of[r.request_id][: len(p)] if r.request_id in probs_of and p else None
+             for r, p in zip(reqs, proposals)]
+        out = self.sampler.verify(logits, md, proposals, generators, q)
         result = StepResult({}, {}, {})
         for i, req in enumerate(reqs):
             rid = req.request_id
@@ -278,4 +321,5 @@ def _fill_bitmasks(
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+    dtype = getattr(model, "dtype", None)  # a view over another model's weights (models/early_exit.py) says it
+    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
