@@ -101,7 +101,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(config, model, arch_config, num_blocks)
         self.draft_proposer = None
-        if draft_model is not None and config.speculative != "off":
+        if draft_model is not None and config.speculative in ("auto", "draft"):
             self.draft_proposer = DraftModelProposer(config, draft_model, draft_arch_config, num_blocks,
                                                      target_vocab_size=arch_config.vocab_size)
         self.spec_policy = SpeculativePolicy(config.speculative, config.num_speculative_tokens,
@@ -177,7 +177,7 @@ class LLMEngine:
                 file=sys.stderr,
             )
         draft_model = draft_arch_config = None
-        if config.speculative_model is not None and config.speculative != "off":
+        if config.speculative_model is not None and config.speculative in ("auto", "draft"):
             started = time.perf_counter()
             draft_model, draft_arch_config = _load_draft_model(
                 config.speculative_model, model, arch_config, tokenizer, device=device, dtype=dtype,
