@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/spec_decode.py [--model smollm2-135m-instruct] [--new-tokens 160]
         [--batch 16] [--batch-new-tokens 64] [--repeats 3] [--modes off,auto,ngram,draft]
-        [--speculative-model self:8]
+        [--speculative-model self:8] [--draft-num-tokens 3]
 
 1. Single stream, input-grounded: each task of benchmarks/spec_decode_tasks.json (edit a function of this
    repository: rename a variable, add a docstring; the answer copies most of the input) alone, greedy,
@@ -86,6 +86,8 @@ def main() -> int:
     ap.add_argument("--speculative-model", default="self:8",
                     help="the draft of mode draft: a model with the same tokenizer, or self:K (first K layers)")
     ap.add_argument("--num-speculative-tokens", type=int, default=5)
+    ap.add_argument("--draft-num-tokens", type=int, default=None,
+                    help="k of mode draft (default: --num-speculative-tokens)")
     ap.add_argument("--kv-cache-memory", default="512MiB", help="per engine (they share the machine)")
     args = ap.parse_args()
 
@@ -94,8 +96,10 @@ def main() -> int:
     modes = ["off"] + [m for m in args.modes.split(",") if m and m != "off"]
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores, flags {cpu_flags()}; "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    draft_k = args.draft_num_tokens or args.num_speculative_tokens
     llms = {mode: LLM(model=args.model, dtype="float32", device="cpu", speculative=mode,
-                      kv_cache_memory=args.kv_cache_memory, num_speculative_tokens=args.num_speculative_tokens,
+                      kv_cache_memory=args.kv_cache_memory,
+                      num_speculative_tokens=draft_k if mode == "draft" else args.num_speculative_tokens,
                       speculative_model=args.speculative_model if mode == "draft" else None)
             for mode in modes}
     tok = llms["off"].tokenizer
@@ -104,8 +108,8 @@ def main() -> int:
         tasks = tasks[: args.tasks]
     grounded = [chat_prompt_ids(tok, f"{t['instruction']}\n\n```python\n{t['code']}\n```") for t in tasks]
     loaded = [chat_prompt_ids(tok, p) for p in PROMPTS[: args.batch]]
-    print(f"model {args.model}; modes {', '.join(modes)} (draft: {args.speculative_model}, k = "
-          f"{args.num_speculative_tokens}); {len(tasks)} grounded tasks (prompts {min(map(len, grounded))}-"
+    print(f"model {args.model}; modes {', '.join(modes)} (k = {args.num_speculative_tokens}; draft: "
+          f"{args.speculative_model}, k = {draft_k}); {len(tasks)} grounded tasks (prompts {min(map(len, grounded))}-"
           f"{max(map(len, grounded))} tokens, {args.new_tokens} new each); batch {len(loaded)} x "
           f"{args.batch_new_tokens} new; {args.repeats} repeats, alternating", flush=True)
 

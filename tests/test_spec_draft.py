@@ -152,7 +152,20 @@ def test_greedy_identical_under_preemption_with_prefix_hits_and_n(pair, prompts,
     small = make_llm(target, "draft", str(draft), kv_cache_memory=12 * block_bytes)
     chosen = [prompts[i] for i in (3, 4, 10, 7, 12, 13)]
     expected = [greedy_off[i] for i in (3, 4, 10, 7, 12, 13)]
-    assert token_ids(small, chosen) == expected
+    engine = small.engine
+    for i, prompt in enumerate(chosen):
+        engine.add_request(f"p{i}", prompt, greedy())
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out.outputs[0].token_ids
+        # The runner's own per-request state (built from the scheduler's diffs) equals the scheduler's.
+        for req in engine.scheduler.running:
+            state = engine.runner.requests[req.request_id]
+            assert state.all_token_ids == req.all_token_ids and state.output_token_ids == req.output_token_ids
+            assert state.num_computed_tokens <= req.num_computed_tokens
+        assert set(engine.runner.requests) <= {r.request_id for r in engine.scheduler.running}
+    assert [outputs[f"p{i}"] for i in range(len(chosen))] == expected
     stats = small.engine.get_stats()
     assert stats.num_preemptions > 0 and stats.num_spec_accepted_tokens > 0
     assert_no_leaks(small)

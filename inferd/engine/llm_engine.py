@@ -293,9 +293,9 @@ class LLMEngine:
         for request_id in scheduler_output.preempted_request_ids:
             self.spec_policy.on_preempted(request_id)
         if not scheduler_output.scheduled_requests:
+            self.runner.update_states(scheduler_output)  # finished and preempted requests still leave the runner
             return []
         now = time.monotonic()
-        block_ids_of = scheduler_output.block_ids
         for r in scheduler_output.scheduled_requests:
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
@@ -304,9 +304,7 @@ class LLMEngine:
                     group.metrics.first_scheduled_time = now
                     self._num_prompt_tokens += r.num_prompt_tokens
         step_result = self.runner.execute(
-            scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens, block_ids_of,
-            scheduler_output.spec_token_ids, self.spec_policy.take_proposal_probs(scheduler_output.spec_token_ids),
-        )
+            scheduler_output, self.spec_policy.take_proposal_probs(scheduler_output.spec_token_ids))
         for request_id, message in step_result.failed.items():
             self._fail_request(request_id, message)  # aborted before update(), which then skips them
         self.scheduler.update(scheduler_output, step_result.sampled_token_ids)

@@ -6,6 +6,9 @@ One step lays the scheduled tokens of every request end to end (T tokens in all,
 and samples for each request whose scheduled chunk reaches the end of its known tokens. A request that also
 computes k proposed tokens (speculative decoding) gets logits at its last known token and at each proposal
 (k + 1 rows) and `Sampler.verify` returns the accepted proposals plus one token.
+The runner keeps its own state per request (`CachedRequestState`: tokens, block table, num_computed_tokens),
+built from the scheduler output's diff (new requests whole, cached ones as changes, finished ones dropped) and
+extended with the tokens it samples; it never reads the scheduler's Request objects.
 Step inputs live in persistent host buffers sized once (max_num_batched_tokens, max_num_seqs) so a later
 CUDA-graph path can replay on fixed addresses.
 Constrained requests (request.grammar_matcher set): their next-token bitmasks are filled on a worker thread while
@@ -27,10 +30,27 @@ import torch
 from inferd.config import EngineConfig
 from inferd.layers.attention import AttentionMetadata, allocate_kv_caches
 from inferd.layers.sampler import Sampler, TokenBitmask, build_sampling_metadata
-from inferd.request import Request
+from inferd.request import SamplingParams
+from inferd.scheduler import SchedulerOutput
 from inferd.structured import GrammarMatcher, bitmask_width
 
 logger = logging.getLogger("inferd.runner")
+
+
+@dataclass
+class CachedRequestState:
+    """The runner's own copy of a request (made from the scheduler's NewRequestData, moved by its diffs); the
+    tokens it samples are appended here. Attribute names match Request's, which the sampling code reads."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    all_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    grammar_matcher: object | None = None
 
 
 @dataclass
@@ -69,11 +89,13 @@ class ModelRunner:
         # whatever else shares its batch.
         self._generators: dict[str, torch.Generator] = {}
         self._grammar_pool: ThreadPoolExecutor | None = None  # one thread, made on the first constrained step
+        self.requests: dict[str, CachedRequestState] = {}  # what the scheduler's diffs built, by request_id
 
     def remove_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self.requests.pop(request_id, None)
 
-    def _generator_for(self, request: Request) -> torch.Generator | None:
+    def _generator_for(self, request: CachedRequestState) -> torch.Generator | None:
         seed = request.sampling_params.seed
         if seed is None:
             return None
@@ -84,32 +106,53 @@ class ModelRunner:
             self._generators[request.request_id] = gen
         return gen
 
+    def update_states(self, scheduler_output: SchedulerOutput) -> None:
+        """Apply the scheduler's diff: drop finished and preempted requests (a preempted one comes back whole as
+        a new request; its generator stays, so a seeded request keeps its stream), add new ones, move cached
+        ones' num_computed_tokens and block tables."""
+        for request_id in scheduler_output.finished_request_ids:
+            self.remove_request(request_id)
+        for request_id in scheduler_output.preempted_request_ids:
+            self.requests.pop(request_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self.requests[new.request_id] = CachedRequestState(
+                request_id=new.request_id, prompt_token_ids=new.prompt_token_ids,
+                output_token_ids=new.output_token_ids, all_token_ids=new.prompt_token_ids + new.output_token_ids,
+                sampling_params=new.sampling_params, eos_token_ids=new.eos_token_ids, block_ids=new.block_ids,
+                num_computed_tokens=new.num_computed_tokens, grammar_matcher=new.grammar_matcher)
+        for cached in scheduler_output.scheduled_cached_reqs:
+            state = self.requests[cached.request_id]
+            state.num_computed_tokens = cached.num_computed_tokens
+            del state.block_ids[cached.num_kept_block_ids:]
+            state.block_ids.extend(cached.new_block_ids)
+
     @torch.inference_mode()
     def execute(
         self,
-        scheduled_requests: list[Request],
-        num_scheduled_tokens: dict[str, int],
-        block_ids_of: dict[str, list[int]],
-        spec_token_ids: dict[str, list[int]] | None = None,
+        scheduler_output: SchedulerOutput,
         proposal_probs: dict[str, torch.Tensor] | None = None,
     ) -> StepResult:
-        """`spec_token_ids`: request_id -> proposals scheduled after its last known token (SchedulerOutput).
-        `proposal_probs`: request_id -> the proposer's distribution q [k, V] each of its k proposals was drawn
-        from (a draft model's; absent: a point mass on each proposal, the n-gram case)."""
-        spec_token_ids = spec_token_ids or {}
+        """Run one step of `scheduler_output` (only its diff fields: the runner keeps its own request states and
+        appends the tokens it samples). `proposal_probs`: request_id -> the proposer's distribution q [k, V] each
+        of its k proposals was drawn from (a draft model's; absent: a point mass on each proposal, the n-gram
+        case)."""
+        self.update_states(scheduler_output)
+        spec_token_ids = scheduler_output.spec_token_ids
         bs = self.block_size
         query_start_loc = [0]
         seq_lens: list[int] = []
         num_computed: list[int] = []
-        sample_rows: list[int] = []  # index into scheduled_requests of requests that sample this step
+        scheduled: list[CachedRequestState] = []
+        sample_rows: list[int] = []  # index into `scheduled` of requests that sample this step
         logits_token_indices: list[int] = []
         t = 0
-        for i, req in enumerate(scheduled_requests):
-            n = num_scheduled_tokens[req.request_id]
+        for i, (request_id, n) in enumerate(scheduler_output.num_scheduled_tokens.items()):
+            req = self.requests[request_id]
+            scheduled.append(req)
             start = req.num_computed_tokens
             end = start + n
-            block_ids = block_ids_of[req.request_id]
-            proposals = spec_token_ids.get(req.request_id, ())
+            block_ids = req.block_ids
+            proposals = spec_token_ids.get(request_id, ())
             known_end = end - len(proposals)
             self._input_ids_np[t : t + n - len(proposals)] = req.all_token_ids[start:known_end]
             if proposals:
@@ -123,27 +166,32 @@ class ModelRunner:
             query_start_loc.append(t)
             seq_lens.append(end)
             num_computed.append(start)
-            if known_end == req.num_tokens:
+            if known_end == len(req.all_token_ids):
                 sample_rows.append(i)
                 logits_token_indices.extend(range(t - 1 - len(proposals), t))
         num_tokens = t
-        masks = self._start_bitmasks([scheduled_requests[i] for i in sample_rows], spec_token_ids)
+        masks = self._start_bitmasks([scheduled[i] for i in sample_rows], spec_token_ids)
         hidden = self._forward(num_tokens, query_start_loc, seq_lens, num_computed)
         if not sample_rows:
             return StepResult({}, {}, {})
         idx = torch.tensor(logits_token_indices, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, idx))
 
-        reqs = [scheduled_requests[i] for i in sample_rows]
+        reqs = [scheduled[i] for i in sample_rows]
         proposal_probs = proposal_probs or {}
         try:
             token_bitmask = masks.result() if masks is not None else None
-            return self._sample(logits, reqs, spec_token_ids, token_bitmask, proposal_probs)
+            result = self._sample(logits, reqs, spec_token_ids, token_bitmask, proposal_probs)
         except Exception:
             # One request's data (a parameter, its penalties, its grammar) can break a whole batch's sampling:
             # sample each request alone so only the ones at fault fail.
             logger.exception("sampling %d request(s) together failed; sampling each alone", len(reqs))
-            return self._sample_each_alone(logits, reqs, spec_token_ids, proposal_probs)
+            result = self._sample_each_alone(logits, reqs, spec_token_ids, proposal_probs)
+        for request_id, token_ids in result.sampled_token_ids.items():
+            state = self.requests[request_id]
+            state.output_token_ids.extend(token_ids)
+            state.all_token_ids.extend(token_ids)
+        return result
 
     @torch.inference_mode()
     def compute_last_logits(self, chunks: list[tuple[Sequence[int], int, list[int]]]) -> torch.Tensor:
@@ -192,7 +240,7 @@ class ModelRunner:
         )
         return self.model(input_ids, positions, attn_metadata, self.kv_caches)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
+    def _sample(self, logits: torch.Tensor, reqs: list[CachedRequestState], spec_token_ids: dict[str, list[int]],
                 token_bitmask: TokenBitmask | None,
                 proposal_probs: dict[str, torch.Tensor] | None = None) -> StepResult:
         """`logits` [sum(k_i + 1), V] for `reqs` in order (k_i proposals of request i, 0 without)."""
@@ -218,7 +266,7 @@ class ModelRunner:
                 result.logprobs[rid] = [out.logprobs[row]]
         return result
 
-    def _sample_each_alone(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
+    def _sample_each_alone(self, logits: torch.Tensor, reqs: list[CachedRequestState], spec_token_ids: dict[str, list[int]],
                            proposal_probs: dict[str, torch.Tensor]) -> StepResult:
         result = StepResult({}, {}, {})
         first_row = 0
@@ -244,7 +292,7 @@ class ModelRunner:
         return result
 
     def _start_bitmasks(
-        self, sampling_reqs: list[Request], spec_token_ids: dict[str, list[int]]
+        self, sampling_reqs: list[CachedRequestState], spec_token_ids: dict[str, list[int]]
     ) -> Future[TokenBitmask] | None:
         """Fill the constrained rows' bitmasks on the grammar thread; rows are laid out as the logits are (request
         i's k_i + 1 rows after those of requests 0..i-1). None when no sampling request has a grammar."""
@@ -262,7 +310,7 @@ class ModelRunner:
         vocab_size = self.arch_config.vocab_size
         return self._grammar_pool.submit(_fill_bitmasks, entries, vocab_size, self.device)
 
-    def _verify(self, logits: torch.Tensor, reqs: list[Request], spec_token_ids: dict[str, list[int]],
+    def _verify(self, logits: torch.Tensor, reqs: list[CachedRequestState], spec_token_ids: dict[str, list[int]],
                 token_bitmask: TokenBitmask | None = None,
                 proposal_probs: dict[str, torch.Tensor] | None = None) -> StepResult:
         """`logits` [sum(k_i + 1), V]: each request's rows at its last known token and its k_i proposals. Row j of a
