@@ -144,12 +144,13 @@ def test_self_draft_shares_the_target_weights_and_proposes_as_the_copied_draft(e
     assert proposals[id(own)] and proposals[id(own)] == proposals[id(view)]
 
 
-def test_greedy_identical_under_preemption_with_prefix_hits_and_n(pair, prompts, greedy_off):
+@pytest.mark.parametrize("which", ["draft", "self"])
+def test_greedy_identical_under_preemption_with_prefix_hits_and_n(pair, prompts, greedy_off, which):
     """A KV cache of 12 blocks (192 tokens) for 6 sequences of up to 64 tokens: recompute preemption, look-ahead
     often refused; then the same prompts again (prefix hits in both caches) and n = 3 siblings."""
     target, draft = pair
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 slots, 2 KV heads of 16 dims, float32
-    small = make_llm(target, "draft", str(draft), kv_cache_memory=12 * block_bytes)
+    small = make_llm(target, "draft", str(draft) if which == "draft" else "self:1", kv_cache_memory=12 * block_bytes)
     chosen = [prompts[i] for i in (3, 4, 10, 7, 12, 13)]
     expected = [greedy_off[i] for i in (3, 4, 10, 7, 12, 13)]
     engine = small.engine
