@@ -13,7 +13,7 @@
    `--batch-new-tokens` each; output tokens / wall time.
 Modes: off (the peer), auto (the default: prompt lookup while few sequences run), ngram (prompt lookup always),
 draft (the draft model `--speculative-model` always: a checkpoint with the same tokenizer, or self:K, the target's
-first K layers). All engines are loaded once; runs alternate (off, auto, ..., off, auto, ...) and the median of
+first K layers). All engines are loaded once; runs alternate (off, auto, ..., then reversed: ..., auto, off) and the median of
 `--repeats` is reported, because these 2-core machines are noisy. Each mode's draft / accepted counters, the CPU
 flags and the load average (1-minute, before and after) are printed.
 """
@@ -119,13 +119,15 @@ def main() -> int:
     tokens_of = {}
     loads = [os.getloadavg()[0]]
     for r in range(args.repeats):
-        for mode, llm in llms.items():
+        # Odd repeats run the modes in reverse order (ABBA), so no mode always runs first or right after another.
+        order = [(m, llms[m]) for m in (modes if r % 2 == 0 else modes[::-1])]
+        for mode, llm in order:
             d, e, ids = run_single(llm, grounded, args.new_tokens)
             decode[mode].append(d)
             e2e[mode].append(e)
             tokens_of[mode] = ids
             print(f"  repeat {r}: single {mode:5s} decode {d:6.1f} tok/s, end-to-end {e:6.1f} tok/s", flush=True)
-        for mode, llm in llms.items():
+        for mode, llm in order:
             drafts_before = llm.engine.get_stats().num_spec_draft_tokens
             b = run_batch(llm, loaded, args.batch_new_tokens)
             batch[mode].append(b)
