@@ -13,8 +13,8 @@
    `--batch-new-tokens` each; output tokens / wall time.
 Modes: off (the peer), auto (the default: prompt lookup while few sequences run), ngram (prompt lookup always),
 draft (the draft model `--speculative-model` always: a checkpoint with the same tokenizer, or self:K, the target's
-first K layers). All engines are loaded once; runs alternate (off, auto, ..., then reversed: ..., auto, off) and the median of
-`--repeats` is reported, because these 2-core machines are noisy. Each mode's draft / accepted counters, the CPU
+first K layers). All engines are loaded once; runs alternate (off, auto, ..., then reversed: ..., auto, off) and
+the median of `--repeats` is reported, because these 2-core machines are noisy. Each mode's draft / accepted counters, the CPU
 flags and the load average (1-minute, before and after) are printed.
 """
 
