@@ -21,7 +21,18 @@ class LLM(_PathLLM):
         name = model or DEFAULT_MODEL
         if engine_args.get("served_model_name") is None:
             engine_args["served_model_name"] = name
+        engine_args["speculative_model"] = resolve_speculative_model(engine_args.get("speculative_model"))
         super().__init__(str(resolve_model(name).path), **engine_args)
+
+
+def resolve_speculative_model(name_or_path: str | None) -> str | None:
+    """A draft model's catalog name or path -> its local path; "self:K" and None pass through."""
+    if name_or_path is None or str(name_or_path).startswith("self:"):
+        return name_or_path
+    try:
+        return str(resolve_model(name_or_path).path)
+    except ValueError as exc:
+        raise ValueError(f"speculative_model: {exc}") from exc
 
 
 class Embedder(_PathEmbedder):

@@ -178,6 +178,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     specs = resolve_model_table(model_args, models_file=ns.models_file, model_repository=ns.model_repository,
                                 kind=ns.kind, served_model_name=ns.served_model_name)
     ns.prepared_weights_dir = str(inferd_home() / "prepared")  # fast keep-alive reloads and replica starts
+    from inferd.api import resolve_speculative_model
+
+    ns.speculative_model = resolve_speculative_model(ns.speculative_model)
     if ray_serve is not None:
         from inferd.deploy.config import deploy_config_from_cli
         from inferd.server.app import server_options_from_args

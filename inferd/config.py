@@ -19,7 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # "<scheme>-int8act": the same weights, activations quantized to int8 per 32-block (integer dot products).
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "gguf-int8act", "int8-int8act", "int4-int8act")
 # Speculative decoding modes; inferd/spec_decode/policy.py says what each does.
-SPECULATIVE_MODES = ("auto", "ngram", "off")
+SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -61,8 +61,11 @@ class EngineConfig:
     max_num_seqs: int  # running sequences at most
     seed: int
     served_model_name: str
-    speculative: str = "off"  # "auto" | "ngram" | "off"
+    speculative: str = "off"  # "auto" | "ngram" | "draft" | "off"
     num_speculative_tokens: int = 5  # proposals verified per request and step, at most
+    # The draft model of speculative decoding: a resolved local path, or "self:K" (the target's first K layers);
+    # None: no draft model (auto then uses prompt lookup).
+    speculative_model: str | None = None
 
 
 @dataclass
@@ -80,8 +83,11 @@ class EngineArgs:
     max_num_seqs: int = 64
     seed: int = 0
     served_model_name: str | None = None
-    speculative: str = "auto"  # auto: prompt lookup while few sequences run and proposals are accepted
+    speculative: str = "auto"  # auto: the draft model if one is set, else prompt lookup, while few sequences run
     num_speculative_tokens: int = 5
+    # A smaller model with the target's tokenizer (a local path; inferd.LLM and the CLI resolve catalog names), or
+    # "self:K": the target's first K layers with its own final norm and output projection (no weights copied).
+    speculative_model: str | None = None
     # Keep the finished (repacked) weights here after the first load and map them on later loads: what makes a
     # keep-alive reload or a new Ray replica fast (models/prepared.py). None: off. `inferd serve` sets
     # $INFERD_HOME/prepared.
@@ -116,9 +122,14 @@ class EngineArgs:
         g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
         g.add_argument("--seed", type=int, default=d.seed)
         g.add_argument("--speculative", default=d.speculative, choices=SPECULATIVE_MODES,
-                       help="speculative decoding: auto (prompt lookup while few sequences run and proposals are "
-                            "accepted), ngram (always prompt lookup) or off")
+                       help="speculative decoding: auto (the draft model if --speculative-model is set, else prompt "
+                            "lookup, while few sequences run and proposals are accepted), ngram (always prompt "
+                            "lookup), draft (always the draft model) or off")
         g.add_argument("--num-speculative-tokens", type=int, default=d.num_speculative_tokens)
+        g.add_argument("--speculative-model", default=d.speculative_model, metavar="NAME_OR_PATH|self:K",
+                       help="draft model for speculative decoding: a smaller model with the same tokenizer (catalog "
+                            "name, Hugging Face folder or .gguf file), or self:K for the target's first K layers "
+                            "(LayerSkip-style self-speculation, no second copy of the weights)")
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> "EngineArgs":
@@ -139,6 +150,7 @@ class EngineArgs:
             served_model_name=getattr(ns, "served_model_name", None),
             speculative=getattr(ns, "speculative", d.speculative),
             num_speculative_tokens=getattr(ns, "num_speculative_tokens", d.num_speculative_tokens),
+            speculative_model=getattr(ns, "speculative_model", d.speculative_model),
             prepared_weights_dir=getattr(ns, "prepared_weights_dir", None),
         )
 
@@ -165,6 +177,12 @@ class EngineArgs:
             raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}")
         if not isinstance(self.num_speculative_tokens, int) or not (1 <= self.num_speculative_tokens <= 16):
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens!r}")
+        if self.speculative_model is not None and (not isinstance(self.speculative_model, str)
+                                                   or not self.speculative_model.strip()):
+            raise ValueError(f"speculative_model must be a model path or self:K, got {self.speculative_model!r}")
+        if self.speculative == "draft" and self.speculative_model is None:
+            raise ValueError("speculative 'draft' needs speculative_model (--speculative-model NAME_OR_PATH or "
+                             "self:K)")
 
     def resolve(
         self, *, model_path: str, device: str, dtype: str, quantization: str, model_max_len: int
@@ -195,4 +213,5 @@ class EngineArgs:
             served_model_name=self.served_model_name or (self.model or model_path),
             speculative=self.speculative,
             num_speculative_tokens=self.num_speculative_tokens,
+            speculative_model=self.speculative_model,
         )

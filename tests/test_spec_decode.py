@@ -49,6 +49,8 @@ def test_auto_policy_turns_off_with_a_large_batch_and_low_acceptance():
     assert SpeculativePolicy("ngram").propose(seeded, 100, 10) == [3, 1, 2]
     assert policy.num_draft_tokens == 16 and policy.num_accepted_tokens == 0
     with pytest.raises(ValueError, match="speculative must be one of"):
+        SpeculativePolicy("medusa")
+    with pytest.raises(ValueError, match="^speculative 'draft' needs a draft model"):
         SpeculativePolicy("draft")
 
 

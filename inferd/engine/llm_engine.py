@@ -26,6 +26,7 @@ from inferd.engine.tokenizer import Tokenizer
 from inferd.kv_cache.manager import KVCacheManager
 from inferd.layers.attention import kv_cache_bytes_per_block
 from inferd.models import is_gguf_file, load_model
+from inferd.models.early_exit import EarlyExitModel, parse_self_draft
 from inferd.quant import resolve_quantization
 from inferd.request import (
     CompletionOutput,
@@ -37,7 +38,7 @@ from inferd.request import (
 )
 from inferd.runner.model_runner import ModelRunner, StepResult
 from inferd.scheduler.scheduler import Scheduler
-from inferd.spec_decode import SpeculativePolicy
+from inferd.spec_decode import DraftModelProposer, SpeculativePolicy
 from inferd.structured import GrammarCompiler
 
 logger = logging.getLogger("inferd.engine")
@@ -81,7 +82,10 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model, arch_config, tokenizer: Tokenizer, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, model, arch_config, tokenizer: Tokenizer, num_blocks: int,
+                 draft_model=None, draft_arch_config=None) -> None:
+        """`draft_model`: the speculative draft (a loaded model or an EarlyExitModel view of `model`), given with
+        its arch config; its KV cache holds as many blocks as the target's."""
         self.config = config
         self.model = model
         self.arch_config = arch_config
@@ -96,7 +100,12 @@ class LLMEngine:
             block_size=config.block_size,
         )
         self.runner = ModelRunner(config, model, arch_config, num_blocks)
-        self.spec_policy = SpeculativePolicy(config.speculative, config.num_speculative_tokens)
+        self.draft_proposer = None
+        if draft_model is not None and config.speculative in ("auto", "draft"):
+            self.draft_proposer = DraftModelProposer(config, draft_model, draft_arch_config, num_blocks,
+                                                     target_vocab_size=arch_config.vocab_size)
+        self.spec_policy = SpeculativePolicy(config.speculative, config.num_speculative_tokens,
+                                             draft=self.draft_proposer)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids)
         # Constrained decoding: the model's tokenizer is wrapped for the grammar backend on first use.
         self.grammar_compiler = GrammarCompiler(
@@ -167,8 +176,18 @@ class LLMEngine:
                 f"({config.max_model_len}); longer requests are refused",
                 file=sys.stderr,
             )
+        draft_model = draft_arch_config = None
+        if config.speculative_model is not None and config.speculative in ("auto", "draft"):
+            started = time.perf_counter()
+            draft_model, draft_arch_config = _load_draft_model(
+                config.speculative_model, model, arch_config, tokenizer, device=device, dtype=dtype,
+                quantization=args.quantization, prepared_dir=args.prepared_weights_dir)
+            load_timings_s["draft"] = time.perf_counter() - started
+            draft_bytes = kv_cache_bytes_per_block(draft_arch_config, config.block_size, torch_dtype(dtype)) * num_blocks
+            print(f"inferd: speculative draft {config.speculative_model} ({draft_arch_config.num_layers} layers), "
+                  f"{draft_bytes / 1e6:.0f} MB of draft KV cache", file=sys.stderr)
         started = time.perf_counter()
-        engine = cls(config, model, arch_config, tokenizer, num_blocks)
+        engine = cls(config, model, arch_config, tokenizer, num_blocks, draft_model, draft_arch_config)
         load_timings_s["kv_cache"] = time.perf_counter() - started
         engine.load_timings_s = load_timings_s
         return engine
@@ -271,10 +290,12 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        for request_id in scheduler_output.preempted_request_ids:
+            self.spec_policy.on_preempted(request_id)
         if not scheduler_output.scheduled_requests:
+            self.runner.update_states(scheduler_output)  # finished and preempted requests still leave the runner
             return []
         now = time.monotonic()
-        block_ids_of = scheduler_output.block_ids
         for r in scheduler_output.scheduled_requests:
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
@@ -283,9 +304,7 @@ class LLMEngine:
                     group.metrics.first_scheduled_time = now
                     self._num_prompt_tokens += r.num_prompt_tokens
         step_result = self.runner.execute(
-            scheduler_output.scheduled_requests, scheduler_output.num_scheduled_tokens, block_ids_of,
-            scheduler_output.spec_token_ids,
-        )
+            scheduler_output, self.spec_policy.take_proposal_probs(scheduler_output.spec_token_ids))
         for request_id, message in step_result.failed.items():
             self._fail_request(request_id, message)  # aborted before update(), which then skips them
         self.scheduler.update(scheduler_output, step_result.sampled_token_ids)
@@ -309,21 +328,12 @@ class LLMEngine:
                 self.scheduler.finish_request(request_id, status)
                 req.status = status
                 self.runner.remove_request(request_id)
+                self.spec_policy.remove_request(request_id)
             else:
                 still_running.append(req)
             touched[group.request_id] = group
         if self.spec_policy.is_enabled:
-            num_running = self.scheduler.num_running
-            for req in still_running:
-                if req.is_finished or req.request_id not in self._group_of_child:
-                    continue
-                max_num_proposals = min(req.sampling_params.max_tokens - req.num_output_tokens,
-                                        self.max_tokens_per_sequence - req.num_tokens) - 1
-                try:
-                    req.spec_token_ids = self.spec_policy.propose(req, num_running, max_num_proposals)
-                except Exception:  # a proposer failure costs only the speed-up
-                    logger.exception("request %s: proposing speculative tokens failed; decoding without", req.request_id)
-                    req.spec_token_ids = []
+            self._propose(still_running)
 
         outputs = []
         for group in touched.values():
@@ -336,6 +346,35 @@ class LLMEngine:
                 for child in group.children:
                     self._forget_child(child.request_id)
         return outputs
+
+    def _propose(self, requests: list[Request]) -> None:
+        """Set each running request's proposals for the next step (spec_decode/ decides whether and how many)."""
+        candidates = []
+        for req in requests:
+            if req.is_finished or req.request_id not in self._group_of_child:
+                continue
+            max_num_proposals = min(req.sampling_params.max_tokens - req.num_output_tokens,
+                                    self.max_tokens_per_sequence - req.num_tokens) - 1
+            candidates.append((req, max_num_proposals))
+        num_running = self.scheduler.num_running
+        if self.spec_policy.draft is None:  # prompt lookup: per request, so a failure costs that request alone
+            for req, max_num_proposals in candidates:
+                try:
+                    req.spec_token_ids = self.spec_policy.propose(req, num_running, max_num_proposals)
+                except Exception:  # a proposer failure costs only the speed-up
+                    logger.exception("request %s: proposing speculative tokens failed; decoding without",
+                                     req.request_id)
+                    req.spec_token_ids = []
+            return
+        try:  # a draft model proposes for the whole batch in one run
+            proposals = self.spec_policy.propose_batch(candidates, num_running)
+        except Exception:  # a proposer failure costs only the speed-up
+            logger.exception("the draft model failed to propose for %d request(s); decoding without", len(candidates))
+            for req, _ in candidates:
+                self.spec_policy.on_preempted(req.request_id)  # the draft's K/V may be half written: start over
+            proposals = {}
+        for req, _ in candidates:
+            req.spec_token_ids = proposals.get(req.request_id, [])
 
     def _take_tokens(self, req: Request, group: _Group, token_ids: list[int], step_result: StepResult,
                      spec_token_ids: dict[str, list[int]], now: float) -> RequestStatus | None:
@@ -466,6 +505,29 @@ class LLMEngine:
             num_spec_accepted_tokens=self.spec_policy.num_accepted_tokens,
             num_spec_verify_steps=self.spec_policy.num_verify_steps,
         )
+
+
+def _load_draft_model(speculative_model: str, target, target_arch_config, tokenizer: Tokenizer, *, device: str,
+                      dtype: str, quantization: str, prepared_dir: str | None):
+    """(draft model, its arch config) for `speculative_model`: "self:K" (a view of the target's first K layers) or
+    a local path to a model with the target's vocabulary."""
+    num_self_layers = parse_self_draft(speculative_model)
+    if num_self_layers is not None:
+        draft = EarlyExitModel(target, num_self_layers)
+        return draft, draft.arch_config
+    path = Path(speculative_model)
+    if not path.exists():
+        raise ValueError(f"speculative_model: {speculative_model!r} is not an existing path or self:K "
+                         f"(resolve catalog names with inferd.LLM)")
+    draft_quantization = resolve_quantization(quantization, is_gguf=is_gguf_file(str(path)), device=device,
+                                              dtype=dtype)
+    draft, draft_arch_config = load_model(str(path), device=device, dtype=torch_dtype(dtype),
+                                          quantization=draft_quantization, prepared_dir=prepared_dir)
+    draft_tokenizer = Tokenizer.from_pretrained(str(path))
+    if draft_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise ValueError(f"speculative_model: {speculative_model!r} has a different tokenizer vocabulary from the "
+                         f"target's; a draft model must share the target's tokenizer")
+    return draft, draft_arch_config
 
 
 def _copy_params(params: SamplingParams, **changes) -> SamplingParams:

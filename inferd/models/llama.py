@@ -141,11 +141,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         attn_metadata: AttentionMetadata,
         kv_caches: list[torch.Tensor],
+        num_layers: int | None = None,
     ) -> torch.Tensor:
+        """`num_layers`: run only the first this-many decoder layers (one KV tensor each), then the final norm: the
+        early exit a self-draft proposes with (models/early_exit.py). None: all layers."""
         hidden = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, signed_sin = self.rotary.cos_sin(positions, hidden.dtype)
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, signed_sin, attn_metadata, kv_cache)
         hidden, _ = self.model.norm.forward_with_residual(hidden, residual)
         return hidden

@@ -1,5 +1,11 @@
 """Layer 1: token-budget continuous batching over the KV-cache manager. No torch."""
 
-from inferd.scheduler.scheduler import Scheduler, SchedulerOutput, request_needs_sample
+from inferd.scheduler.scheduler import (
+    CachedRequestData,
+    NewRequestData,
+    Scheduler,
+    SchedulerOutput,
+    request_needs_sample,
+)
 
-__all__ = ["Scheduler", "SchedulerOutput", "request_needs_sample"]
+__all__ = ["CachedRequestData", "NewRequestData", "Scheduler", "SchedulerOutput", "request_needs_sample"]

@@ -21,6 +21,12 @@ it decodes one token instead, and only then preempts anyone. `update` takes the 
 num_computed_tokens back over the rejected proposals and frees the blocks that held only rejected slots; prefix
 cache hashes only ever cover computed tokens of all_token_ids, never a proposal.
 
+The output is also a diff for the runner, which keeps its own state per request (vLLM v1's SchedulerOutput): a
+request it has no state for (new, or resumed after preemption) arrives whole as `NewRequestData`; one it holds
+arrives as `CachedRequestData` (its num_computed_tokens, and the change to its block table since the runner last
+saw it); requests finished or aborted since the previous step are listed so the runner drops them. The runner
+appends the tokens it samples itself; stop checks only ever cut tokens from a request that then finishes.
+
 Precondition (the engine's job): every request fits the cache alone, num_tokens <= num_blocks * block_size,
 and is finished before num_tokens exceeds max_model_len.
 """
@@ -32,12 +38,41 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from inferd.kv_cache.manager import KVCacheManager
-from inferd.request import Request, RequestStatus
+from inferd.request import Request, RequestStatus, SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner holds no state for: scheduled from the waiting queue (new, or resumed after
+    preemption). Lists are copies, except `grammar_matcher`: the engine advances it, the runner reads its state
+    for next-token bitmasks (opaque here)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty when resumed after preemption
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+    block_ids: list[int]
+    num_computed_tokens: int  # prefix-cache hits included
+    grammar_matcher: object | None = None
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: its table is the first `num_kept_block_ids` entries of the one it has
+    (look-ahead blocks of rejected proposals may have been freed since) followed by `new_block_ids`."""
+
+    request_id: str
+    num_computed_tokens: int  # after the previous step's update (rejected proposals rolled back)
+    num_kept_block_ids: int
+    new_block_ids: list[int]
 
 
 @dataclass
 class SchedulerOutput:
-    """One step's work. The runner lays tokens out in the order of `scheduled_requests`."""
+    """One step's work. Tokens are laid out in the order of `scheduled_requests` (= of `num_scheduled_tokens`).
+    The runner reads only the diff fields: scheduled_new_reqs, scheduled_cached_reqs, num_scheduled_tokens,
+    spec_token_ids, finished_request_ids and preempted_request_ids; the engine and `update` use the Requests."""
 
     scheduled_requests: list[Request]
     num_scheduled_tokens: dict[str, int]  # request_id -> tokens to compute this step
@@ -52,6 +87,10 @@ class SchedulerOutput:
     num_prefix_hit_tokens: dict[str, int] = field(default_factory=dict)
     # request_id -> the k proposed tokens computed after its last known token this step (k >= 1 only).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    # Requests the runner held that finished or were aborted since the previous schedule().
+    finished_request_ids: set[str] = field(default_factory=set)
 
     @property
     def is_empty(self) -> bool:
@@ -90,6 +129,9 @@ class Scheduler:
         self._arrival_seq: dict[str, int] = {}
         self._next_arrival_seq = 0
         self.num_preemptions = 0  # since start, all requests
+        # What the runner holds: request_id -> the block table it was last sent (see SchedulerOutput's diff).
+        self._runner_block_ids: dict[str, list[int]] = {}
+        self._finished_request_ids: set[str] = set()
 
     # ------------------------------------------------------------------ request lifecycle
     def add_request(self, request: Request) -> None:
@@ -118,6 +160,8 @@ class Scheduler:
             self.waiting.remove(request)
         self._arrival_seq.pop(request_id, None)
         self.kv_manager.free(request)
+        if self._runner_block_ids.pop(request_id, None) is not None:
+            self._finished_request_ids.add(request_id)
         request.status = status
         return request
 
@@ -175,16 +219,45 @@ class Scheduler:
             budget = self._schedule_waiting(budget, scheduled, num_scheduled_tokens, new_request_ids,
                                             num_prefix_hit_tokens)
 
+        block_ids = {r.request_id: self.kv_manager.get_block_ids(r.request_id) for r in scheduled}
+        new_reqs, cached_reqs = self._runner_diff(scheduled, block_ids, set(new_request_ids))
+        finished_ids, self._finished_request_ids = self._finished_request_ids, set()
         return SchedulerOutput(
             scheduled_requests=scheduled,
             num_scheduled_tokens=num_scheduled_tokens,
             total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
-            block_ids={r.request_id: self.kv_manager.get_block_ids(r.request_id) for r in scheduled},
+            block_ids=block_ids,
             preempted_request_ids=preempted_ids,
             new_request_ids=new_request_ids,
             num_prefix_hit_tokens=num_prefix_hit_tokens,
             spec_token_ids=spec_token_ids,
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            finished_request_ids=finished_ids,
         )
+
+    def _runner_diff(self, scheduled: list[Request], block_ids: dict[str, list[int]],
+                     new_request_ids: set[str]) -> tuple[list[NewRequestData], list[CachedRequestData]]:
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        for request in scheduled:
+            rid = request.request_id
+            table = block_ids[rid]
+            sent = self._runner_block_ids.get(rid)
+            if rid in new_request_ids or sent is None:
+                new_reqs.append(NewRequestData(
+                    request_id=rid, prompt_token_ids=list(request.prompt_token_ids),
+                    output_token_ids=list(request.output_token_ids), sampling_params=request.sampling_params,
+                    eos_token_ids=request.eos_token_ids, block_ids=list(table),
+                    num_computed_tokens=request.num_computed_tokens, grammar_matcher=request.grammar_matcher))
+            else:
+                # Tables only grow or lose their tail: the common prefix is what the runner keeps.
+                num_kept = min(len(sent), len(table))
+                if sent[:num_kept] != table[:num_kept]:
+                    num_kept = next(i for i, (a, b) in enumerate(zip(sent, table)) if a != b)
+                cached_reqs.append(CachedRequestData(rid, request.num_computed_tokens, num_kept, table[num_kept:]))
+            self._runner_block_ids[rid] = list(table)
+        return new_reqs, cached_reqs
 
     def _num_spec_tokens(self, request: Request, proposals: list[int], num_new_tokens: int, budget: int) -> int:
         """How many proposals ride along: only when this step reaches the end of the known tokens, within the
@@ -257,6 +330,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_manager.free(request)
+        self._runner_block_ids.pop(request.request_id, None)  # listed as preempted: the runner drops it
         request.num_computed_tokens = 0
         request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED

@@ -89,7 +89,11 @@ def resolve_spec(
         resolved_kind = detect_kind(Path(resolved.path), catalog_task=entry.task if entry is not None else None)
     else:
         resolved_kind = kind if isinstance(kind, ModelKind) else ModelKind.parse(kind)
-    return ModelSpec(name=name or source, source=str(resolved.path), kind=resolved_kind, options=dict(options or {}),
+    options = dict(options or {})
+    draft = options.get("speculative_model")
+    if isinstance(draft, str) and not draft.startswith("self:"):  # a draft model's catalog name or path
+        options["speculative_model"] = str(resolve_model(draft).path)
+    return ModelSpec(name=name or source, source=str(resolved.path), kind=resolved_kind, options=options,
                      content_digest=resolved.sha256)
 
 
