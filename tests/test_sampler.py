@@ -306,6 +306,21 @@ def test_top_p_over_a_large_vocabulary_matches_transformers(logit_scales: tuple[
     assert nucleus_sizes[0] < 1024 and (nucleus_sizes[1] < 1024) == (logit_scales[1] > 1), nucleus_sizes
 
 
+@pytest.mark.parametrize("vocab_size", [64, 10_000])
+def test_top_p_below_float32_keeps_the_most_likely_token(vocab_size: int) -> None:
+    """A valid top_p so small it rounds to 0 in float32 (hypothesis found 4.06e-82) keeps one token, as
+    transformers' TopPLogitsWarper does, instead of indexing past the row."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, vocab_size) * 3
+    params = [SamplingParams(top_p=4.06e-82), SamplingParams(top_p=1e-45, temperature=0.7)]
+    md = make_metadata(params, vocab_size)
+    filtered = apply_sampling_filters(logits, md)
+    for row, p in enumerate(params):
+        expected = hf_filtered_logits(logits[row], p)
+        assert torch.equal(torch.isfinite(filtered[row]), torch.isfinite(expected)), row
+        assert torch.isfinite(filtered[row]).nonzero()[:, 0].tolist() == [int(logits[row].argmax())]
+
+
 def test_ties_at_the_cut_all_survive() -> None:
     """top_k keeps every token tied with the k-th (as transformers does); top_p cuts at a logit, so ties stay."""
     vocab_size = 64

@@ -428,7 +428,8 @@ def _apply_top_p(logits: Tensor, top_p: RowSubset, num_candidates: int | None) -
             mass_through = (descending_logits - log_normalizers).exp().cumsum(dim=-1)
     # Exclusive prefix sum taken from the inclusive one, so it stays monotone and the kept set is a prefix.
     mass_before = torch.nn.functional.pad(mass_through[:, :-1], (1, 0))
-    num_kept = (mass_before < top_p.values[:, None]).sum(dim=-1, keepdim=True)  # [r, 1], >= 1
+    # [r, 1]; at least the most likely token, also when a tiny top_p (e.g. 4e-82) rounds to 0 in float32
+    num_kept = (mass_before < top_p.values[:, None]).sum(dim=-1, keepdim=True).clamp_(min=1)
     threshold = descending_logits.gather(1, num_kept - 1)
     logits.index_copy_(0, top_p.row_ids, rows.masked_fill(rows < threshold, -math.inf))
 
