@@ -84,10 +84,15 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, log_path: str) -> tuple[subprocess.Popen, str]:
+    return start_inferd(engine_flags(args), log_path)
+
+
+def start_inferd(flags: list[str], log_path: str) -> tuple[subprocess.Popen, str]:
+    """`inferd serve FLAGS` on a free port (response cache off, warnings only); returns once /health is 200."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "inferd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", "--response-cache-bytes", "0", *engine_flags(args)]  # fmt: skip
+               "--log-level", "warning", "--response-cache-bytes", "0", *flags]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"

@@ -40,9 +40,8 @@ from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_overhead import free_port  # noqa: E402
+from http_overhead import start_inferd  # noqa: E402
 from offline import PROMPTS  # noqa: E402  the same chat prompts as the offline benchmark
 
 KINDS = ("stream", "disconnect", "complete", "embed", "bad")
@@ -262,30 +261,6 @@ def metric_value(metrics_text: str, name: str) -> float:
     return sum(values)
 
 
-def start_server(models: list[str], extra: list[str], log_path: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    model_flags = [flag for model in models for flag in ("--model", model)]
-    command = [sys.executable, "-m", "inferd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", "--response-cache-bytes", "0", *model_flags, *extra]  # fmt: skip
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"inferd serve exited with {process.returncode}; log: {log_path}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return process, base_url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit(f"inferd serve not healthy after 900 s; log: {log_path}")
-        time.sleep(0.5)
-
-
 async def touch_kv_pool(base_url: str, pid: int, llm: str, seed: int) -> tuple[int, int]:
     """Prefill distinct long prompts until the server's RSS stops growing; returns (requests, RSS bytes).
 
@@ -428,7 +403,8 @@ def main() -> int:
     embedder = args.embedding_model or ("all-minilm-l6-v2" if "all-minilm-l6-v2" in models else None)
     llm = next(model for model in models if model != embedder)
     log_path = os.path.join(tempfile.gettempdir(), f"inferd-soak-{os.getpid()}.log")
-    process, base_url = start_server(models, args.server_arg, log_path)
+    model_flags = [flag for model in models for flag in ("--model", model)]
+    process, base_url = start_inferd([*model_flags, *args.server_arg], log_path)
     print(f"server {base_url} pid {process.pid}, log {log_path}; {args.duration_s:.0f} s at {args.concurrency} workers",
           flush=True)
     try:

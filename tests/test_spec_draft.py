@@ -125,6 +125,36 @@ def test_greedy_identical_at_batch_1_and_16(engines, prompts, greedy_off, which)
     assert_no_leaks(llm)
 
 
+def test_gemma3_self_draft_greedy_equals_off_and_transformers(tmp_path, tiny_hf_tokenizer_dir, prompts):
+    """A Gemma 3 target (a sliding layer, then a global one) with `self:1`: its own forward's early exit, the
+    same greedy tokens as speculation off, and those equal transformers' generate()."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_tokenizer_dir)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=12,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)  # peaked logits: greedy ties cannot decide the comparison
+    model.save_pretrained(tmp_path / "gemma")
+    tokenizer.save_pretrained(tmp_path / "gemma")
+    off = make_llm(tmp_path / "gemma", "off")
+    self_draft = make_llm(tmp_path / "gemma", "draft", "self:1")
+    some = prompts[:4]
+    expected = token_ids(off, some)
+    assert token_ids(self_draft, some) == expected
+    stats = self_draft.engine.get_stats()
+    assert stats.num_spec_draft_tokens > 0 and stats.num_spec_accepted_tokens > 0  # the early exit did propose
+    with torch.no_grad():
+        for prompt, ours in zip(some, expected, strict=True):
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS, do_sample=False,
+                                 min_new_tokens=NUM_NEW_TOKENS)[0, len(prompt):].tolist()  # fmt: skip
+            assert list(ours) == ref
+    assert_no_leaks(self_draft)
+
+
 def test_self_draft_shares_the_target_weights_and_proposes_as_the_copied_draft(engines, prompts):
     """self:1 is a view over the target (no parameter of its own), and proposes exactly what the 1-layer
     checkpoint holding the same weights proposes."""

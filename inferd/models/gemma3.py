@@ -66,14 +66,16 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.local_rotary = RotaryEmbedding(local)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+                kv_caches: list[torch.Tensor], num_layers: int | None = None) -> torch.Tensor:
+        """`num_layers`: only the first this-many layers, then the final norm (a self-draft's early exit)."""
         hidden = self.model.embed_tokens(input_ids)  # [T, hidden]
         if self.arch_config.embedding_scale is not None:
             # In the activations' dtype, as transformers rounds it.
             hidden = hidden * torch.tensor(self.arch_config.embedding_scale, dtype=hidden.dtype)
         global_rope = self.rotary.cos_sin(positions, hidden.dtype)
         local_rope = self.local_rotary.cos_sin(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             cos, signed_sin = local_rope if layer.is_sliding else global_rope
             hidden = layer(hidden, cos, signed_sin, attn_metadata, kv_cache)
         return self.model.norm(hidden)

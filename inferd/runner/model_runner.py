@@ -138,7 +138,6 @@ class ModelRunner:
         case)."""
         self.update_states(scheduler_output)
         spec_token_ids = scheduler_output.spec_token_ids
-        bs = self.block_size
         query_start_loc = [0]
         seq_lens: list[int] = []
         num_computed: list[int] = []
@@ -157,11 +156,7 @@ class ModelRunner:
             self._input_ids_np[t : t + n - len(proposals)] = req.all_token_ids[start:known_end]
             if proposals:
                 self._input_ids_np[t + n - len(proposals) : t + n] = proposals
-            pos = np.arange(start, end, dtype=np.int64)
-            self._positions_np[t : t + n] = pos
-            table = np.asarray(block_ids, dtype=np.int64)
-            self._slot_mapping_np[t : t + n] = table[pos // bs] * bs + pos % bs
-            self._block_tables_np[i, : len(block_ids)] = table
+            self._place_sequence(i, t, start, n, block_ids)
             t += n
             query_start_loc.append(t)
             seq_lens.append(end)
@@ -193,13 +188,23 @@ class ModelRunner:
             state.all_token_ids.extend(token_ids)
         return result
 
+    def _place_sequence(self, row: int, token_offset: int, start: int, num_tokens: int, block_ids: Sequence[int]) -> None:
+        """Step buffers for one sequence computing positions [start, start + num_tokens) at token rows
+        [token_offset, token_offset + num_tokens): positions, KV slots, and block-table row `row`."""
+        bs = self.block_size
+        t, n = token_offset, num_tokens
+        pos = np.arange(start, start + n, dtype=np.int64)
+        self._positions_np[t : t + n] = pos
+        table = np.asarray(block_ids, dtype=np.int64)
+        self._slot_mapping_np[t : t + n] = table[pos // bs] * bs + pos % bs
+        self._block_tables_np[row, : len(block_ids)] = table
+
     @torch.inference_mode()
     def compute_last_logits(self, chunks: list[tuple[Sequence[int], int, list[int]]]) -> torch.Tensor:
         """Run the model over bare token chunks, one per sequence: (token ids to compute, position of the first,
         the sequence's block table covering every position computed). Writes their K/V into this runner's cache
         and returns float32 logits [B, V] at each chunk's last token. At most max_num_batched_tokens tokens and
         max_num_seqs chunks in all (what a draft model's proposer asks; no sampling here)."""
-        bs = self.block_size
         query_start_loc = [0]
         seq_lens: list[int] = []
         num_computed: list[int] = []
@@ -207,11 +212,7 @@ class ModelRunner:
         for i, (token_ids, start, block_ids) in enumerate(chunks):
             n = len(token_ids)
             self._input_ids_np[t : t + n] = token_ids
-            pos = np.arange(start, start + n, dtype=np.int64)
-            self._positions_np[t : t + n] = pos
-            table = np.asarray(block_ids, dtype=np.int64)
-            self._slot_mapping_np[t : t + n] = table[pos // bs] * bs + pos % bs
-            self._block_tables_np[i, : len(block_ids)] = table
+            self._place_sequence(i, t, start, n, block_ids)
             t += n
             query_start_loc.append(t)
             seq_lens.append(start + n)
