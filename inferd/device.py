@@ -46,6 +46,30 @@ def free_device_memory_bytes(device: str) -> int:
 # ---------------------------------------------------------------------------------------------------- CPU threads
 
 
+_LIBC_MALLOC_TRIM: list = []  # [ctypes function or None], looked up on first use
+
+
+def release_free_heap_memory() -> bool:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim(0)). After a burst of long prefills, glibc keeps
+    the freed activation buffers (tens of MiB each step, under its mmap threshold once that has grown) resident;
+    the serving loop calls this once it has been idle for a moment. False where the C library has no malloc_trim
+    (musl, macOS): nothing to do there."""
+    if not _LIBC_MALLOC_TRIM:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC_MALLOC_TRIM.append(getattr(libc, "malloc_trim", None))
+        except OSError:
+            _LIBC_MALLOC_TRIM.append(None)
+    trim = _LIBC_MALLOC_TRIM[0]
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def num_cpus() -> int:
     """CPUs this process may run on (its affinity mask, not the machine's count)."""
     try:

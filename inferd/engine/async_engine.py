@@ -48,6 +48,9 @@ class _Abort:
 
 
 _ACCEPTED = object()  # first item of a request's queue once the engine took it
+# After this long with nothing to run, the loop thread gives freed heap memory back to the OS (once per busy spell):
+# long enough that a stream of requests never pays for it, short enough that an idle server shows its idle RSS.
+IDLE_HEAP_TRIM_DELAY_S = 2.0
 
 
 class RequestStream:
@@ -117,6 +120,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stats: Any = None
         self._num_unpublished_adds = 0
+        self.num_heap_releases = 0  # idle spells after which freed heap memory went back to the OS
 
     @classmethod
     def from_path(cls, path: str, options: Mapping[str, Any] | None = None, *, on_batch: Any = None) -> AsyncEngine:
@@ -282,6 +286,7 @@ class AsyncEngine:
     def _run_steps(self, cpu_threads: Any) -> None:
         assert self._loop is not None
         live_request_ids: set[str] = set()
+        has_stepped_since_trim = False
         while not self._is_stopping:
             self._wakeup.clear()
             items: list[tuple[str, Any]] = []
@@ -301,6 +306,7 @@ class AsyncEngine:
                     if cpu_threads is not None:
                         cpu_threads.claim()
                     try:
+                        has_stepped_since_trim = True
                         outputs = self.engine.step()
                     finally:
                         if cpu_threads is not None:
@@ -331,7 +337,18 @@ class AsyncEngine:
             if items:
                 self._loop.call_soon_threadsafe(self._deliver, items)
             if not live_request_ids and not self._commands:
+                if has_stepped_since_trim:
+                    if self._wakeup.wait(timeout=IDLE_HEAP_TRIM_DELAY_S):
+                        continue  # work arrived within the delay
+                    self._release_heap()
+                    has_stepped_since_trim = False
                 self._wakeup.wait()
+
+    def _release_heap(self) -> None:
+        from inferd.device import release_free_heap_memory
+
+        release_free_heap_memory()
+        self.num_heap_releases += 1
 
     def _pop_failed_requests(self) -> list[tuple[str, str]]:
         """Requests the engine failed alone (their own data broke sampling or output): each gets its error."""
