@@ -11,6 +11,11 @@
    of every mode are checked identical to off's.
 2. Under load: `--batch` concurrent chat prompts (benchmarks/offline.py's PROMPTS, not input-grounded),
    `--batch-new-tokens` each; output tokens / wall time.
+3. `--llamacpp BIN`: llama.cpp's llama-server on the same GGUF file, once per `--llamacpp-spec-types` entry
+   (`none` and its n-gram lookup types, e.g. ngram-simple), each task's same prompt token ids through /completion,
+   greedy, `--new-tokens` tokens, ignore_eos, one slot, `--threads` threads. Its own timings are reported (decode:
+   predicted tokens / predicted ms; end-to-end: the client's wall time per request) beside inferd's in-process
+   figures, alternating with inferd's modes in every repeat.
 Modes: off (the peer), auto (the default: prompt lookup while few sequences run), ngram (prompt lookup always),
 draft (the draft model `--speculative-model` always: a checkpoint with the same tokenizer, or self:K, the target's
 first K layers). All engines are loaded once; runs alternate (off, auto, ..., then reversed: ..., auto, off) and
@@ -23,8 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from offline import PROMPTS, chat_prompt_ids
@@ -58,14 +68,88 @@ def run_single(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, f
     return num_decode / decode_s, num_total / total_s, token_ids
 
 
-def run_batch(llm, prompts: list[list[int]], new_tokens: int) -> float:
+def run_batch(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """All prompts at once. -> (output tokens/s of wall time, this process's CPU ms per output token).
+    CPU time is the steadier figure on a shared machine: time spent descheduled does not count in it."""
     from inferd import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    cpu0 = _process_cpu_s()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t0
-    return sum(len(o.outputs[0].token_ids) for o in outs) / dt
+    cpu_s = _process_cpu_s() - cpu0
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return num_tokens / dt, 1000.0 * cpu_s / num_tokens
+
+
+def _process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class LlamaServer:
+    """One llama-server process on the GGUF file with one speculative type (`none`: speculation off)."""
+
+    def __init__(self, binary: str, gguf_path: str, spec_type: str, port: int, threads: int, ctx: int) -> None:
+        self.spec_type = spec_type
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [binary, "--model", gguf_path, "--port", str(port), "--host", "127.0.0.1", "--threads", str(threads),
+               "--threads-batch", str(threads), "--ctx-size", str(ctx), "--parallel", "1", "--no-webui",
+               "--no-warmup"]
+        if spec_type != "none":
+            cmd += ["--spec-type", spec_type]
+        self.log = tempfile.NamedTemporaryFile(prefix=f"llama-server-{spec_type}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server ({spec_type}) exited {self.proc.returncode}; log {self.log.name}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"llama-server ({spec_type}) not ready in 120 s; log {self.log.name}")
+
+    def complete(self, prompt_ids: list[int], new_tokens: int) -> tuple[dict, list[int], float]:
+        """-> (llama.cpp's timings, generated token ids, client wall seconds)."""
+        body = {"prompt": prompt_ids, "n_predict": new_tokens, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
+                "ignore_eos": True, "cache_prompt": False, "return_tokens": True, "stream": False}
+        req = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as r:
+            answer = json.loads(r.read())
+        return answer["timings"], list(answer.get("tokens") or []), time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_single_llamacpp(server: LlamaServer, prompts: list[list[int]], new_tokens: int
+                        ) -> tuple[float, float, list[list[int]], int, int]:
+    """-> (decode tokens/s by llama.cpp's timings, end-to-end tokens/s by the client's clock, token ids per
+    prompt, draft tokens, accepted draft tokens)."""
+    num_decode = num_total = num_draft = num_accepted = 0
+    decode_ms = total_s = 0.0
+    token_ids = []
+    for prompt in prompts:
+        timings, ids, wall_s = server.complete(prompt, new_tokens)
+        token_ids.append(ids)
+        num_decode += int(timings["predicted_n"])
+        decode_ms += float(timings["predicted_ms"])
+        num_total += int(timings["predicted_n"])
+        total_s += wall_s
+        num_draft += int(timings.get("draft_n", 0))
+        num_accepted += int(timings.get("draft_n_accepted", 0))
+    return 1000.0 * num_decode / decode_ms, num_total / total_s, token_ids, num_draft, num_accepted
 
 
 def cpu_flags() -> str:
@@ -89,6 +173,11 @@ def main() -> int:
     ap.add_argument("--draft-num-tokens", type=int, default=None,
                     help="k of mode draft (default: --num-speculative-tokens)")
     ap.add_argument("--kv-cache-memory", default="512MiB", help="per engine (they share the machine)")
+    ap.add_argument("--llamacpp", default=None, metavar="BIN",
+                    help="llama-server binary: run llama.cpp on the same GGUF file as a peer (single stream)")
+    ap.add_argument("--llamacpp-spec-types", default="none,ngram-simple",
+                    help="llama-server --spec-type values to run, one server each (none: speculation off)")
+    ap.add_argument("--llamacpp-threads", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args()
 
     from inferd import LLM
@@ -113,9 +202,25 @@ def main() -> int:
           f"{max(map(len, grounded))} tokens, {args.new_tokens} new each); batch {len(loaded)} x "
           f"{args.batch_new_tokens} new; {args.repeats} repeats, alternating", flush=True)
 
-    decode = {m: [] for m in llms}
-    e2e = {m: [] for m in llms}
+    peers: dict[str, LlamaServer] = {}
+    if args.llamacpp:
+        from inferd.store.pull import resolve_model
+
+        gguf_path = str(resolve_model(args.model).path)
+        if not gguf_path.endswith(".gguf"):
+            raise SystemExit(f"--llamacpp needs a GGUF model; {args.model} resolved to {gguf_path}")
+        ctx = max(map(len, grounded)) + args.new_tokens + 64
+        for i, spec_type in enumerate(t for t in args.llamacpp_spec_types.split(",") if t):
+            peers[f"llama.cpp[{spec_type}]"] = LlamaServer(shutil.which(args.llamacpp) or args.llamacpp, gguf_path,
+                                                           spec_type, 18300 + i, args.llamacpp_threads, ctx)
+        print(f"llama.cpp peers on {gguf_path}: {', '.join(peers)} ({args.llamacpp_threads} threads, one slot)",
+              flush=True)
+
+    decode = {m: [] for m in [*llms, *peers]}
+    e2e = {m: [] for m in [*llms, *peers]}
     batch = {m: [] for m in llms}
+    batch_cpu_ms = {m: [] for m in llms}
+    peer_drafts = {m: [0, 0] for m in peers}
     tokens_of = {}
     loads = [os.getloadavg()[0]]
     for r in range(args.repeats):
@@ -127,13 +232,26 @@ def main() -> int:
             e2e[mode].append(e)
             tokens_of[mode] = ids
             print(f"  repeat {r}: single {mode:5s} decode {d:6.1f} tok/s, end-to-end {e:6.1f} tok/s", flush=True)
+        for name, server in (peers.items() if r % 2 == 0 else list(peers.items())[::-1]):
+            d, e, ids, num_draft, num_accepted = run_single_llamacpp(server, grounded, args.new_tokens)
+            decode[name].append(d)
+            e2e[name].append(e)
+            tokens_of[name] = ids
+            peer_drafts[name][0] += num_draft
+            peer_drafts[name][1] += num_accepted
+            print(f"  repeat {r}: single {name} decode {d:6.1f} tok/s, end-to-end {e:6.1f} tok/s "
+                  f"({num_draft} drafted, {num_accepted} accepted)", flush=True)
         for mode, llm in order:
             drafts_before = llm.engine.get_stats().num_spec_draft_tokens
-            b = run_batch(llm, loaded, args.batch_new_tokens)
+            b, cpu_ms = run_batch(llm, loaded, args.batch_new_tokens)
             batch[mode].append(b)
+            batch_cpu_ms[mode].append(cpu_ms)
             num_drafts = llm.engine.get_stats().num_spec_draft_tokens - drafts_before
-            print(f"  repeat {r}: batch  {mode:5s} {b:6.1f} tok/s ({num_drafts} draft tokens verified)", flush=True)
+            print(f"  repeat {r}: batch  {mode:5s} {b:6.1f} tok/s, {cpu_ms:.3f} CPU ms/token "
+                  f"({num_drafts} draft tokens verified)", flush=True)
         loads.append(os.getloadavg()[0])
+    for server in peers.values():
+        server.close()
     med = {k: {m: statistics.median(v[m]) for m in v} for k, v in
            (("decode", decode), ("e2e", e2e), ("batch", batch))}
     print(f"load average (1 min) per repeat: {' '.join(f'{x:.2f}' for x in loads)}")
@@ -142,6 +260,11 @@ def main() -> int:
         print(f"{mode}: greedy tokens identical to off: {tokens_of[mode] == tokens_of['off']}; "
               f"{stats.num_spec_draft_tokens} draft tokens verified, {stats.num_spec_accepted_tokens} accepted "
               f"({stats.num_spec_accepted_tokens / max(1, stats.num_spec_draft_tokens):.0%})")
+    for name in peers:
+        num_draft, num_accepted = peer_drafts[name]
+        same = sum(a == b for a, b in zip(tokens_of[name], tokens_of["off"]))
+        print(f"{name}: {num_draft} draft tokens, {num_accepted} accepted ({num_accepted / max(1, num_draft):.0%}); "
+              f"greedy tokens equal to inferd off on {same} of {len(tokens_of['off'])} tasks")
     others = modes[1:]
     print("| workload | off tok/s | " + " | ".join(f"{m} tok/s | {m} / off" for m in others) + " |")
     print("|---|---:|" + "---:|---:|" * len(others))
@@ -149,10 +272,23 @@ def main() -> int:
                       (f"{len(loaded)} concurrent, chat prompts", "batch")):
         cells = " | ".join(f"{med[key][m]:.1f} | {med[key][m] / med[key]['off']:.2f}x" for m in others)
         print(f"| {name} | {med[key]['off']:.1f} | {cells} |")
-    if args.repeats > 1:
-        ratios = [b / o for b, o in zip(batch.get("auto", []), batch["off"])]
-        if ratios:
-            print(f"batch auto / off per repeat: {' '.join(f'{x:.3f}' for x in ratios)}")
+    if peers:
+        base = next(iter(peers))
+        print(f"\n| single stream, grounded (llama.cpp) | " + " | ".join(f"{m} tok/s | {m} / {base}" for m in peers)
+              + " |")
+        print("|---|" + "---:|---:|" * len(peers))
+        for label, key in (("decode", "decode"), ("end-to-end (client clock)", "e2e")):
+            cells = " | ".join(f"{med[key][m]:.1f} | {med[key][m] / med[key][base]:.2f}x" for m in peers)
+            print(f"| {label} | {cells} |")
+    if args.repeats > 1 and "auto" in batch:
+        # Neighbouring runs share the machine's state; the median of their ratios is the steadiest comparison.
+        ratios = [b / o for b, o in zip(batch["auto"], batch["off"])]
+        cpu_ratios = [a / o for a, o in zip(batch_cpu_ms["auto"], batch_cpu_ms["off"])]
+        print(f"batch auto / off tok/s per repeat: {' '.join(f'{x:.3f}' for x in ratios)}; "
+              f"median {statistics.median(ratios):.3f}")
+        print(f"batch CPU ms per token: off median {statistics.median(batch_cpu_ms['off']):.3f}, auto median "
+              f"{statistics.median(batch_cpu_ms['auto']):.3f}; auto / off per repeat "
+              f"{' '.join(f'{x:.3f}' for x in cpu_ratios)}; median {statistics.median(cpu_ratios):.3f}")
     return 0
 
 
