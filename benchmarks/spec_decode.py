@@ -173,6 +173,9 @@ def main() -> int:
     ap.add_argument("--draft-num-tokens", type=int, default=None,
                     help="k of mode draft (default: --num-speculative-tokens)")
     ap.add_argument("--kv-cache-memory", default="512MiB", help="per engine (they share the machine)")
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="inferd engines without prefix caching, so a repeat's prefill is computed again (as "
+                         "llama.cpp's is: its requests set cache_prompt false); end-to-end figures then compare")
     ap.add_argument("--llamacpp", default=None, metavar="BIN",
                     help="llama-server binary: run llama.cpp on the same GGUF file as a peer (single stream)")
     ap.add_argument("--llamacpp-spec-types", default="none,ngram-simple",
@@ -187,7 +190,7 @@ def main() -> int:
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     draft_k = args.draft_num_tokens or args.num_speculative_tokens
     llms = {mode: LLM(model=args.model, dtype="float32", device="cpu", speculative=mode,
-                      kv_cache_memory=args.kv_cache_memory,
+                      kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                       num_speculative_tokens=draft_k if mode == "draft" else args.num_speculative_tokens,
                       speculative_model=args.speculative_model if mode == "draft" else None)
             for mode in modes}
