@@ -18,6 +18,9 @@ Every system runs one server process with one onnxruntime thread and dynamic bat
     mlserver      MLServer XGBoost runtime on model.json, adaptive batching (max 64, 2 ms)
     fastapi       FastAPI + uvicorn + onnxruntime by hand, no batching
 
+gRPC ModelInfer runs (inferd, Triton) are driven by h2load where installed (`apt-get install nghttp2-client`:
+nghttp2's compiled HTTP/2 load generator, the gRPC counterpart of wrk), else by Python grpc.aio processes.
+
 Also an approximately open-loop run of inferd at --open-loop-rps (wrk with 64 connections, exponential gaps
 between each connection's requests: Poisson while responses are much faster than the gaps) and its p99.
 Prints one table (scores/s and p50/p99 ms per system and concurrency) to paste into benchmarks/RESULTS.md.
@@ -380,6 +383,47 @@ def run_grpc_load(server: Server, bodies: list[bytes], concurrency: int, duratio
     return LoadResult(len(latencies) / duration_s, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), 0)
 
 
+def run_h2load_grpc(server: Server, body: bytes, concurrency: int, duration_s: int, work_dir: Path) -> LoadResult:
+    """gRPC ModelInfer from h2load (nghttp2's HTTP/2 load generator, C++: `apt-get install nghttp2-client`), the
+    compiled client that wrk is for REST: `concurrency` connections with one call in flight each, the same
+    pre-serialized request framed as gRPC (flag byte, 4-byte big-endian length, message). Latencies from its
+    per-request log. h2load sees HTTP statuses only (gRPC errors travel in trailers), so the caller checks one
+    call's answer through a real gRPC client first."""
+    body_path = work_dir / "grpc-body.bin"
+    body_path.write_bytes(b"\x00" + len(body).to_bytes(4, "big") + body)
+    log_path = work_dir / f"h2load-{concurrency}.log"
+    command = ["h2load", "-t1", f"-c{concurrency}", "-m1", f"-D{duration_s}", "-d", str(body_path),
+               "-H", "content-type: application/grpc", "-H", "te: trailers", f"--log-file={log_path}",
+               f"http://127.0.0.1:{server.grpc_port}/inference.GRPCInferenceService/ModelInfer"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    statuses, latencies_us = [], []
+    for line in log_path.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3:
+            statuses.append(int(fields[1]))
+            latencies_us.append(int(fields[2]))
+    num_errors = sum(1 for status in statuses if status != 200)
+    match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    rps = float(match.group(3)) if match else len(statuses) / duration_s
+    latencies_ms = np.asarray(latencies_us, dtype=np.float64) / 1e3
+    if latencies_ms.size == 0:
+        return LoadResult(rps, float("nan"), float("nan"), num_errors)
+    return LoadResult(rps, float(np.percentile(latencies_ms, 50)), float(np.percentile(latencies_ms, 99)), num_errors)
+
+
+def check_grpc_answer(server: Server, body: bytes) -> None:
+    """One ModelInfer by a real gRPC client: the server answers with an output (so h2load measures answers)."""
+    import grpc
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from inferd.server.oip_grpc import inference_pb2 as pb
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        answer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(body, timeout=10)
+    response = pb.ModelInferResponse.FromString(answer)
+    assert response.outputs and response.raw_output_contents, response
+
+
 def check_answer(server: Server, row: np.ndarray) -> None:
     """One request by hand: the system answers 200 with a score (so the load is not measuring errors)."""
     import urllib.request
@@ -417,7 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup-peers", action="store_true", help="create the peers' venvs first")
     parser.add_argument("--grpc-concurrency", default="1,16,64", help="gRPC runs (inferd, triton); empty to skip")
     parser.add_argument("--grpc-processes", type=int, default=2, help="Python gRPC client processes")
+    parser.add_argument("--grpc-client", choices=("h2load", "python"), default=None,
+                        help="gRPC load generator: h2load (compiled, like wrk for REST; the default where installed) "
+                             "or Python grpc.aio processes")
     args = parser.parse_args(argv)
+    if args.grpc_client is None:
+        args.grpc_client = "h2load" if shutil.which("h2load") else "python"
     if shutil.which("wrk") is None:
         print("wrk is needed as the load generator: apt-get install wrk", file=sys.stderr)
         return 2
@@ -467,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         grpc_failed: dict[str, str] = {}  # system -> why its gRPC load stopped (e.g. a peer's backend crashed)
         if grpc_concurrencies and grpc_servers:
             bodies = {n: grpc_bodies(rows, "fraud") for n in grpc_servers}
+            for name in list(grpc_servers):
+                try:
+                    check_grpc_answer(grpc_servers[name], bodies[name][0])
+                except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                    grpc_failed[name] = f"no gRPC answer: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             for round_index in range(args.rounds):
                 order = list(grpc_servers) if round_index % 2 == 0 else list(reversed(grpc_servers))
                 for name in order:
@@ -474,8 +528,12 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     for concurrency in grpc_concurrencies:
                         try:
-                            result = run_grpc_load(grpc_servers[name], bodies[name], concurrency, args.duration_s,
-                                                   args.grpc_processes)  # fmt: skip
+                            if args.grpc_client == "h2load":
+                                result = run_h2load_grpc(grpc_servers[name], bodies[name][0], concurrency,
+                                                         args.duration_s, log_dir)  # fmt: skip
+                            else:
+                                result = run_grpc_load(grpc_servers[name], bodies[name], concurrency, args.duration_s,
+                                                       args.grpc_processes)  # fmt: skip
                         except Exception as exc:  # noqa: BLE001 - a peer that breaks under load is reported, not fatal
                             grpc_failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                             print(f"round {round_index + 1} {name:10s} gRPC c={concurrency:3d}: FAILED {grpc_failed[name]}",
@@ -483,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                             break
                         grpc_results.setdefault((name, concurrency), []).append(result)
                         print(f"round {round_index + 1} {name:10s} gRPC c={concurrency:3d}: {result.requests_per_s:8.0f}/s "
-                              f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms", flush=True)  # fmt: skip
+                              f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.num_errors}",
+                              flush=True)  # fmt: skip
         open_loop: list[LoadResult] = []
         if args.open_loop_rps > 0 and "inferd" in servers:
             num_connections = 64
@@ -514,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     if grpc_results:
         print()
         print(f"gRPC ModelInfer, scores/s (p50 ms / p99 ms), median of {args.rounds} rounds, "
-              f"{args.grpc_processes} Python grpc.aio client processes sending pre-serialized requests")  # fmt: skip
+              + ("h2load -t1, one call in flight per connection, the same pre-serialized request"
+                 if args.grpc_client == "h2load" else
+                 f"{args.grpc_processes} Python grpc.aio client processes sending pre-serialized requests"))  # fmt: skip
         print("| system | " + " | ".join(f"c={c}" for c in grpc_concurrencies) + " |")
         print("|---|" + "---|" * len(grpc_concurrencies))
         for name in grpc_servers:
