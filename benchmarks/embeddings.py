@@ -4,7 +4,8 @@ same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machin
     .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
         [--threads N] [--int8] [--nn-linear]   # + the int8 encoder, + the nn.Linear (torch BLAS) ablation
     .venv/bin/python benchmarks/embeddings.py http [--servers inferd,inferd-1thread,inferd-int8,fastapi-st,infinity,
-        litserve,litserve-nobatch] [--rounds 2]   # inferd-<N>thread(s): the num_threads option N
+        litserve,litserve-nobatch] [--rounds 2] [--wrk-scenarios '1/req c=32'] [--wrk-seconds 10]
+        # inferd-<N>thread(s): the num_threads option N
     .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs per length bucket vs one call
     .venv/bin/python benchmarks/embeddings.py mixed [--no-cpu-share]   # an LLM stream and embeddings on one server
 
@@ -18,7 +19,10 @@ http: closed-loop clients POST OpenAI `/embeddings` bodies: 1 sentence per reque
 hand (peers/embed_fastapi_st.py), Infinity and LitServe (peers/embed_litserve.py: batching 32 / 5 ms for 1 per
 request, a second server without batching for 32 per request, which LitServe cannot batch); peers/setup_embed_peers.sh makes their venvs; a
 server whose venv is missing is reported and skipped). All servers run at once; scenarios alternate between
-them per round, so slow drifts of this shared machine hit every server alike. Every server's vectors are checked
+them per round, so slow drifts of this shared machine hit every server alike. The client is Python (httpx, one
+asyncio loop); `--wrk-scenarios` runs the named scenarios a second time with wrk (C; peers/embed_wrk.lua cycles
+through the same bodies) against every server, for `--wrk-seconds` each: on a 2-core machine the Python client's
+~1 ms of CPU per request is CPU the server does not get. Every server's vectors are checked
 against sentence-transformers (lowest cosine printed). Each round also measures inferd in process in the client
 (`--offline-threads`, while every server is idle), the reference for the issue's "% of our own offline rate".
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import random
@@ -470,6 +475,39 @@ async def closed_loop(url: str, model: str, bodies: list[list[str]], concurrency
     return sum(len(b) for b in bodies) / wall, statistics.median(latencies) * 1e3, errors
 
 
+WRK_SCRIPT = REPO_ROOT / "benchmarks" / "peers" / "embed_wrk.lua"
+
+
+def wrk_closed_loop(url: str, model: str, bodies: list[list[str]], concurrency: int, seconds: float) -> tuple[float, float, int]:
+    """As closed_loop, with wrk (C, one thread, `concurrency` connections) as the client for `seconds`: each
+    connection posts the next body (cycling) when its last answer arrived. A Python client spends ~1 ms of CPU
+    per request on this same 2-core machine, which the server then lacks; wrk a few µs."""
+    import re
+    import shutil
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk), or leave out --wrk-scenarios")
+    with tempfile.NamedTemporaryFile("w", prefix="embed-wrk-bodies-", suffix=".jsonl", delete=False) as f:
+        for texts in bodies:
+            f.write(json.dumps({"model": model, "input": texts}) + "\n")
+    try:
+        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "60s", "--latency",
+                              "-s", str(WRK_SCRIPT), url, "--", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    units_ms = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+    p50 = re.search(r"^\s*50%\s+([\d.]+)(us|ms|s|m)\s*$", out, flags=re.M)
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, flags=re.M)
+    if p50 is None or rate is None:
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0)
+    per_request = len(bodies[0])
+    return float(rate.group(1)) * per_request, float(p50.group(1)) * units_ms[p50.group(2)], errors
+
+
 def run_http(args: argparse.Namespace) -> None:
     import httpx
     from sentence_transformers import SentenceTransformer
@@ -478,6 +516,12 @@ def run_http(args: argparse.Namespace) -> None:
     sentences = make_sentences(args.num_sentences)
     scenarios = [("1/req c=1", 1, 1, args.num_c1), ("1/req c=8", 1, 8, args.num_sentences),
                  ("1/req c=32", 1, 32, args.num_sentences), ("32/req c=4", 32, 4, args.num_sentences)]
+    # The same scenarios again with wrk as the client (every server, so the comparison stays fair)
+    known = {label: (per_request, concurrency, num) for label, per_request, concurrency, num in scenarios}
+    for label in filter(None, (x.strip() for x in args.wrk_scenarios.split(","))):
+        if label not in known:
+            raise SystemExit(f"--wrk-scenarios: unknown scenario {label!r}; known: {list(known)}")
+        scenarios.append((f"{label} wrk", *known[label]))
     servers = start_servers(args.servers.split(","), path, args.inferd_args.split(), args.inferd_num_threads)
     try:
         servers = wait_ready(servers)
@@ -522,7 +566,10 @@ def run_http(args: argparse.Namespace) -> None:
                     if server.max_per_request is not None and per_request > server.max_per_request:
                         continue
                     asyncio.run(closed_loop(server.url, server.model, bodies[: max(concurrency, 4)], concurrency))  # warm
-                    result = asyncio.run(closed_loop(server.url, server.model, bodies, concurrency))
+                    if label.endswith(" wrk"):
+                        result = wrk_closed_loop(server.url, server.model, bodies, concurrency, args.wrk_seconds)
+                    else:
+                        result = asyncio.run(closed_loop(server.url, server.model, bodies, concurrency))
                     results.setdefault((server.name, label), []).append(result)
                     print(f"# round {round_index + 1} {label} {server.name}: {result[0]:.1f} sentences/s, p50 {result[1]:.1f} ms"
                           + (f", {result[2]} errors" if result[2] else ""), flush=True)
@@ -678,6 +725,9 @@ def main() -> None:
     p.add_argument("--offline-threads", default="1,2",
                    help="also measure inferd in process at these torch thread counts each round ('' : not)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--wrk-scenarios", default="1/req c=32",
+                   help="scenarios also run with wrk as the client, every server ('' : none), e.g. '1/req c=32,1/req c=8'")
+    p.add_argument("--wrk-seconds", type=float, default=10.0, help="length of each wrk run")
     p.set_defaults(func=run_http)
     p = sub.add_parser("mixed")
     p.add_argument("--llm", default="smollm2-135m-instruct")
