@@ -639,6 +639,17 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return out
 
 
+def embed_items_answered(base_url: str) -> float:
+    """The server's inferd:request_items_total for the embedding model (inputs answered so far)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    pattern = rf'^inferd:request_items_total{{[^}}]*model_name="{MODEL_NAME}"[^}}]*}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
+
+
 def run_mixed(args: argparse.Namespace) -> None:
     """An LLM stream and embedding traffic on one `inferd serve` holding both models: each alone, then together,
     so the LLM's slowdown can be read against the CPU share the embeddings took."""
@@ -663,31 +674,50 @@ def run_mixed(args: argparse.Namespace) -> None:
         sentences = make_sentences(args.num_sentences)
         bodies = [[s] for s in sentences]
         print(f"# {machine_line()}")
+        print(f"# embedding client: {args.client}, c={args.concurrency}")
         asyncio.run(stream_chat_tokens_per_s(base_url, llm, 16))  # warm-up
+
+        def embed_traffic(seconds: float) -> float:
+            """1-per-request embedding traffic (sentences/s): the whole body list (python), or for `seconds` (wrk)."""
+            if args.client == "wrk":
+                return wrk_closed_loop(server.url, MODEL_NAME, bodies, args.concurrency, seconds)[0]
+            return asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0]
+
         rows: dict[str, list[float]] = {"llm alone": [], "embeddings alone": [], "llm with embeddings": [], "embeddings with llm": []}
         for _round in range(args.rounds):
+            t0 = time.perf_counter()
             rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
-            rows["embeddings alone"].append(asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0])
+            llm_alone_s = time.perf_counter() - t0
+            rows["embeddings alone"].append(embed_traffic(max(5.0, llm_alone_s)))
 
-            async def together() -> tuple[float, float, dict[str, float], float, bool]:
-                """Both at once; the CPU times are read when the LLM stream ends (the embedding traffic should
-                outlast it: `outlasted` says whether it did, so the LLM's figure was all under load)."""
-                embed_task = asyncio.create_task(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))
-                cpu_before, t0 = thread_cpu_seconds(process.pid), time.perf_counter()
+            async def together() -> tuple[float, float, dict[str, float], bool]:
+                """Both at once. CPU times and the embedding inputs answered are read when the LLM stream starts
+                and ends, so the embeddings' rate is theirs beside the stream only; `outlasted` says whether the
+                embedding traffic outlasted the stream (the LLM's figure then was all under load)."""
+                embed_task = asyncio.create_task(asyncio.to_thread(embed_traffic, 2.5 * llm_alone_s + 3))
+                await asyncio.sleep(1.0)  # the traffic reaches its steady state
+                cpu_before, items_before = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
+                t0 = time.perf_counter()
                 llm_rate = await stream_chat_tokens_per_s(base_url, llm, args.max_tokens)
-                cpu_after, wall = thread_cpu_seconds(process.pid), time.perf_counter() - t0
+                wall = time.perf_counter() - t0
+                cpu_after, items_after = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
                 outlasted = not embed_task.done()
+                await embed_task
                 shares = {role: (cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)) for role in cpu_before}
-                return llm_rate, (await embed_task)[0], shares, wall, outlasted
+                return llm_rate, (items_after - items_before) / wall, shares, outlasted
 
-            llm_rate, embed_rate, shares, wall, outlasted = asyncio.run(together())
+            llm_rate, embed_rate, shares, outlasted = asyncio.run(together())
             if not outlasted:
                 print("# the embedding traffic ended before the LLM stream: raise --num-sentences", flush=True)
             for role, share in shares.items():  # share of the machine's CPU time while the LLM streamed beside them
                 rows.setdefault(f"cpu {role}", []).append(share)
             rows["llm with embeddings"].append(llm_rate)
             rows["embeddings with llm"].append(embed_rate)
-            print("# round: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+            keeps = llm_rate / rows["llm alone"][-1]
+            embed_share = shares["embed workers"] + shares["event loop"]
+            print("# round: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
+                  + f"; LLM keeps {keeps:.0%}, embeddings' CPU share {embed_share:.0%}: "
+                  + ("met" if 1 - keeps <= embed_share else "NOT met") + f"; load {os.getloadavg()[0]:.1f}", flush=True)
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(f"\n| {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | LLM keeps | "
               "embeddings sentences/s alone | with the LLM stream | embeddings keep |")
@@ -696,6 +726,10 @@ def run_mixed(args: argparse.Namespace) -> None:
               f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | {med['embeddings with llm'] / med['embeddings alone']:.0%} |")
         print("\nShare of the machine's CPU time while the LLM streamed beside the embeddings (medians): " + ", ".join(
             f"{k[4:]} {v:.0%}" for k, v in med.items() if k.startswith("cpu ")))
+        per_round = [(w / a, e + l) for w, a, e, l in zip(rows["llm with embeddings"], rows["llm alone"],
+                                                          rows["cpu embed workers"], rows["cpu event loop"])]
+        print("Per round, LLM keeps vs the embeddings' share (workers + event loop): " + ", ".join(
+            f"{k:.0%} vs {sh:.0%}" for k, sh in per_round) + f"; met in {sum(1 - k <= sh for k, sh in per_round)} of {len(per_round)}")
     finally:
         stop_servers([server])
 
@@ -736,6 +770,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--embed-num-threads", type=int, default=0, help="the embedding model's num_threads option")
+    p.add_argument("--client", choices=["python", "wrk"], default="python",
+                   help="the embedding traffic's client: httpx (runs the whole sentence list) or wrk (for as long as needed)")
     p.add_argument("--no-cpu-share", action="store_true",
                    help="INFERD_CPU_THREAD_SHARE=off: each model keeps its own thread count (the LLM all CPUs)")
     p.set_defaults(func=run_mixed)
