@@ -492,7 +492,7 @@ def wrk_closed_loop(url: str, model: str, bodies: list[list[str]], concurrency: 
         for texts in bodies:
             f.write(json.dumps({"model": model, "input": texts}) + "\n")
     try:
-        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "60s", "--latency",
+        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "--latency",
                               "-s", str(WRK_SCRIPT), url, "--", f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
