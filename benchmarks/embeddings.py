@@ -7,7 +7,8 @@ same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machin
         litserve,litserve-nobatch] [--rounds 2] [--wrk-scenarios '1/req c=32'] [--wrk-seconds 10]
         # inferd-<N>thread(s): the num_threads option N
     .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs per length bucket vs one call
-    .venv/bin/python benchmarks/embeddings.py mixed [--no-cpu-share]   # an LLM stream and embeddings on one server
+    .venv/bin/python benchmarks/embeddings.py mixed [--no-cpu-share] [--client wrk]   # an LLM stream beside embeddings
+    .venv/bin/python benchmarks/embeddings.py hotpath [--rounds 4]   # /v1/embeddings: bare ASGI hot path vs FastAPI route
 
 offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
 thread count, runs alternating, medians of `--rounds`. Prints achieved GFLOP/s (useful FLOPs: the encoder's
@@ -39,6 +40,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -478,34 +480,48 @@ async def closed_loop(url: str, model: str, bodies: list[list[str]], concurrency
 WRK_SCRIPT = REPO_ROOT / "benchmarks" / "peers" / "embed_wrk.lua"
 
 
-def wrk_closed_loop(url: str, model: str, bodies: list[list[str]], concurrency: int, seconds: float) -> tuple[float, float, int]:
-    """As closed_loop, with wrk (C, one thread, `concurrency` connections) as the client for `seconds`: each
-    connection posts the next body (cycling) when its last answer arrived. A Python client spends ~1 ms of CPU
-    per request on this same 2-core machine, which the server then lacks; wrk a few µs."""
-    import re
+def start_wrk(url: str, model: str, bodies: list[list[str]], concurrency: int, seconds: float,
+              content_type: str = "application/json") -> subprocess.Popen:
+    """wrk (C, one thread, `concurrency` connections) posting the bodies (cycling) for `seconds`, closed loop:
+    each connection sends its next body when its last answer arrived. SIGINT ends it early (it still reports)."""
     import shutil
 
     wrk = shutil.which("wrk")
     if wrk is None:
-        raise SystemExit("wrk is not installed (apt-get install wrk), or leave out --wrk-scenarios")
+        raise SystemExit("wrk is not installed (apt-get install wrk), or leave out the wrk options")
     with tempfile.NamedTemporaryFile("w", prefix="embed-wrk-bodies-", suffix=".jsonl", delete=False) as f:
         for texts in bodies:
             f.write(json.dumps({"model": model, "input": texts}) + "\n")
-    try:
-        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "--latency",
-                              "-s", str(WRK_SCRIPT), url, "--", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
+    process = subprocess.Popen([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s",
+                                "--latency", "-s", str(WRK_SCRIPT), url, "--", f.name, content_type],
+                               stdout=subprocess.PIPE, text=True)
+    process.bodies_path = f.name  # type: ignore[attr-defined]
+    process.per_request = len(bodies[0])  # type: ignore[attr-defined]
+    return process
+
+
+def wrk_result(process: subprocess.Popen) -> tuple[float, float, int]:
+    """(sentences/s, p50 latency ms, errors) of a wrk run started by start_wrk, once it ends."""
+    import re
+
+    out, _ = process.communicate()
+    os.unlink(process.bodies_path)  # type: ignore[attr-defined]
     units_ms = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
     p50 = re.search(r"^\s*50%\s+([\d.]+)(us|ms|s|m)\s*$", out, flags=re.M)
     rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, flags=re.M)
     if p50 is None or rate is None:
-        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+        raise RuntimeError(f"cannot read wrk's output (exit status {process.returncode}):\n{out}")
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0)
-    per_request = len(bodies[0])
-    return float(rate.group(1)) * per_request, float(p50.group(1)) * units_ms[p50.group(2)], errors
+    return float(rate.group(1)) * process.per_request, float(p50.group(1)) * units_ms[p50.group(2)], errors  # type: ignore[attr-defined]
+
+
+def wrk_closed_loop(url: str, model: str, bodies: list[list[str]], concurrency: int, seconds: float,
+                    content_type: str = "application/json") -> tuple[float, float, int]:
+    """As closed_loop, with wrk as the client for `seconds`. A Python client spends ~1 ms of CPU per request on
+    this same 2-core machine, which the server then lacks; wrk a few µs."""
+    return wrk_result(start_wrk(url, model, bodies, concurrency, seconds, content_type))
 
 
 def run_http(args: argparse.Namespace) -> None:
@@ -694,7 +710,11 @@ def run_mixed(args: argparse.Namespace) -> None:
                 """Both at once. CPU times and the embedding inputs answered are read when the LLM stream starts
                 and ends, so the embeddings' rate is theirs beside the stream only; `outlasted` says whether the
                 embedding traffic outlasted the stream (the LLM's figure then was all under load)."""
-                embed_task = asyncio.create_task(asyncio.to_thread(embed_traffic, 2.5 * llm_alone_s + 3))
+                if args.client == "wrk":  # stopped (SIGINT) when the stream ends
+                    wrk = start_wrk(server.url, MODEL_NAME, bodies, args.concurrency, 10 * llm_alone_s + 30)
+                    embed_task = asyncio.create_task(asyncio.to_thread(wrk_result, wrk))
+                else:
+                    embed_task = asyncio.create_task(asyncio.to_thread(embed_traffic, 0))
                 await asyncio.sleep(1.0)  # the traffic reaches its steady state
                 cpu_before, items_before = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
                 t0 = time.perf_counter()
@@ -702,6 +722,8 @@ def run_mixed(args: argparse.Namespace) -> None:
                 wall = time.perf_counter() - t0
                 cpu_after, items_after = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
                 outlasted = not embed_task.done()
+                if args.client == "wrk":
+                    wrk.send_signal(signal.SIGINT)
                 await embed_task
                 shares = {role: (cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)) for role in cpu_before}
                 return llm_rate, (items_after - items_before) / wall, shares, outlasted
@@ -730,6 +752,54 @@ def run_mixed(args: argparse.Namespace) -> None:
                                                           rows["cpu embed workers"], rows["cpu event loop"])]
         print("Per round, LLM keeps vs the embeddings' share (workers + event loop): " + ", ".join(
             f"{k:.0%} vs {sh:.0%}" for k, sh in per_round) + f"; met in {sum(1 - k <= sh for k, sh in per_round)} of {len(per_round)}")
+    finally:
+        stop_servers([server])
+
+
+# The FastAPI route parses any application/*+json body; `inferd serve`'s hot path takes application/json only.
+FASTAPI_ROUTE_CONTENT_TYPE = "application/x-inferd-bench+json"
+
+
+def run_hotpath(args: argparse.Namespace) -> None:
+    """One `inferd serve` (the embedding model), wrk as the client: the same one-sentence bodies through the bare
+    ASGI hot path (Content-Type application/json) and through the FastAPI route (a +json type FastAPI parses but
+    the hot path leaves to it), alternating, medians of `--rounds`; the server's CPU per request by thread group
+    (event loop, embedding workers) from /proc."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+    log = tempfile.NamedTemporaryFile("w", prefix="embed-hotpath-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL_NAME, "--port", str(port), "--response-cache-bytes", "0"]
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
+    server = Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
+    try:
+        if not wait_ready([server]):
+            return
+        bodies = [[s] for s in make_sentences(args.num_sentences)]
+        print(f"# {machine_line()}")
+        doors = {"hot path (application/json)": "application/json", "FastAPI route (+json)": FASTAPI_ROUTE_CONTENT_TYPE}
+        rows: dict[str, list[tuple[float, float, float, float]]] = {door: [] for door in doors}
+        for door, content_type in doors.items():  # warm-up, and both doors answer
+            _rate, _p50, errors = wrk_closed_loop(server.url, MODEL_NAME, bodies, args.concurrency, 2, content_type)
+            if errors:
+                raise SystemExit(f"{door}: {errors} errors")
+        for round_index in range(args.rounds):
+            for door, content_type in (doors.items() if round_index % 2 == 0 else reversed(doors.items())):
+                cpu_before = thread_cpu_seconds(process.pid)
+                rate, p50, errors = wrk_closed_loop(server.url, MODEL_NAME, bodies, args.concurrency, args.seconds, content_type)
+                cpu_after = thread_cpu_seconds(process.pid)
+                num_requests = rate * args.seconds
+                loop_ms = (cpu_after["event loop"] - cpu_before["event loop"]) / num_requests * 1e3
+                workers_ms = (cpu_after["embed workers"] - cpu_before["embed workers"]) / num_requests * 1e3
+                rows[door].append((rate, p50, loop_ms, workers_ms))
+                print(f"# round {round_index + 1} {door}: {rate:.1f} sentences/s, p50 {p50:.1f} ms, server CPU per request: "
+                      f"event loop {loop_ms:.2f} ms, embedding workers {workers_ms:.2f} ms"
+                      + (f", {errors} errors" if errors else "") + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"\n| one sentence per request, wrk c={args.concurrency} | sentences/s | p50 ms | event loop CPU ms/request "
+              "| embedding workers CPU ms/request |")
+        print("|---|---|---|---|---|")
+        for door, runs in rows.items():
+            med = [statistics.median(r[i] for r in runs) for i in range(4)]
+            print(f"| {door} | {med[0]:.1f} | {med[1]:.0f} | {med[2]:.2f} | {med[3]:.2f} |")
     finally:
         stop_servers([server])
 
@@ -763,6 +833,12 @@ def main() -> None:
                    help="scenarios also run with wrk as the client, every server ('' : none), e.g. '1/req c=32,1/req c=8'")
     p.add_argument("--wrk-seconds", type=float, default=10.0, help="length of each wrk run")
     p.set_defaults(func=run_http)
+    p = sub.add_parser("hotpath")
+    p.add_argument("--num-sentences", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
+    p.add_argument("--rounds", type=int, default=4)
+    p.set_defaults(func=run_hotpath)
     p = sub.add_parser("mixed")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--max-tokens", type=int, default=256)

@@ -1,5 +1,6 @@
 -- wrk script for benchmarks/embeddings.py: POST one JSON body per request, cycling through the lines of the
--- file named by the first script argument (one OpenAI /embeddings body per line).
+-- file named by the first script argument (one OpenAI /embeddings body per line); the second, if given, is the
+-- Content-Type (default application/json).
 --   wrk -t1 -c32 -d10s --latency -s benchmarks/peers/embed_wrk.lua http://127.0.0.1:PORT/v1/embeddings -- bodies.jsonl
 local bodies = {}
 local next_index = 0
@@ -9,7 +10,7 @@ function init(args)
     bodies[#bodies + 1] = line
   end
   wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Content-Type"] = args[2] or "application/json"
 end
 
 function request()
