@@ -4,9 +4,11 @@ same model (all-MiniLM-L6-v2 from the store), same seeded sentences, same machin
     .venv/bin/python benchmarks/embeddings.py offline [--num-sentences 2000] [--num-batch1 300] [--rounds 2]
         [--threads N] [--int8] [--nn-linear]   # + the int8 encoder, + the nn.Linear (torch BLAS) ablation
     .venv/bin/python benchmarks/embeddings.py http [--servers inferd,inferd-1thread,inferd-int8,fastapi-st,infinity,
-        litserve,litserve-nobatch] [--rounds 2]   # inferd-<N>thread(s): the num_threads option N
+        litserve,litserve-nobatch] [--rounds 2] [--wrk-scenarios '1/req c=32'] [--wrk-seconds 10]
+        # inferd-<N>thread(s): the num_threads option N
     .venv/bin/python benchmarks/embeddings.py attention   # attention: per sequence vs per length bucket vs one call
-    .venv/bin/python benchmarks/embeddings.py mixed [--no-cpu-share]   # an LLM stream and embeddings on one server
+    .venv/bin/python benchmarks/embeddings.py mixed [--no-cpu-share] [--client wrk]   # an LLM stream beside embeddings
+    .venv/bin/python benchmarks/embeddings.py hotpath [--rounds 4]   # /v1/embeddings: bare ASGI hot path vs FastAPI route
 
 offline: `Embedder.embed` (packed batches) vs `SentenceTransformer.encode` at batch 32 and batch 1, the same torch
 thread count, runs alternating, medians of `--rounds`. Prints achieved GFLOP/s (useful FLOPs: the encoder's
@@ -18,7 +20,10 @@ http: closed-loop clients POST OpenAI `/embeddings` bodies: 1 sentence per reque
 hand (peers/embed_fastapi_st.py), Infinity and LitServe (peers/embed_litserve.py: batching 32 / 5 ms for 1 per
 request, a second server without batching for 32 per request, which LitServe cannot batch); peers/setup_embed_peers.sh makes their venvs; a
 server whose venv is missing is reported and skipped). All servers run at once; scenarios alternate between
-them per round, so slow drifts of this shared machine hit every server alike. Every server's vectors are checked
+them per round, so slow drifts of this shared machine hit every server alike. The client is Python (httpx, one
+asyncio loop); `--wrk-scenarios` runs the named scenarios a second time with wrk (C; peers/embed_wrk.lua cycles
+through the same bodies) against every server, for `--wrk-seconds` each: on a 2-core machine the Python client's
+~1 ms of CPU per request is CPU the server does not get. Every server's vectors are checked
 against sentence-transformers (lowest cosine printed). Each round also measures inferd in process in the client
 (`--offline-threads`, while every server is idle), the reference for the issue's "% of our own offline rate".
 
@@ -31,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -470,6 +477,53 @@ async def closed_loop(url: str, model: str, bodies: list[list[str]], concurrency
     return sum(len(b) for b in bodies) / wall, statistics.median(latencies) * 1e3, errors
 
 
+WRK_SCRIPT = REPO_ROOT / "benchmarks" / "peers" / "embed_wrk.lua"
+
+
+def start_wrk(url: str, model: str, bodies: list[list[str]], concurrency: int, seconds: float,
+              content_type: str = "application/json") -> subprocess.Popen:
+    """wrk (C, one thread, `concurrency` connections) posting the bodies (cycling) for `seconds`, closed loop:
+    each connection sends its next body when its last answer arrived. SIGINT ends it early (it still reports)."""
+    import shutil
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk), or leave out the wrk options")
+    with tempfile.NamedTemporaryFile("w", prefix="embed-wrk-bodies-", suffix=".jsonl", delete=False) as f:
+        for texts in bodies:
+            f.write(json.dumps({"model": model, "input": texts}) + "\n")
+    process = subprocess.Popen([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "60s",
+                                "--latency", "-s", str(WRK_SCRIPT), url, "--", f.name, content_type],
+                               stdout=subprocess.PIPE, text=True)
+    process.bodies_path = f.name  # type: ignore[attr-defined]
+    process.per_request = len(bodies[0])  # type: ignore[attr-defined]
+    return process
+
+
+def wrk_result(process: subprocess.Popen) -> tuple[float, float, int]:
+    """(sentences/s, p50 latency ms, errors) of a wrk run started by start_wrk, once it ends."""
+    import re
+
+    out, _ = process.communicate()
+    os.unlink(process.bodies_path)  # type: ignore[attr-defined]
+    units_ms = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+    p50 = re.search(r"^\s*50%\s+([\d.]+)(us|ms|s|m)\s*$", out, flags=re.M)
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, flags=re.M)
+    if p50 is None or rate is None:
+        raise RuntimeError(f"cannot read wrk's output (exit status {process.returncode}):\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non_2xx.group(1)) if non_2xx else 0) + (sum(int(g) for g in socket_errors.groups()) if socket_errors else 0)
+    return float(rate.group(1)) * process.per_request, float(p50.group(1)) * units_ms[p50.group(2)], errors  # type: ignore[attr-defined]
+
+
+def wrk_closed_loop(url: str, model: str, bodies: list[list[str]], concurrency: int, seconds: float,
+                    content_type: str = "application/json") -> tuple[float, float, int]:
+    """As closed_loop, with wrk as the client for `seconds`. A Python client spends ~1 ms of CPU per request on
+    this same 2-core machine, which the server then lacks; wrk a few µs."""
+    return wrk_result(start_wrk(url, model, bodies, concurrency, seconds, content_type))
+
+
 def run_http(args: argparse.Namespace) -> None:
     import httpx
     from sentence_transformers import SentenceTransformer
@@ -478,6 +532,12 @@ def run_http(args: argparse.Namespace) -> None:
     sentences = make_sentences(args.num_sentences)
     scenarios = [("1/req c=1", 1, 1, args.num_c1), ("1/req c=8", 1, 8, args.num_sentences),
                  ("1/req c=32", 1, 32, args.num_sentences), ("32/req c=4", 32, 4, args.num_sentences)]
+    # The same scenarios again with wrk as the client (every server, so the comparison stays fair)
+    known = {label: (per_request, concurrency, num) for label, per_request, concurrency, num in scenarios}
+    for label in filter(None, (x.strip() for x in args.wrk_scenarios.split(","))):
+        if label not in known:
+            raise SystemExit(f"--wrk-scenarios: unknown scenario {label!r}; known: {list(known)}")
+        scenarios.append((f"{label} wrk", *known[label]))
     servers = start_servers(args.servers.split(","), path, args.inferd_args.split(), args.inferd_num_threads)
     try:
         servers = wait_ready(servers)
@@ -522,7 +582,10 @@ def run_http(args: argparse.Namespace) -> None:
                     if server.max_per_request is not None and per_request > server.max_per_request:
                         continue
                     asyncio.run(closed_loop(server.url, server.model, bodies[: max(concurrency, 4)], concurrency))  # warm
-                    result = asyncio.run(closed_loop(server.url, server.model, bodies, concurrency))
+                    if label.endswith(" wrk"):
+                        result = wrk_closed_loop(server.url, server.model, bodies, concurrency, args.wrk_seconds)
+                    else:
+                        result = asyncio.run(closed_loop(server.url, server.model, bodies, concurrency))
                     results.setdefault((server.name, label), []).append(result)
                     print(f"# round {round_index + 1} {label} {server.name}: {result[0]:.1f} sentences/s, p50 {result[1]:.1f} ms"
                           + (f", {result[2]} errors" if result[2] else ""), flush=True)
@@ -592,6 +655,17 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return out
 
 
+def embed_items_answered(base_url: str) -> float:
+    """The server's inferd:request_items_total for the embedding model (inputs answered so far)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    pattern = rf'^inferd:request_items_total{{[^}}]*model_name="{MODEL_NAME}"[^}}]*}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
+
+
 def run_mixed(args: argparse.Namespace) -> None:
     """An LLM stream and embedding traffic on one `inferd serve` holding both models: each alone, then together,
     so the LLM's slowdown can be read against the CPU share the embeddings took."""
@@ -616,31 +690,56 @@ def run_mixed(args: argparse.Namespace) -> None:
         sentences = make_sentences(args.num_sentences)
         bodies = [[s] for s in sentences]
         print(f"# {machine_line()}")
+        print(f"# embedding client: {args.client}, c={args.concurrency}")
         asyncio.run(stream_chat_tokens_per_s(base_url, llm, 16))  # warm-up
+
+        def embed_traffic(seconds: float) -> float:
+            """1-per-request embedding traffic (sentences/s): the whole body list (python), or for `seconds` (wrk)."""
+            if args.client == "wrk":
+                return wrk_closed_loop(server.url, MODEL_NAME, bodies, args.concurrency, seconds)[0]
+            return asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0]
+
         rows: dict[str, list[float]] = {"llm alone": [], "embeddings alone": [], "llm with embeddings": [], "embeddings with llm": []}
         for _round in range(args.rounds):
+            t0 = time.perf_counter()
             rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
-            rows["embeddings alone"].append(asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0])
+            llm_alone_s = time.perf_counter() - t0
+            rows["embeddings alone"].append(embed_traffic(max(5.0, llm_alone_s)))
 
-            async def together() -> tuple[float, float, dict[str, float], float, bool]:
-                """Both at once; the CPU times are read when the LLM stream ends (the embedding traffic should
-                outlast it: `outlasted` says whether it did, so the LLM's figure was all under load)."""
-                embed_task = asyncio.create_task(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))
-                cpu_before, t0 = thread_cpu_seconds(process.pid), time.perf_counter()
+            async def together() -> tuple[float, float, dict[str, float], bool]:
+                """Both at once. CPU times and the embedding inputs answered are read when the LLM stream starts
+                and ends, so the embeddings' rate is theirs beside the stream only; `outlasted` says whether the
+                embedding traffic outlasted the stream (the LLM's figure then was all under load)."""
+                if args.client == "wrk":  # stopped (SIGINT) when the stream ends
+                    wrk = start_wrk(server.url, MODEL_NAME, bodies, args.concurrency, 10 * llm_alone_s + 30)
+                    embed_task = asyncio.create_task(asyncio.to_thread(wrk_result, wrk))
+                else:
+                    embed_task = asyncio.create_task(asyncio.to_thread(embed_traffic, 0))
+                await asyncio.sleep(1.0)  # the traffic reaches its steady state
+                cpu_before, items_before = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
+                t0 = time.perf_counter()
                 llm_rate = await stream_chat_tokens_per_s(base_url, llm, args.max_tokens)
-                cpu_after, wall = thread_cpu_seconds(process.pid), time.perf_counter() - t0
+                wall = time.perf_counter() - t0
+                cpu_after, items_after = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
                 outlasted = not embed_task.done()
+                if args.client == "wrk":
+                    wrk.send_signal(signal.SIGINT)
+                await embed_task
                 shares = {role: (cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)) for role in cpu_before}
-                return llm_rate, (await embed_task)[0], shares, wall, outlasted
+                return llm_rate, (items_after - items_before) / wall, shares, outlasted
 
-            llm_rate, embed_rate, shares, wall, outlasted = asyncio.run(together())
+            llm_rate, embed_rate, shares, outlasted = asyncio.run(together())
             if not outlasted:
                 print("# the embedding traffic ended before the LLM stream: raise --num-sentences", flush=True)
             for role, share in shares.items():  # share of the machine's CPU time while the LLM streamed beside them
                 rows.setdefault(f"cpu {role}", []).append(share)
             rows["llm with embeddings"].append(llm_rate)
             rows["embeddings with llm"].append(embed_rate)
-            print("# round: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
+            keeps = llm_rate / rows["llm alone"][-1]
+            embed_share = shares["embed workers"] + shares["event loop"]
+            print("# round: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
+                  + f"; LLM keeps {keeps:.0%}, embeddings' CPU share {embed_share:.0%}: "
+                  + ("met" if 1 - keeps <= embed_share else "NOT met") + f"; load {os.getloadavg()[0]:.1f}", flush=True)
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(f"\n| {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | LLM keeps | "
               "embeddings sentences/s alone | with the LLM stream | embeddings keep |")
@@ -649,6 +748,58 @@ def run_mixed(args: argparse.Namespace) -> None:
               f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | {med['embeddings with llm'] / med['embeddings alone']:.0%} |")
         print("\nShare of the machine's CPU time while the LLM streamed beside the embeddings (medians): " + ", ".join(
             f"{k[4:]} {v:.0%}" for k, v in med.items() if k.startswith("cpu ")))
+        per_round = [(w / a, e + l) for w, a, e, l in zip(rows["llm with embeddings"], rows["llm alone"],
+                                                          rows["cpu embed workers"], rows["cpu event loop"])]
+        print("Per round, LLM keeps vs the embeddings' share (workers + event loop): " + ", ".join(
+            f"{k:.0%} vs {sh:.0%}" for k, sh in per_round) + f"; met in {sum(1 - k <= sh for k, sh in per_round)} of {len(per_round)}")
+    finally:
+        stop_servers([server])
+
+
+# The FastAPI route parses any application/*+json body; `inferd serve`'s hot path takes application/json only.
+FASTAPI_ROUTE_CONTENT_TYPE = "application/x-inferd-bench+json"
+
+
+def run_hotpath(args: argparse.Namespace) -> None:
+    """One `inferd serve` (the embedding model), wrk as the client: the same one-sentence bodies through the bare
+    ASGI hot path (Content-Type application/json) and through the FastAPI route (a +json type FastAPI parses but
+    the hot path leaves to it), alternating, medians of `--rounds`; the server's CPU per request by thread group
+    (event loop, embedding workers) from /proc."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
+    log = tempfile.NamedTemporaryFile("w", prefix="embed-hotpath-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", MODEL_NAME, "--port", str(port), "--response-cache-bytes", "0"]
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
+    server = Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
+    try:
+        if not wait_ready([server]):
+            return
+        bodies = [[s] for s in make_sentences(args.num_sentences)]
+        print(f"# {machine_line()}")
+        doors = {"hot path (application/json)": "application/json", "FastAPI route (+json)": FASTAPI_ROUTE_CONTENT_TYPE}
+        rows: dict[str, list[tuple[float, float, float, float]]] = {door: [] for door in doors}
+        for door, content_type in doors.items():  # warm-up, and both doors answer
+            _rate, _p50, errors = wrk_closed_loop(server.url, MODEL_NAME, bodies, args.concurrency, 2, content_type)
+            if errors:
+                raise SystemExit(f"{door}: {errors} errors")
+        for round_index in range(args.rounds):
+            for door, content_type in (doors.items() if round_index % 2 == 0 else reversed(doors.items())):
+                cpu_before = thread_cpu_seconds(process.pid)
+                rate, p50, errors = wrk_closed_loop(server.url, MODEL_NAME, bodies, args.concurrency, args.seconds, content_type)
+                cpu_after = thread_cpu_seconds(process.pid)
+                num_requests = rate * args.seconds
+                loop_ms = (cpu_after["event loop"] - cpu_before["event loop"]) / num_requests * 1e3
+                workers_ms = (cpu_after["embed workers"] - cpu_before["embed workers"]) / num_requests * 1e3
+                rows[door].append((rate, p50, loop_ms, workers_ms))
+                print(f"# round {round_index + 1} {door}: {rate:.1f} sentences/s, p50 {p50:.1f} ms, server CPU per request: "
+                      f"event loop {loop_ms:.2f} ms, embedding workers {workers_ms:.2f} ms"
+                      + (f", {errors} errors" if errors else "") + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"\n| one sentence per request, wrk c={args.concurrency} | sentences/s | p50 ms | event loop CPU ms/request "
+              "| embedding workers CPU ms/request |")
+        print("|---|---|---|---|---|")
+        for door, runs in rows.items():
+            med = [statistics.median(r[i] for r in runs) for i in range(4)]
+            print(f"| {door} | {med[0]:.1f} | {med[1]:.0f} | {med[2]:.2f} | {med[3]:.2f} |")
     finally:
         stop_servers([server])
 
@@ -678,7 +829,16 @@ def main() -> None:
     p.add_argument("--offline-threads", default="1,2",
                    help="also measure inferd in process at these torch thread counts each round ('' : not)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--wrk-scenarios", default="1/req c=32",
+                   help="scenarios also run with wrk as the client, every server ('' : none), e.g. '1/req c=32,1/req c=8'")
+    p.add_argument("--wrk-seconds", type=float, default=10.0, help="length of each wrk run")
     p.set_defaults(func=run_http)
+    p = sub.add_parser("hotpath")
+    p.add_argument("--num-sentences", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
+    p.add_argument("--rounds", type=int, default=4)
+    p.set_defaults(func=run_hotpath)
     p = sub.add_parser("mixed")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -686,6 +846,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--embed-num-threads", type=int, default=0, help="the embedding model's num_threads option")
+    p.add_argument("--client", choices=["python", "wrk"], default="python",
+                   help="the embedding traffic's client: httpx (runs the whole sentence list) or wrk (for as long as needed)")
     p.add_argument("--no-cpu-share", action="store_true",
                    help="INFERD_CPU_THREAD_SHARE=off: each model keeps its own thread count (the LLM all CPUs)")
     p.set_defaults(func=run_mixed)

@@ -37,13 +37,14 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferd.config import DEFAULT_MODEL, EngineArgs, parse_size_bytes
-from inferd.server.errors import error_response, install_error_handlers
+from inferd.server.errors import error_body, error_response, install_error_handlers
 from inferd.server.routes.collections import router as collections_router
 from inferd.server.routes.dashboard import DASHBOARD_DATA_PATH, DASHBOARD_PAGE_PATHS
 from inferd.server.routes.dashboard import router as dashboard_router
 from inferd.server.routes.oip import INFER_PATH_RE, infer_asgi_app
 from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
+from inferd.server.routes.embeddings import EMBEDDINGS_PATH, embeddings_asgi_app, is_json_content_type
 from inferd.server.routes.embeddings import router as embeddings_router
 from inferd.server.routes.ops import router as ops_router
 from inferd.server.response_cache import DEFAULT_RESPONSE_CACHE_BYTES
@@ -333,18 +334,34 @@ def build_app(
 
 
 class HotPaths:
-    """The outermost ASGI app of `inferd serve`: OIP infer (`POST /v2/models/{name}[/versions/{v}]/infer`, the
-    tabular hot path, where one row costs less than the framework around it) goes to a bare ASGI handler behind
-    its own GuardMiddleware (the same key, drain, body and UTF-8 checks); everything else goes to FastAPI."""
+    """The outermost ASGI app of `inferd serve`: two hot paths go to bare ASGI handlers, each behind its own
+    GuardMiddleware (the same key, drain, body and UTF-8 checks); everything else goes to FastAPI.
+    - OIP infer (`POST /v2/models/{name}[/versions/{v}]/infer`, the tabular hot path, where one row costs less
+      than the framework around it);
+    - `POST /v1/embeddings` with a JSON body (routes/embeddings.py: a one-sentence request cost the event loop
+      about as much in the framework as in everything else)."""
 
     def __init__(self, app: FastAPI, state: ServerState) -> None:
         self.app = app
         self._infer = GuardMiddleware(infer_asgi_app(state), state=state)
+        self._embeddings = GuardMiddleware(embeddings_asgi_app(state), state=state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or INFER_PATH_RE.fullmatch(scope["path"]) is None:
+        if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
-            return
+        elif scope["path"] == EMBEDDINGS_PATH:
+            content_type = next((value for name, value in scope["headers"] if name == b"content-type"), None)
+            if is_json_content_type(content_type):
+                await self._answer(self._embeddings, scope, receive, send, "embeddings")
+            else:  # other types: FastAPI's own handling and errors
+                await self.app(scope, receive, send)
+        elif INFER_PATH_RE.fullmatch(scope["path"]) is not None:
+            await self._answer(self._infer, scope, receive, send, "OIP infer")
+        else:
+            await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _answer(handler: ASGIApp, scope: Scope, receive: Receive, send: Send, what: str) -> None:
         is_started = False
 
         async def tracked_send(message: Message) -> None:
@@ -353,12 +370,14 @@ class HotPaths:
             await send(message)
 
         try:
-            await self._infer(scope, receive, tracked_send)
-        except Exception:
-            logger.exception("OIP infer failed")
+            await handler(scope, receive, tracked_send)
+        except Exception as exc:
+            logger.exception("%s failed", what)
             if is_started:
                 raise  # uvicorn closes the connection: the answer is cut, never silently short
-            body = b'{"error":"internal server error"}'
+            # OIP's error shape there, OpenAI's (as errors.py's handler of the unexpected) here
+            body = b'{"error":"internal server error"}' if what == "OIP infer" else json.dumps(
+                error_body(500, f"internal server error: {type(exc).__name__}: {exc}")).encode()
             await send({"type": "http.response.start", "status": 500, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close")]})

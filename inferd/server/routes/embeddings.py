@@ -5,20 +5,34 @@ model by name from the server's table (404 unknown, 400 another kind) -> tokeniz
 used as given) -> too long: 400 naming the input's index, or cut to the model's limit with `truncate: true` ->
 `AsyncEmbedEngine.embed` (micro-batched with other requests' inputs; 429 + Retry-After when its queue is full)
 -> `dimensions` (truncate and renormalise) -> float lists or base64.
+
+`embeddings_answer` is that work after the body is validated; two front doors share it. `inferd serve` answers
+JSON bodies through `embeddings_asgi_app`, a bare ASGI handler that `HotPaths` (server/app.py) calls before
+FastAPI, behind its own `GuardMiddleware`: a one-sentence request spent about as much of the event loop's CPU in
+Starlette's and FastAPI's middleware, routing, dependency solving and Response objects as in everything else
+(benchmarks/RESULTS.md). It validates the body as FastAPI's route does (json.loads, then the model's validator
+with FastAPI's options; bodies of OFF_LOOP_MIN_BYTES or more on a worker thread, as OffLoopBodyRoute does) and
+turns failures into the same errors. The FastAPI route below serves everything else (other content types, and
+the app without `HotPaths`: TestClient, Ray Serve) and is the schema /docs shows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferd.batching import BatcherStoppedError, QueueFullError
-from inferd.server.bodies import OffLoopBodyRoute
-from inferd.server.errors import APIError, bad_request
+from inferd.server.bodies import OFF_LOOP_MIN_BYTES, OffLoopBodyRoute
+from inferd.server.errors import APIError, bad_request, error_body, validation_error_to_api_error
 from inferd.server.response_cache import CACHE_HEADER
 from inferd.server.protocol_embeddings import (
     EmbeddingInputError,
@@ -30,8 +44,11 @@ from inferd.server.protocol_embeddings import (
 )
 from inferd.serving import ModelKind
 
+logger = logging.getLogger("inferd.server")
+
 router = APIRouter(tags=["OpenAI-compatible"], route_class=OffLoopBodyRoute)
 
+EMBEDDINGS_PATH = "/v1/embeddings"
 # Inputs with more characters than this in all are tokenized off the event loop.
 _TOKENIZE_IN_THREAD_MIN_CHARS = 32 * 1024
 _RETRY_AFTER_S = "1"
@@ -66,10 +83,10 @@ async def _token_id_lists(engine: Any, body: EmbeddingRequest) -> list[list[int]
         raise bad_request(str(exc), exc.param) from None
 
 
-@router.post("/v1/embeddings")
-async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
+async def embeddings_answer(state: Any, body: EmbeddingRequest, request: Request) -> tuple[bytes, dict[str, str] | None]:
+    """(JSON body, extra headers) of a 200 answer to a validated body, or the APIError to answer instead.
+    `request` gives the response cache the caller's bearer token."""
     started = time.monotonic()
-    state = request.app.state.inferd
     served = await state.use_model(body.model, ModelKind.EMBED)
     engine = served.engine
     status = "error"  # inferd:requests statuses: ok, error, aborted
@@ -93,10 +110,105 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
         vectors = shorten(vectors, body.dimensions, engine.dimension)
         content = embeddings_response_json(vectors, body.encoding_format, served.name, num_tokens)
         status = "ok"
-        headers = {CACHE_HEADER: cache_status} if cache_status is not None else None
-        return Response(content=content, media_type="application/json", headers=headers)
+        return content, ({CACHE_HEADER: cache_status} if cache_status is not None else None)
     except asyncio.CancelledError:
         status = "aborted"  # the client went away; its queued inputs were dropped
         raise
     finally:
         state.metrics.observe_request(served.name, ModelKind.EMBED, status, time.monotonic() - started, num_items, num_tokens)
+
+
+@router.post(EMBEDDINGS_PATH)
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    content, headers = await embeddings_answer(request.app.state.inferd, body, request)
+    return Response(content=content, media_type="application/json", headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------- the hot path
+
+
+def is_json_content_type(value: bytes | None) -> bool:
+    """Content-Type application/json (parameters such as charset allowed): the bodies the hot path takes."""
+    return value is not None and value.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+def _body_error(errors: list[Any]) -> APIError:
+    return validation_error_to_api_error(RequestValidationError(errors, body=None))
+
+
+def _validated_body(raw: bytes) -> EmbeddingRequest:
+    """The body as FastAPI's route validates an application/json one (fastapi/routing.py and
+    ModelField.validate: json.loads (an empty body is missing), then the model with from_attributes=True, errors'
+    loc under "body"), or the APIError its exception handlers would answer."""
+    if not raw:
+        raise _body_error([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _body_error([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error", "input": {},
+                            "ctx": {"error": exc.msg}}]) from None
+    try:
+        return EmbeddingRequest.model_validate(value, from_attributes=True)
+    except ValidationError as exc:
+        raise _body_error(_under_body(exc)) from None
+
+
+def _validated_large_body(raw: bytes) -> EmbeddingRequest:
+    """As OffLoopBodyRoute validates a large body (on a worker thread: pydantic's own JSON parser)."""
+    try:
+        return EmbeddingRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _body_error(_under_body(exc)) from None
+
+
+def _under_body(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{**error, "loc": ("body", *error.get("loc", ()))} for error in exc.errors(include_url=False)]
+
+
+def _declared_bytes(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _json_bytes(value: Any) -> bytes:
+    """As Starlette's JSONResponse renders a body."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
+
+
+def embeddings_asgi_app(state: Any) -> ASGIApp:
+    """POST /v1/embeddings with a JSON body as a bare ASGI app over `state`, for `HotPaths` (server/app.py). The
+    guard in front of it has read and checked the body; answers are the FastAPI route's, byte for byte."""
+
+    async def embeddings_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+        headers: dict[str, str] | None
+        try:
+            if _declared_bytes(scope) >= OFF_LOOP_MIN_BYTES:  # as OffLoopBodyRoute chooses
+                body = await asyncio.to_thread(_validated_large_body, raw)
+            else:
+                body = _validated_body(raw)
+            payload, headers = await embeddings_answer(state, body, Request(scope))
+            status = 200
+        except APIError as exc:
+            status, headers = exc.status_code, exc.headers
+            payload = _json_bytes(error_body(exc.status_code, exc.message, exc.param, exc.code))
+        raw_headers = [(key.lower().encode("latin-1"), value.encode("latin-1")) for key, value in (headers or {}).items()]
+        raw_headers.append((b"content-length", str(len(payload)).encode()))
+        raw_headers.append((b"content-type", b"application/json"))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    return embeddings_asgi
