@@ -55,7 +55,12 @@ def measure_copy_bandwidth_gbps(num_bytes: int = 512 << 20, repeats: int = 5) ->
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    from inferd.engine.chat_template import ChatTemplateError
+
+    try:
+        return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    except ChatTemplateError:  # a base model (gemma-3-270m): the raw text
+        return tokenizer.encode(text)
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:

@@ -2,14 +2,15 @@
 
 Schemes (`--quantization`):
 - none:  weights in the model dtype (GGUF blocks are dequantized at load).
-- gguf:  keep a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors in their own blocks (bit-exact weights, 0.75 / 1.125
-         bytes per weight) and run them through the CPU kernels; other tensor types are dequantized.
+- gguf:  keep a GGUF file's Q4_0 / Q4_1 / Q8_0 / Q5_0 tensors in their own blocks (bit-exact weights, 0.75 / 1.125
+         bytes per weight; Q5_0 as int8) and run them through the CPU kernels; other tensor types are dequantized.
 - int8:  quantize float weights at load to 8 bits per weight, a float16 scale per 32 (Q8_0-like).
 - int4:  quantize float weights at load to 4 bits, a float16 scale and min per 32 (Q4_1-like); the output
          projection (lm_head) gets int8, as llama.cpp's Q4 mixes keep it at higher precision.
 - <scheme>-int8act (gguf-int8act, int8-int8act, int4-int8act): the same weights; each activation row is
          quantized to int8 per block of 32 inside the kernel (as llama.cpp's q8_0 / q8_1) and the dot products
          run in integers (AVX-512 VNNI / BW, AVX2 with or without AVX-VNNI, portable; chosen at run time).
+         gguf-int8act also keeps the K-quants Q4_K and Q6_K (float32 scales: formats.py).
 - auto:  for a GGUF file on CPU in float32: gguf-int8act where AUTO_INT8_ACTIVATIONS (its accuracy cost is within
          the gate: benchmarks/perplexity.py, RESULTS.md) and the CPU has AVX2; else gguf when the AVX-512
          float-activation kernels run here; else none (the portable float-activation kernels are correct but
