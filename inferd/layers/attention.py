@@ -11,9 +11,9 @@ after this step it holds seq_lens[i] tokens in the cache.
 On CPU in float32 with the kernels built, every new token is a decode row of the fused kernel (its own position
 as its causal limit), so a token's attention output has the same bits in a prefill, a prefill chunk, a
 speculative verify or a decode step, alone or batched: with int8 activations a rounding-level difference would
-move an activation across an int8 step and could flip a greedy near-tie. On long prefills this is slower than
-SDPA's blocked GEMMs (one dot product per query row and key; not yet in a benchmark). Elsewhere (CUDA, other
-dtypes, fused ops off) three torch paths, chosen from host-side flags (no device syncs) and numerically interchangeable:
+move an activation across an int8 step and could flip a greedy near-tie. Long prefills pay for it (one dot product
+per query row and key: TTFT 1.03x SDPA's at 512 tokens, 1.35x at 1536; benchmarks/offline.py --prefill-tokens,
+RESULTS.md). Elsewhere (CUDA, other dtypes, fused ops off) three torch paths, chosen from host-side flags (no device syncs) and numerically interchangeable:
 - prefill without cached context: causal SDPA on the new K/V of each sequence (the cache is only written);
 - decode only (every query length 1): one gather of [B, max_blocks * block_size] keys through the block
   tables, one SDPA with the B * num_kv_heads groups as batch and the num_heads / num_kv_heads query heads of a
