@@ -1,7 +1,7 @@
 """Offline decode speed: inferd vs Hugging Face transformers `generate()`, same model, prompts and machine, one run.
 
     .venv/bin/python benchmarks/offline.py [--model smollm2-135m-instruct] [--new-tokens 128] [--batch 16]
-        [--repeats 3] [--quantization auto,none]
+        [--repeats 3] [--quantization auto,none] [--prefill-tokens 512]
 
 Both sides: greedy, fixed output length (transformers min_new_tokens = max_new_tokens, inferd ignore_eos),
 float32 activations on CPU. inferd runs once per `--quantization` scheme: `auto` keeps the GGUF file's own
@@ -10,6 +10,11 @@ tests/test_engine.py), `none` dequantizes them to float32 as transformers does. 
 scheme, transformers, ...) and the median of `--repeats` is reported, because these 2-core machines are noisy.
 Also prints achieved weight-read bandwidth (weight bytes read per decode step x steps/s) next to the machine's
 measured copy bandwidth, so each speed is read against the hardware limit.
+
+--prefill-tokens N: then the time to first token of one N-token prompt (max_tokens 1) on the first inferd scheme,
+with CPU prefill attention as inferd runs it (every token one row of the fused decode kernel: batch-invariant) and
+as it ran before (torch SDPA for multi-token steps, switched in by patching the attention module's kernel check),
+alternating, median of --repeats.
 """
 
 from __future__ import annotations
@@ -55,7 +60,12 @@ def measure_copy_bandwidth_gbps(num_bytes: int = 512 << 20, repeats: int = 5) ->
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    from inferd.engine.chat_template import ChatTemplateError
+
+    try:
+        return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+    except ChatTemplateError:  # a base model (gemma-3-270m): the raw text
+        return tokenizer.encode(text)
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
@@ -105,6 +115,35 @@ def run_hf(model, prompt_ids: list[list[int]], new_tokens: int, pad_id: int) -> 
     return num_generated / dt
 
 
+def print_prefill_attention(named_llm, num_tokens: int, repeats: int) -> None:
+    import inferd.layers.attention as attention
+    from inferd import SamplingParams
+
+    name, llm = named_llm
+    text_ids = llm.tokenizer.encode(" ".join(PROMPTS) * (num_tokens // 100 + 1))
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    kernel_check = attention.use_cpu_ops
+    modes = {"decode-kernel rows (batch-invariant)": kernel_check, "torch SDPA (before)": lambda x: False}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for rep in range(repeats + 1):  # the first round warms up
+        for i, (mode, check) in enumerate(modes.items()):
+            prompt = [text_ids[rep * len(modes) + i]] + text_ids[: num_tokens - 1]  # no prefix-cache hit
+            attention.use_cpu_ops = check
+            try:
+                t0 = time.perf_counter()
+                llm.generate([prompt], params)
+                if rep:
+                    times[mode].append(time.perf_counter() - t0)
+            finally:
+                attention.use_cpu_ops = kernel_check
+    med = {mode: statistics.median(ts) * 1e3 for mode, ts in times.items()}
+    base = med["torch SDPA (before)"]
+    print(f"\n{name}, one {num_tokens}-token prompt, time to first token (median of {repeats}):")
+    print("| prefill attention | TTFT ms | vs SDPA |\n|---|---|---|")
+    for mode, ms in med.items():
+        print(f"| {mode} | {ms:.0f} | {ms / base:.2f}x |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -114,6 +153,7 @@ def main() -> int:
     ap.add_argument("--quantization", default="auto,none",
                     help="comma-separated inferd weight schemes to run (auto, none, gguf, int8, int4)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--prefill-tokens", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
                     help="then profile one request (64 new tokens) of the first inferd scheme: top ops by CPU time")
     args = ap.parse_args()
@@ -181,6 +221,8 @@ def main() -> int:
                 num_bytes = sum(m.weight.numel() * 4 for m in hf_model.modules() if isinstance(m, torch.nn.Linear))
             achieved = num_bytes * tok_s / n / 1e9
             print(f"| {case} | {name} | {tok_s:.1f} | {ratio} | {achieved:.1f} |")
+    if args.prefill_tokens:
+        print_prefill_attention(next(iter(llms.items())), args.prefill_tokens, args.repeats)
     if args.profile:
         from torch.profiler import profile
 

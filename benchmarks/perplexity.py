@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--greedy-tokens", type=int, default=64)
     args = ap.parse_args()
 
+    from inferd.engine.chat_template import ChatTemplateError
     from inferd.engine.tokenizer import Tokenizer
     from inferd.kernels import cpu_flags_summary, int8_kernel_paths
     from inferd.layers.paged_driver import PagedDriver
@@ -116,8 +117,13 @@ def main() -> int:
                 f"{s} ppl {math.exp(nll[s] / num_scored):.4f}" for s in schemes), file=sys.stderr, flush=True)
 
     greedy_match = {s: 0 for s in schemes}
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-               for p in GREEDY_PROMPTS[: args.greedy_prompts]]
+    def encode_prompt(text: str) -> list[int]:  # base models (gemma-3-270m) have no chat template: the raw text
+        try:
+            return tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+        except ChatTemplateError:
+            return tokenizer.encode(text)
+
+    prompts = [encode_prompt(p) for p in GREEDY_PROMPTS[: args.greedy_prompts]]
     ref_outputs = [greedy(driver_for, *models[args.reference], p, args.greedy_tokens) for p in prompts]
     for scheme in schemes:
         for prompt, ref_out in zip(prompts, ref_outputs):

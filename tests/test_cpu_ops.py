@@ -119,3 +119,52 @@ def test_whole_model_fused_ops_match_the_torch_path(name, tmp_path, torch_path):
         return torch.cat(logits)
 
     torch.testing.assert_close(run(), torch_path(run), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_attention_gives_a_token_the_same_bits_however_it_is_batched(sliding_window):
+    """A 40-token sequence's attention outputs, computed as one prefill, as prefill chunks, as a short prefill
+    then one decode step per token, and in company (other sequences' prefills and decodes in the same steps):
+    bitwise equal. (int8 activations turn a rounding-level difference into a different int8 step, so speculative
+    verify vs decode and batched vs alone must not differ in any bit.)"""
+    gen = torch.Generator().manual_seed(5)
+    block_size, num_blocks, heads, kv_heads, head_dim, seq_len = 4, 64, 6, 2, 16, 40
+    q = torch.randn(seq_len, heads, head_dim, generator=gen)
+    k = torch.randn(seq_len, kv_heads, head_dim, generator=gen)
+    v = torch.randn(seq_len, kv_heads, head_dim, generator=gen)
+    other = [torch.randn(seq_len, n, head_dim, generator=gen) for n in (heads, kv_heads, kv_heads)]
+    free = list(range(num_blocks))
+    random.Random(1).shuffle(free)
+    blocks = {name: [free.pop() for _ in range(seq_len // block_size)] for name in ("a", "b")}
+
+    def slots(name, start, end):
+        return [blocks[name][p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+    def run(chunks, company):
+        """chunks: [(start, end)] of sequence a per step; company: sequence b's (start, end) in each step or None."""
+        kv_cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim)
+        outs = []
+        for (start, end), with_b in zip(chunks, company):
+            seqs = [("a", start, end, (q, k, v))] + ([("b", *with_b, other)] if with_b else [])
+            starts, seq_lens, computed, slot_list, parts = [0], [], [], [], []
+            for name, s, e, tensors in seqs:
+                starts.append(starts[-1] + e - s)
+                seq_lens.append(e)
+                computed.append(s)
+                slot_list += slots(name, s, e)
+                parts.append([t[s:e] for t in tensors])
+            tables = torch.tensor([blocks[name] for name, *_ in seqs])
+            md = AttentionMetadata.build(slot_mapping=torch.tensor(slot_list), query_start_loc=starts,
+                                         seq_lens=seq_lens, num_computed_tokens=computed, block_tables=tables,
+                                         block_size=block_size, device="cpu")
+            qkv = [torch.cat([p[i] for p in parts]) for i in range(3)]
+            outs.append(paged_attention(*qkv, kv_cache, md, head_dim**-0.5, sliding_window)[: end - start])
+        return torch.cat(outs)
+
+    whole = run([(0, seq_len)], [None])
+    chunked = run([(0, 7), (7, 19), (19, 20), (20, seq_len)], [None, (0, 30), (30, 31), (31, 34)])
+    decoded = run([(0, 5)] + [(p, p + 1) for p in range(5, seq_len)], [(0, 3)] + [(p, p + 1) for p in range(3, 38)]
+                  + [None, None])
+    verified = run([(0, 9)] + [(p, min(p + 4, seq_len)) for p in range(9, seq_len, 4)], [None] * 9)
+    for name, out in {"chunked": chunked, "decoded": decoded, "verified": verified}.items():
+        assert torch.equal(out, whole), name

@@ -68,7 +68,8 @@ def test_prepared_engine_generates_the_source_tokens(default_gguf_path: Path, pr
     assert [o.outputs[0].token_ids for o in mapped.generate(PROMPTS, params)] == reference
 
 
-def test_a_torn_prepared_file_is_rebuilt(default_gguf_path: Path, prepared_dir: Path, source_state) -> None:
+def test_a_torn_prepared_file_is_rebuilt(default_gguf_path: Path, tmp_path: Path, source_state) -> None:
+    prepared_dir = tmp_path  # its own directory: the engine test above also wrote auto's (gguf-int8act) file
     load_model(str(default_gguf_path), "cpu", "float32", "gguf", prepared_dir=str(prepared_dir))
     (prepared_file,) = prepared_dir.glob("*.pt")
     size = prepared_file.stat().st_size

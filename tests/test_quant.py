@@ -198,6 +198,77 @@ def test_a8_linear_matches_the_emulated_int8_matmul(a8_path, qtype, out_features
 GGUF_KIND_OF = {QType.Q4_0: "q4", QType.Q4_1: "q4", QType.Q8_0: "q8"}
 
 
+def random_gguf_bytes(qtype: QType, n: int, k: int, seed: int) -> np.ndarray:
+    """Random blocks of a GGUF type (any bit pattern of the quants and 6-bit / 8-bit sub-scales) with finite
+    float16 super-scales around 1e-2: K-quants, which gguf-py cannot quantize to."""
+    rng = np.random.default_rng(seed)
+    super_bytes = {QType.Q4_K: 144, QType.Q6_K: 210}
+    weights_per_block = 256 if qtype in super_bytes else 32
+    num_blocks = n * k // weights_per_block
+    raw = rng.integers(0, 256, size=(num_blocks, super_bytes.get(qtype, 22 if qtype == QType.Q5_0 else 0)),
+                       dtype=np.uint8)
+
+    def f16(count: int) -> np.ndarray:
+        return (rng.uniform(0.5, 1.5, size=(num_blocks, count)) * 1e-2).astype(np.float16).view(np.uint8)
+
+    offset, count = {QType.Q4_K: (0, 2), QType.Q6_K: (208, 1), QType.Q5_0: (0, 1)}[qtype]
+    raw[:, offset : offset + 2 * count] = f16(count)
+    return raw
+
+
+def blocks_and_reference(qtype: QType, n: int, k: int, seed: int) -> tuple[BlockQuantized, torch.Tensor]:
+    """(the blocks as inferd holds them, gguf-py's own float32 dequantization of the same bytes)."""
+    if qtype in (QType.Q4_0, QType.Q4_1, QType.Q8_0):
+        w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+        raw = gguf_quantize(w, qtype)
+    else:
+        raw = random_gguf_bytes(qtype, n, k, seed)
+    reference = gguf_dequantize(raw.reshape(-1), qtype).reshape(n, k).astype(np.float32)
+    return from_gguf(qtype.name, raw, (n, k)), torch.from_numpy(reference)
+
+
+A8_QTYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
+
+
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q4_K, QType.Q6_K])
+def test_more_gguf_block_types_are_exact(qtype):
+    """Q5_0 (as q8), Q4_K (as q4 with float32 scales and mins) and Q6_K (as q6) hold the file's exact weights:
+    bit-equal to gguf-py's dequantizer; the int8-activation packing keeps them."""
+    bq, reference = blocks_and_reference(qtype, 32, 512, seed=4)
+    assert torch.equal(bq.dequantize(), reference)
+    assert torch.equal(unpack_a8(bq.kind, pack_a8(bq)).dequantize(), reference)
+
+
+@pytest.mark.parametrize("qtype", A8_QTYPES)
+def test_a8_linear_rows_are_batch_invariant(a8_path, qtype):
+    """Every block type: a row's output is the same bits alone and at any position of a batch of any size 1..200
+    (what keeps a request's greedy tokens independent of its company), and close to a float32 matmul of the
+    int8-quantized activations (q * d) with the dequantized weights (gguf-py's dequantization)."""
+    in_features, out_features = 512, 80  # 5 tiles: tile pairs and an unpaired tile; 2 K-quant super-blocks
+    bq, w = blocks_and_reference(qtype, out_features, in_features, seed=7)
+    layer = QuantLinear(in_features, out_features, bq.kind, bias=False, int8_activations=True)
+    layer.load_rows(0, bq)
+    layer.finalize()
+    assert torch.equal(layer.dequantized_weight(), w)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, in_features, generator=gen) * torch.logspace(-2, 2, 200)[:, None]
+    x[5, 32:64] = 0.0  # a zero block: d = 0
+    full = layer(x)
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(200)])
+    assert torch.equal(full, alone), a8_path
+    for n in range(2, 200):
+        start = (37 * n) % (201 - n)
+        assert torch.equal(layer(x[start : start + n]), full[start : start + n]), (a8_path, n, start)
+    q, d, _ = emulate_a8_quantization(x)
+    x_int8 = q.double() * d.double().repeat_interleave(BLOCK_SIZE, dim=1)
+    ref = x_int8 @ w.double().T
+    ref_abs = x_int8.abs() @ w.abs().double().T
+    assert bool(((full.double() - ref).abs() <= 1e-5 * ref_abs + 1e-6).all()), a8_path
+    # and within the activation rounding's reach (half a step, d / 2, per activation) of the float32 matmul
+    step_bound = (w.abs().view(out_features, -1, BLOCK_SIZE).sum(-1)[None] * (d / 2)[:, None]).sum(-1)
+    assert bool(((full.double() - x.double() @ w.double().T).abs() <= step_bound + 1e-5 * ref_abs + 1e-6).all())
+
+
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 def test_a8_packing_round_trips(kind):
     bq = quantize(torch.randn(32, 256, generator=torch.Generator().manual_seed(0)), kind)
@@ -392,13 +463,17 @@ def test_portable_kernels_without_avx512(tmp_path):
 
 
 def test_int8_activation_engine_is_batch_invariant(default_gguf_path):
-    """Each activation row is quantized on its own and the integer sums are exact, so with int8 activations too a
-    request's greedy tokens must not depend on its batch (the engine's contract, tests/test_engine.py, on the
-    float-activation kernels). Chunked prefill is not held to this: its attention rounds differently, and a
-    rounding-level change can move an activation across an int8 step, so near-ties may resolve differently."""
+    """Each activation row is quantized on its own, the integer sums are exact and every token's attention is one
+    row of the fused kernel, so with int8 activations too a request's greedy tokens do not depend on its batch:
+    alone, batched, prefilled in 8-token chunks while others decode, and recomputed after preemption (the
+    engine's contract, tests/test_engine.py, on the float-activation kernels)."""
     from inferd import LLM, SamplingParams
 
-    llm = LLM(model=str(default_gguf_path), kv_cache_memory="64MiB", max_model_len=512, quantization="gguf-int8act")
+    def make(**kwargs) -> LLM:
+        return LLM(model=str(default_gguf_path), max_model_len=512, quantization="gguf-int8act",
+                   kv_cache_memory=kwargs.pop("kv_cache_memory", "64MiB"), **kwargs)
+
+    llm = make()
     assert llm.engine.config.quantization == "gguf-int8act"
     tok = llm.tokenizer
     prompts = [tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):", "1, 2, 3, 4, 5,")]
@@ -406,3 +481,9 @@ def test_int8_activation_engine_is_batch_invariant(default_gguf_path):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == alone
+    chunked = make(max_num_batched_tokens=8)
+    assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params)] == alone
+    block_bytes = 2 * 30 * 16 * 3 * 64 * 4  # K and V x layers x block_size x kv heads x head_dim x fp32
+    tiny = make(kv_cache_memory=5 * block_bytes)  # 80 tokens for 4 sequences of up to ~45: preemption
+    assert [o.outputs[0].token_ids for o in tiny.generate(prompts, params)] == alone
+    assert tiny.engine.get_stats().num_preemptions > 0

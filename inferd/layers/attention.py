@@ -8,7 +8,12 @@ One step lays the new tokens of B sequences end to end: T tokens, no padding. Se
 query_start_loc[i] : query_start_loc[i + 1], its first new token sits at position num_computed_tokens[i], and
 after this step it holds seq_lens[i] tokens in the cache.
 
-Three paths, chosen from host-side flags (no device syncs) and numerically interchangeable:
+On CPU in float32 with the kernels built, every new token is a decode row of the fused kernel (its own position
+as its causal limit), so a token's attention output has the same bits in a prefill, a prefill chunk, a
+speculative verify or a decode step, alone or batched: with int8 activations a rounding-level difference would
+move an activation across an int8 step and could flip a greedy near-tie. Long prefills pay for it (one dot product
+per query row and key: TTFT 1.03x SDPA's at 512 tokens, 1.35x at 1536; benchmarks/offline.py --prefill-tokens,
+RESULTS.md). Elsewhere (CUDA, other dtypes, fused ops off) three torch paths, chosen from host-side flags (no device syncs) and numerically interchangeable:
 - prefill without cached context: causal SDPA on the new K/V of each sequence (the cache is only written);
 - decode only (every query length 1): one gather of [B, max_blocks * block_size] keys through the block
   tables, one SDPA with the B * num_kv_heads groups as batch and the num_heads / num_kv_heads query heads of a
@@ -147,6 +152,23 @@ def _decode_rows(md: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tens
         seq_index = torch.tensor(seq_ids, dtype=torch.int64, device=device)
         cached = (token_indices, md.block_tables.index_select(0, seq_index), md.seq_lens.index_select(0, seq_index))
         md.derived["decode_rows"] = cached
+    return cached
+
+
+def _token_rows(md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every new token as a decode row: (its sequence's block table [T, max_blocks], the keys it sees [T], i.e. its
+    position + 1)."""
+    cached = md.derived.get("token_rows")
+    if cached is None:
+        query_lens = np.diff(np.asarray(md.query_start_loc_list, dtype=np.int64))
+        seq_index = np.repeat(np.arange(md.num_seqs, dtype=np.int64), query_lens)
+        first_token = np.repeat(np.asarray(md.query_start_loc_list[:-1], dtype=np.int64), query_lens)
+        num_computed = np.repeat(np.asarray(md.num_computed_tokens_list, dtype=np.int64), query_lens)
+        seq_lens = num_computed + np.arange(len(seq_index), dtype=np.int64) - first_token + 1
+        device = md.block_tables.device
+        cached = (md.block_tables.index_select(0, torch.from_numpy(seq_index).to(device)),
+                  torch.from_numpy(seq_lens).to(device))
+        md.derived["token_rows"] = cached
     return cached
 
 
@@ -299,6 +321,11 @@ def paged_attention(
     write_kv_cache(kv_cache, k, v, md.slot_mapping)
     if md.is_decode_only:
         return _decode_attention(q, kv_cache, md, scale, sliding_window)[1]
+    if use_cpu_ops(q) and kv_cache.is_contiguous():
+        # Every new token as its own decode row (its causal limit as its seq_len): a token's output is then the
+        # same bits whether it arrives in a prefill, a prefill chunk, a speculative verify or a decode step.
+        block_tables, seq_lens = _token_rows(md)
+        return torch.ops.inferd.paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, sliding_window or 0)
     if md.num_seqs == 1:
         return _sequence_attention(q, k, v, kv_cache, md, 0, scale, sliding_window)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q itself is a strided view

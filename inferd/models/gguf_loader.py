@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from inferd.models.arch_config import SUPPORTED_ROPE_TYPES, ModelArchConfig, RopeScaling, gemma3_layer_windows
 from inferd.models.registry import create_model
-from inferd.quant import GGUF_KIND, BlockQuantized, plan_quantization
+from inferd.quant import GGUF_KIND, BlockQuantized, plan_quantization, split_quantization
+from inferd.quant.formats import GGUF_KIND_INT8_ACTIVATIONS
 from inferd.quant.formats import from_gguf
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
@@ -218,7 +219,7 @@ def iter_gguf_tensors(
     reader: GGUFReader, arch_config: ModelArchConfig, keep_blocks: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, torch.Tensor | BlockQuantized]]:
     """(HF name, float32 CPU tensor) for every weight tensor, with a progress bar on stderr. Tensors named in
-    keep_blocks (HF names; Q4_0 / Q4_1 / Q8_0 only) come as BlockQuantized, their exact blocks."""
+    keep_blocks (HF names; the block types of formats.from_gguf) come as BlockQuantized, their exact blocks."""
     is_permuted = arch_config.arch == "llama"
     for tensor in tqdm(reader.tensors, desc="Loading GGUF tensors", unit="tensor", file=sys.stderr):
         if tensor.name == ROPE_FREQS_TENSOR:
@@ -262,8 +263,10 @@ def load_gguf_model(
     reader = GGUFReader(path)
     arch_config = _read_arch_config(reader)
     model = create_model(arch_config, device, dtype)
+    # The int8-activation kernels also take K-quants (Q4_K, Q6_K: float32 scales); the float-activation ones do not.
+    kind_of = GGUF_KIND_INT8_ACTIVATIONS if split_quantization(quantization)[1] else GGUF_KIND
     source_kinds = {
-        hf_name_of(t.name, arch_config.arch): GGUF_KIND.get(t.tensor_type.name)
+        hf_name_of(t.name, arch_config.arch): kind_of.get(t.tensor_type.name)
         for t in reader.tensors if t.name != ROPE_FREQS_TENSOR
     }
     plan = plan_quantization(model.quantizable_linears(), quantization, source_kinds)

@@ -2,14 +2,15 @@
 
 Schemes (`--quantization`):
 - none:  weights in the model dtype (GGUF blocks are dequantized at load).
-- gguf:  keep a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors in their own blocks (bit-exact weights, 0.75 / 1.125
-         bytes per weight) and run them through the CPU kernels; other tensor types are dequantized.
+- gguf:  keep a GGUF file's Q4_0 / Q4_1 / Q8_0 / Q5_0 tensors in their own blocks (bit-exact weights, 0.75 / 1.125
+         bytes per weight; Q5_0 as int8) and run them through the CPU kernels; other tensor types are dequantized.
 - int8:  quantize float weights at load to 8 bits per weight, a float16 scale per 32 (Q8_0-like).
 - int4:  quantize float weights at load to 4 bits, a float16 scale and min per 32 (Q4_1-like); the output
          projection (lm_head) gets int8, as llama.cpp's Q4 mixes keep it at higher precision.
 - <scheme>-int8act (gguf-int8act, int8-int8act, int4-int8act): the same weights; each activation row is
          quantized to int8 per block of 32 inside the kernel (as llama.cpp's q8_0 / q8_1) and the dot products
          run in integers (AVX-512 VNNI / BW, AVX2 with or without AVX-VNNI, portable; chosen at run time).
+         gguf-int8act also keeps the K-quants Q4_K and Q6_K (float32 scales: formats.py).
 - auto:  for a GGUF file on CPU in float32: gguf-int8act where AUTO_INT8_ACTIVATIONS (its accuracy cost is within
          the gate: benchmarks/perplexity.py, RESULTS.md) and the CPU has AVX2; else gguf when the AVX-512
          float-activation kernels run here; else none (the portable float-activation kernels are correct but
@@ -28,11 +29,12 @@ from inferd.quant.linear import INT8_ACTIVATIONS_SUFFIX, QuantLinear
 
 INT8_ACT_METHOD_SUFFIX = "-int8act"
 # Whether auto picks int8 activations (gguf-int8act). Their accuracy passes the gate (+0.42% perplexity over float
-# activations on 51,200 tokens of the KJV, gate +0.5%: benchmarks/perplexity.py, RESULTS.md), but with them a
-# request's greedy tokens changed with its company: batched vs alone (tests/test_server.py) and speculation on vs
-# off (tests/test_spec_decode.py), as rows of a multi-row step and a one-row decode round differently enough to
-# flip near-ties. Opt-in (--quantization gguf-int8act) until every path gives a row the same numbers.
-AUTO_INT8_ACTIVATIONS = False
+# activations on 51,200 KJV tokens, gate +0.5%: benchmarks/perplexity.py, RESULTS.md), and a row's numbers do not
+# depend on its company: the int8 kernels compute each row alone in exact integers plus a fixed float order, and on
+# CPU every token's attention is one row of the fused decode kernel (layers/attention.py). So greedy tokens are
+# the same batched vs alone, chunked vs whole prefill and with speculation on vs off (tests/test_quant.py,
+# tests/test_cpu_ops.py, tests/test_spec_decode.py, tests/test_server.py).
+AUTO_INT8_ACTIVATIONS = True
 
 __all__ = [
     "GGUF_KIND",
@@ -67,10 +69,9 @@ def resolve_quantization(method: str, *, is_gguf: bool, device: str, dtype: str)
                 return "gguf" + INT8_ACT_METHOD_SUFFIX
             if has_avx512_kernels():
                 return "gguf"
-            reason = kernel_build_error() or ("no AVX-512 on this CPU (the portable kernels are slower than float32; "
-                                              "--quantization gguf-int8act runs integer AVX2 kernels)")
-            print(f"inferd: keeping the GGUF's blocks needs inferd's AVX-512 kernels; using float32 weights: {reason}",
-                  file=sys.stderr)
+            reason = kernel_build_error() or "no AVX2 on this CPU (the portable kernels are slower than float32)"
+            print(f"inferd: keeping the GGUF's blocks needs inferd's AVX2 or AVX-512 kernels; using float32 weights: "
+                  f"{reason}", file=sys.stderr)
         return "none"
     if split_quantization(method)[0] == "gguf" and not is_gguf:
         raise ValueError(f"quantization {method!r} needs a .gguf model file; use int8 or int4 for other checkpoints")

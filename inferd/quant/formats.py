@@ -1,7 +1,10 @@
 """Layer 2: block-quantized weights (32 weights per scale along the input dimension) and their packed form.
 
 `BlockQuantized` is the canonical, row-major form every source maps to:
-- GGUF Q4_0 / Q4_1 / Q8_0 tensors, bit-exact (`from_gguf`): the file's own weights, not a re-quantization;
+- GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 tensors, bit-exact (`from_gguf`): the file's own weights, not a re-quantization
+  (Q5_0 as "q8": its 5-bit values less 16 in an int8);
+- GGUF Q4_K as "q4" (its per-32 scale d * sc and min -dmin * m, exact in float32 but not in float16) and Q6_K as
+  "q6" (u in 0..63, w = scale * (u - 32), a float32 scale d * sc per 16): the int8-activation kernels only;
 - float weights quantized at load (`quantize`, for `--quantization int8|int4`): int8 as Q8_0 (symmetric,
   scale = absmax / 127), int4 as Q4_1 (asymmetric, scale = (max - min) / 15, min kept).
 `pack` turns it into the tile-interleaved layout the float-activation CPU kernels read (csrc/cpu_quant_linear.cpp),
@@ -22,14 +25,22 @@ TILE_ROWS = 16  # output rows interleaved in one packed tile
 # GGUF block layouts (bytes per 32 weights): Q8_0 = f16 d + 32 x int8; Q4_0 = f16 d + 16 bytes of nibbles
 # (w = d * (q - 8)); Q4_1 = f16 d + f16 m + 16 bytes (w = d * q + m). Nibbles: byte j holds element j in its low
 # half and element j + 16 in its high half.
-GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-GGUF_KIND = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4"}
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22}
+GGUF_KIND = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4", "Q5_0": "q8"}
+# K-quants: 256 weights per super-block; their scales are not float16 values, so only the int8-activation kernels
+# (float32 scales) take them.
+QK_K = 256
+GGUF_SUPER_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}
+GGUF_KIND_INT8_ACTIVATIONS = {**GGUF_KIND, "Q4_K": "q4", "Q6_K": "q6"}
+Q6_BLOCK_SIZE = 16  # q6: weights per scale
+Q6_OFFSET = 32  # q6: w = scale * (u - 32)
 
 
 @dataclass
 class BlockQuantized:
-    """kind "q4": q uint8 [N, K] in 0..15, w = scales * q + mins; kind "q8": q int8 [N, K], w = scales * q.
-    scales, mins: float32 [N, K / 32] (mins None for q8)."""
+    """kind "q4": q uint8 [N, K] in 0..15, w = scales * q + mins; kind "q8": q int8 [N, K], w = scales * q;
+    kind "q6": q uint8 [N, K] in 0..63, w = scales * (q - 32). scales, mins: float32 [N, K / 32] (q6: scales
+    [N, K / 16]; mins None for q8 and q6)."""
 
     kind: str
     q: torch.Tensor
@@ -43,6 +54,9 @@ class BlockQuantized:
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K]. scale * q is exact in float32, so this rounds once, like a fused multiply-add."""
         n, k = self.q.shape
+        if self.kind == "q6":
+            blocks = self.q.view(n, k // Q6_BLOCK_SIZE, Q6_BLOCK_SIZE).to(torch.float32) - Q6_OFFSET
+            return (blocks * self.scales[..., None]).view(n, k)
         blocks = self.q.view(n, k // BLOCK_SIZE, BLOCK_SIZE).to(torch.float32) * self.scales[..., None]
         if self.mins is not None:
             blocks = blocks + self.mins[..., None]
@@ -84,7 +98,10 @@ def quantize(weight: torch.Tensor, kind: str) -> BlockQuantized:
 
 
 def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQuantized:
-    """The exact weights of a GGUF Q4_0 / Q4_1 / Q8_0 tensor. raw: its bytes (uint8, any shape), shape: [N, K]."""
+    """The exact weights of a GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensor. raw: its bytes (uint8, any
+    shape), shape: [N, K]."""
+    if type_name in GGUF_SUPER_BLOCK_BYTES:
+        return _from_gguf_k_quant(type_name, raw, shape)
     if type_name not in GGUF_BLOCK_BYTES:
         raise ValueError(f"GGUF type {type_name} has no block-quantized form; supported: {', '.join(GGUF_BLOCK_BYTES)}")
     n, k = shape
@@ -93,12 +110,49 @@ def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQ
     if type_name == "Q8_0":
         q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
         return BlockQuantized("q8", torch.from_numpy(q), torch.from_numpy(d), None)
+    if type_name == "Q5_0":  # f16 d, 4 bytes of high bits (bit j: element j), 16 bytes of nibbles; w = d * (q - 16)
+        high = blocks[..., 2:6].copy().view(np.uint32)[..., 0]  # little-endian: bit j of the 32 = element j
+        bits = ((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [N, K/32, 32]
+        nibbles = blocks[..., 6:]
+        low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+        q = ((low | (bits << 4)).astype(np.int16) - 16).astype(np.int8).reshape(n, k)
+        return BlockQuantized("q8", torch.from_numpy(q), torch.from_numpy(d), None)
     if type_name == "Q4_0":
         nibbles, mins = blocks[..., 2:], -8.0 * d  # d * (q - 8) == d * q + (-8 d), both exact in float32
     else:
         nibbles, mins = blocks[..., 4:], blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)  # elements 0..15, then 16..31
     return BlockQuantized("q4", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(mins)))
+
+
+def _from_gguf_k_quant(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQuantized:
+    n, k = shape
+    if k % QK_K:
+        raise ValueError(f"{type_name} tensor [{n}, {k}]: K must be a multiple of {QK_K}")
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * (k // QK_K), GGUF_SUPER_BLOCK_BYTES[type_name])
+    if type_name == "Q4_K":  # f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) x 8, 128 bytes of nibbles
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [S, 1]
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        packed = blocks[:, 4:16].reshape(-1, 3, 4)
+        lo, hi, extra = packed[:, 0], packed[:, 1], packed[:, 2]
+        sc = np.concatenate([lo & 0x3F, (extra & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [S, 8]
+        mn = np.concatenate([hi & 0x3F, (extra >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+        nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (nibbles & 0x0F).reshape(n, k)  # chunk c of 32 bytes: sub-block 2c in the low nibbles, 2c + 1 high
+        scales = (d * sc.astype(np.float32)).reshape(n, k // BLOCK_SIZE)  # exact: 11-bit times 6-bit
+        mins = -(dmin * mn.astype(np.float32)).reshape(n, k // BLOCK_SIZE)
+        return BlockQuantized("q4", torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scales),
+                              torch.from_numpy(mins))
+    # Q6_K: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, f16 d
+    low = blocks[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    low = (low & 0x0F).reshape(-1, 2, 128)
+    high = blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    high = (high & 0x03).reshape(-1, 2, 128)
+    q = (low | (high << 4)).reshape(n, k)
+    sc = blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # [S, 16]
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)
+    scales = (d * sc).reshape(n, k // Q6_BLOCK_SIZE)  # exact: 11-bit times 8-bit
+    return BlockQuantized("q6", torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scales), None)
 
 
 def _as_f16_exactly(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -146,12 +200,20 @@ def pack_a8(bq: BlockQuantized) -> dict[str, torch.Tensor]:
     n, k = bq.shape
     t = _num_tiles(n, k)
     tiles = _tiler(t)
-    out = {"scales": tiles(_as_f16_exactly(bq.scales, "scales"))}
+    if bq.kind == "q6":
+        q = bq.q.to(torch.uint8).view(t, TILE_ROWS, k // 4, 4)  # [T, j, g, i], k = 4g + i
+        return {"qs": q.permute(0, 2, 1, 3).reshape(t, k // 4, 64).contiguous(),
+                "scales": tiles(bq.scales.to(torch.float32))}
+    # float16 where every scale and min is one (GGUF's own blocks, quantize()'s), else float32 (Q4_K's)
+    values = [bq.scales] if bq.mins is None else [bq.scales, bq.mins]
+    is_f16 = bq.kind == "q8" or all(torch.equal(v.to(torch.float16).to(torch.float32), v) for v in values)
+    as_stored = (lambda v, name: _as_f16_exactly(v, name)) if is_f16 else (lambda v, name: v.to(torch.float32))
+    out = {"scales": tiles(as_stored(bq.scales, "scales"))}
     if bq.kind == "q4":
         q = bq.q.to(torch.uint8).view(t, TILE_ROWS, k // 8, 2, 4)  # [T, j, g, half, i], k = 8g + 4 half + i
         nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [T, j, g, i]
         out["qs"] = nibbles.permute(0, 2, 1, 3).reshape(t, k // 8, 64).contiguous()
-        out["mins"] = tiles(_as_f16_exactly(bq.mins, "mins"))
+        out["mins"] = tiles(as_stored(bq.mins, "mins"))
     else:
         q = bq.q.to(torch.int8).view(t, TILE_ROWS, k // 4, 4)  # [T, j, g, i], k = 4g + i
         out["qs"] = q.permute(0, 2, 1, 3).reshape(t, k // 4, 64).contiguous()
@@ -173,4 +235,4 @@ def unpack_a8(kind: str, packed: dict[str, torch.Tensor]) -> BlockQuantized:
         return BlockQuantized("q4", q.contiguous(), rows(packed["scales"]), rows(packed["mins"]))
     k = qs.shape[1] * 4
     q = qs.view(t, k // 4, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(t * TILE_ROWS, k)
-    return BlockQuantized("q8", q.contiguous(), rows(packed["scales"]), None)
+    return BlockQuantized(kind, q.contiguous(), rows(packed["scales"]), None)

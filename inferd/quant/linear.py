@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inferd.quant.formats import BLOCK_SIZE, BlockQuantized, pack, pack_a8, quantize, unpack_a8
+from inferd.quant.formats import BLOCK_SIZE, Q6_BLOCK_SIZE, BlockQuantized, pack, pack_a8, quantize, unpack_a8
 
 INT8_ACTIVATIONS_SUFFIX = "+a8"  # a plan's kind "q4+a8": q4 weights, int8 activations
 
@@ -22,13 +22,13 @@ INT8_ACTIVATIONS_SUFFIX = "+a8"  # a plan's kind "q4+a8": q4 weights, int8 activ
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, kind: str, bias: bool,
                  int8_activations: bool = False) -> None:
-        """kind: "q4" | "q8", or with INT8_ACTIVATIONS_SUFFIX ("q4+a8"), as plan_quantization gives it, for
-        int8_activations=True."""
+        """kind: "q4" | "q8", or with INT8_ACTIVATIONS_SUFFIX ("q4+a8", "q6+a8": q6, GGUF's Q6_K, has int8-activation
+        kernels only), as plan_quantization gives it, for int8_activations=True."""
         super().__init__()
         if kind.endswith(INT8_ACTIVATIONS_SUFFIX):
             kind, int8_activations = kind[: -len(INT8_ACTIVATIONS_SUFFIX)], True
-        if kind not in ("q4", "q8"):
-            raise ValueError(f"QuantLinear kind must be q4 or q8, got {kind!r}")
+        if kind not in ("q4", "q8", "q6") or (kind == "q6" and not int8_activations):
+            raise ValueError(f"QuantLinear kind must be q4 or q8 (or q6 with int8 activations), got {kind!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.kind = kind
@@ -54,18 +54,21 @@ class QuantLinear(nn.Module):
         if isinstance(weight, BlockQuantized) and weight.kind != self.kind:
             weight = weight.dequantize()
         if not isinstance(weight, BlockQuantized):
-            weight = quantize(weight, self.kind)
+            weight = quantize(weight, self.kind) if self.kind != "q6" else weight
+        if not isinstance(weight, BlockQuantized):
+            raise ValueError("a q6 layer takes GGUF Q6_K blocks only")
         n, k = weight.shape
         if k != self.in_features or row_offset + n > self.out_features:
             raise ValueError(f"rows [{row_offset}, {row_offset + n}) x {k} do not fit a "
                              f"[{self.out_features}, {self.in_features}] weight")
         if self._staging is None:
-            q_dtype = torch.uint8 if self.kind == "q4" else torch.int8
+            q_dtype = torch.int8 if self.kind == "q8" else torch.uint8
             num_blocks = self.in_features // BLOCK_SIZE
+            num_scales = self.in_features // Q6_BLOCK_SIZE if self.kind == "q6" else num_blocks
             self._staging = BlockQuantized(
                 self.kind,
                 torch.zeros(self.out_features, self.in_features, dtype=q_dtype),
-                torch.zeros(self.out_features, num_blocks),
+                torch.zeros(self.out_features, num_scales),
                 torch.zeros(self.out_features, num_blocks) if self.kind == "q4" else None,
             )
         s = self._staging
@@ -86,10 +89,10 @@ class QuantLinear(nn.Module):
     def _refresh_kernel_args(self) -> None:
         # The kernel's tensor arguments as one plain attribute: buffers go through nn.Module.__getattr__, about a
         # microsecond each, ~500 times a decode step.
-        self._kernel_args = (self.qs, self.scales) if self.kind == "q8" else (self.qs, self.scales, self.mins)
+        self._kernel_args = (self.qs, self.scales) if self.kind != "q4" else (self.qs, self.scales, self.mins)
         ops = torch.ops.inferd
         if self.int8_activations:
-            self._kernel = ops.q8_a8_linear if self.kind == "q8" else ops.q4_a8_linear
+            self._kernel = {"q8": ops.q8_a8_linear, "q4": ops.q4_a8_linear, "q6": ops.q6_a8_linear}[self.kind]
         else:
             self._kernel = ops.q8_linear if self.kind == "q8" else ops.q4_linear
 

@@ -1,11 +1,15 @@
-// inferd CPU kernels with int8 activations: y = x @ W^T for block-quantized W (Q4_0 / Q4_1 as "q4",
-// Q8_0 as "q8"; see cpu_quant_linear.cpp for the float-activation reference kernels).
+// inferd CPU kernels with int8 activations: y = x @ W^T for block-quantized W (Q4_0 / Q4_1 / Q4_K as "q4",
+// Q8_0 / Q5_0 as "q8", Q6_K as "q6"; see cpu_quant_linear.cpp for the float-activation reference kernels).
 //
 // Each activation row is quantized per block of 32 values, as llama.cpp's q8_0 / q8_1 activations:
 //   d = max|x| / 127, q = round_half_even(x / d) in -127..127 (x * (1 / d), float32), dsum = d * sum(q).
 // A block's contribution to an output is then integer work plus two float multiply-adds:
 //   q4 (w = s * u + min, u in 0..15):   s * d * sum(u * q)  + min * dsum
 //   q8 (w = s * v, v in -127..127):     s * d * sum(v * q)
+//   q6 (w = s * (u - 32), u in 0..63, a scale per 16 k):  per half block s * d * (sum(u * q) - 32 * sum(q))
+// Q4_K's scale and min per 32 (d * sc, -dmin * m: 6-bit integers times a float16) are exact in float32, not in
+// float16, so q4 takes float32 scales and mins too (6 bits per weight instead of the file's 4.5); q6 always has
+// float32 scales (d * sc, an 8-bit integer times a float16).
 // The integer dot products run as u8 x s8 -> int32 sums of 4 (vpdpbusd with VNNI, vpmaddubsw + vpmaddwd
 // without); signed q8 weights are made unsigned by adding 128 under VNNI (the extra 128 * sum(q) is removed
 // through the min term, min = -128 s) or take the sign trick (|v| times q with v's sign) otherwise.
@@ -14,7 +18,8 @@
 // that one int32 lane accumulates one output row):
 //   q4: qs uint8 [N/16, K/8, 64]: byte [t, g, 4j + i] = u[16t+j, 8g+i] | u[16t+j, 8g+4+i] << 4   (i in 0..3)
 //   q8: qs int8  [N/16, K/4, 64]: byte [t, g, 4j + i] = v[16t+j, 4g+i]
-//   scales, mins: float16 [N/16, K/32, 16], as the float kernels.
+//   q6: qs uint8 [N/16, K/4, 64]: as q8, holding u
+//   scales, mins: float16 (or float32) [N/16, K/32, 16], as the float kernels; q6 scales float32 [N/16, K/16, 16].
 //
 // Code paths, chosen at run time (one build carries all the x86 ones through per-region target pragmas):
 // avx512-vnni, avx512 (BW), avx2-vnni (AVX-VNNI), avx2, portable. The default is the best the CPU has;
@@ -42,26 +47,29 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-enum class Format { kQ4, kQ8 };
+enum class Format { kQ4, kQ8, kQ6 };
 using Half = c10::Half;
 
 struct A8Packed {
   const uint8_t* qs;
-  const Half* scales;
-  const Half* mins;  // nullptr for q8
+  const void* scales;  // Half, or float where f32_scales
+  const void* mins;    // q4 only
   int64_t K;
-  int64_t qs_tile_bytes() const { return mins ? K / 2 * 16 : K * 16; }
-  int64_t scale_tile_count() const { return K / kBlock * 16; }
+  Format format;
+  bool f32_scales;
+  int64_t qs_tile_bytes() const { return format == Format::kQ4 ? K / 2 * 16 : K * 16; }
+  int64_t scale_tile_count() const { return (format == Format::kQ6 ? K / 16 : K / kBlock) * 16; }
 };
 
-// Quantized activations: q int8 [M, K], d and dsum float32 [M, K/32].
+// Quantized activations: q int8 [M, K], d and dsum float32 [M, K/32], isum16 int32 [M, K/16] (sum of q per 16).
 struct A8Rows {
   const int8_t* q;
   const float* d;
   const float* dsum;
+  const int32_t* isum16;
 };
 
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* dsum) {
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* dsum, int32_t* isum16) {
   const int64_t num_blocks = K / kBlock;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
@@ -72,12 +80,15 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, fl
         const float scale = amax / 127.f;
         const float inv = scale != 0.f ? 1.f / scale : 0.f;
         int8_t* qb = q + m * K + b * kBlock;
-        int32_t sum = 0;
+        int32_t half_sum[2] = {0, 0};
         for (int k = 0; k < kBlock; ++k) {
           const int32_t v = std::min(127, std::max(-127, static_cast<int32_t>(std::nearbyint(xb[k] * inv))));
           qb[k] = static_cast<int8_t>(v);
-          sum += v;
+          half_sum[k / 16] += v;
         }
+        const int32_t sum = half_sum[0] + half_sum[1];
+        isum16[(m * num_blocks + b) * 2] = half_sum[0];
+        isum16[(m * num_blocks + b) * 2 + 1] = half_sum[1];
         d[m * num_blocks + b] = scale;
         dsum[m * num_blocks + b] = scale * static_cast<float>(sum);
       }
@@ -86,6 +97,13 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, fl
 }
 
 // ---- portable path ------------------------------------------------------------------------------------------
+
+inline float scale_at(const A8Packed& w, int64_t i) {
+  return w.f32_scales ? static_cast<const float*>(w.scales)[i] : static_cast<float>(static_cast<const Half*>(w.scales)[i]);
+}
+inline float min_at(const A8Packed& w, int64_t i) {
+  return w.f32_scales ? static_cast<const float*>(w.mins)[i] : static_cast<float>(static_cast<const Half*>(w.mins)[i]);
+}
 
 template <Format F>
 void portable_tiles(const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, int64_t t1, float* y, int64_t N) {
@@ -97,6 +115,18 @@ void portable_tiles(const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, i
         float acc = 0.f;
         for (int64_t b = 0; b < num_blocks; ++b) {
           const int8_t* xb = x.q + m * K + b * kBlock;
+          const int64_t xi = m * num_blocks + b;
+          if constexpr (F == Format::kQ6) {
+            for (int half = 0; half < 2; ++half) {
+              int32_t dot = 0;
+              for (int g = 4 * half; g < 4 * half + 4; ++g)
+                for (int i = 0; i < 4; ++i) dot += qt[(b * 8 + g) * 64 + 4 * j + i] * xb[4 * g + i];
+              dot -= 32 * x.isum16[2 * xi + half];
+              const int64_t si = t * w.scale_tile_count() + (2 * b + half) * 16 + j;
+              acc = std::fma(static_cast<float>(dot), scale_at(w, si) * x.d[xi], acc);
+            }
+            continue;
+          }
           int32_t dot = 0;
           if constexpr (F == Format::kQ4) {
             for (int g = 0; g < 4; ++g)
@@ -110,9 +140,8 @@ void portable_tiles(const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, i
                 dot += static_cast<int8_t>(qt[(b * 8 + g) * 64 + 4 * j + i]) * xb[4 * g + i];
           }
           const int64_t si = t * w.scale_tile_count() + b * 16 + j;
-          const int64_t xi = m * num_blocks + b;
-          acc = std::fma(static_cast<float>(dot), static_cast<float>(w.scales[si]) * x.d[xi], acc);
-          if constexpr (F == Format::kQ4) acc = std::fma(static_cast<float>(w.mins[si]), x.dsum[xi], acc);
+          acc = std::fma(static_cast<float>(dot), scale_at(w, si) * x.d[xi], acc);
+          if constexpr (F == Format::kQ4) acc = std::fma(min_at(w, si), x.dsum[xi], acc);
         }
         y[m * N + t * 16 + j] = acc;
       }
@@ -120,9 +149,10 @@ void portable_tiles(const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, i
   }
 }
 
-void portable_run_tiles(bool is_q4, const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, int64_t t1, float* y,
+void portable_run_tiles(Format f, const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, int64_t t1, float* y,
                         int64_t N) {
-  if (is_q4) portable_tiles<Format::kQ4>(x, M, w, t0, t1, y, N);
+  if (f == Format::kQ4) portable_tiles<Format::kQ4>(x, M, w, t0, t1, y, N);
+  else if (f == Format::kQ6) portable_tiles<Format::kQ6>(x, M, w, t0, t1, y, N);
   else portable_tiles<Format::kQ8>(x, M, w, t0, t1, y, N);
 }
 
@@ -142,7 +172,10 @@ void portable_run_tiles(bool is_q4, const A8Rows& x, int64_t M, const A8Packed& 
   inline VI nib_hi(VI v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }             \
   inline VI zero_i() { return _mm512_setzero_si512(); }                                                            \
   inline VF zero_f() { return _mm512_setzero_ps(); }                                                               \
-  inline VF load_h(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); } \
+  inline VF load_s(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); } \
+  inline VF load_s(const float* p) { return _mm512_loadu_ps(p); }                                                  \
+  inline VI set1_i(int32_t v) { return _mm512_set1_epi32(v); }                                                     \
+  inline VI sub_i(VI a, VI b) { return _mm512_sub_epi32(a, b); }                                                   \
   inline VF set1_f(float v) { return _mm512_set1_ps(v); }                                                          \
   inline VF fmadd(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }                                           \
   inline VF mul_f(VF a, VF b) { return _mm512_mul_ps(a, b); }                                                      \
@@ -199,7 +232,10 @@ constexpr float kQ8MinScale = 0.f;
   inline VI nib_hi(VI v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }             \
   inline VI zero_i() { return _mm256_setzero_si256(); }                                                            \
   inline VF zero_f() { return _mm256_setzero_ps(); }                                                               \
-  inline VF load_h(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); } \
+  inline VF load_s(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); } \
+  inline VF load_s(const float* p) { return _mm256_loadu_ps(p); }                                                  \
+  inline VI set1_i(int32_t v) { return _mm256_set1_epi32(v); }                                                     \
+  inline VI sub_i(VI a, VI b) { return _mm256_sub_epi32(a, b); }                                                   \
   inline VF set1_f(float v) { return _mm256_set1_ps(v); }                                                          \
   inline VF fmadd(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }                                           \
   inline VF mul_f(VF a, VF b) { return _mm256_mul_ps(a, b); }                                                      \
@@ -304,31 +340,35 @@ int current_path() {
 
 // ---- ops ----------------------------------------------------------------------------------------------------
 
-A8Packed check_a8_packed(bool is_q4, const at::Tensor& qs, const at::Tensor& scales,
+A8Packed check_a8_packed(Format f, const at::Tensor& qs, const at::Tensor& scales,
                          const c10::optional<at::Tensor>& mins, int64_t K) {
   TORCH_CHECK(qs.device().is_cpu() && scales.device().is_cpu(), "inferd int8 linear: CPU tensors only");
   TORCH_CHECK(K % kBlock == 0, "inferd int8 linear: input features must be a multiple of 32, got ", K);
   const int64_t num_tiles = qs.size(0);
+  const bool is_q4 = f == Format::kQ4;
   TORCH_CHECK(qs.is_contiguous() && qs.dim() == 3 && qs.size(2) == 64 && qs.size(1) == (is_q4 ? K / 8 : K / 4) &&
-                  qs.scalar_type() == (is_q4 ? at::kByte : at::kChar),
-              is_q4 ? "q4 a8: qs must be contiguous uint8 [N/16, K/8, 64]" : "q8 a8: qs must be contiguous int8 [N/16, K/4, 64]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
-                  scales.sizes() == at::IntArrayRef({num_tiles, K / kBlock, 16}),
-              "scales must be contiguous float16 [N/16, K/32, 16]");
-  A8Packed w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr<Half>(), nullptr, K};
+                  qs.scalar_type() == (f == Format::kQ8 ? at::kChar : at::kByte),
+              is_q4 ? "q4 a8: qs must be contiguous uint8 [N/16, K/8, 64]"
+                    : "q8 / q6 a8: qs must be contiguous int8 (q8) / uint8 (q6) [N/16, K/4, 64]");
+  const bool f32 = scales.scalar_type() == at::kFloat;
+  const int64_t num_scales = f == Format::kQ6 ? K / 16 : K / kBlock;
+  TORCH_CHECK((scales.scalar_type() == at::kHalf || (f32 && f != Format::kQ8)) && (f != Format::kQ6 || f32) &&
+                  scales.is_contiguous() && scales.sizes() == at::IntArrayRef({num_tiles, num_scales, 16}),
+              "scales must be contiguous [N/16, K/32, 16] float16 (q4 also float32) or, for q6, float32 [N/16, K/16, 16]");
+  A8Packed w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr(), nullptr, K, f, f32};
   if (is_q4) {
-    TORCH_CHECK(mins.has_value() && mins->sizes() == scales.sizes() && mins->scalar_type() == at::kHalf &&
-                    mins->is_contiguous(), "q4 a8: mins must be contiguous float16 [N/16, K/32, 16]");
-    w.mins = mins->data_ptr<Half>();
+    TORCH_CHECK(mins.has_value() && mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
+                    mins->is_contiguous(), "q4 a8: mins must be contiguous [N/16, K/32, 16], of the scales' dtype");
+    w.mins = mins->data_ptr();
   }
   return w;
 }
 
-at::Tensor a8_linear(bool is_q4, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& scales,
+at::Tensor a8_linear(Format f, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& mins) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "inferd int8 linear: x must be CPU float32");
   const int64_t K = x_in.size(-1);
-  const A8Packed w = check_a8_packed(is_q4, qs, scales, mins, K);
+  const A8Packed w = check_a8_packed(f, qs, scales, mins, K);
   const int64_t num_tiles = qs.size(0);
   const int64_t N = num_tiles * 16;
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
@@ -340,8 +380,9 @@ at::Tensor a8_linear(bool is_q4, const at::Tensor& x_in, const at::Tensor& qs, c
 
   std::vector<int8_t> xq(M * K);
   std::vector<float> xd(M * (K / kBlock)), xdsum(M * (K / kBlock));
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xdsum.data());
-  const A8Rows rows{xq.data(), xd.data(), xdsum.data()};
+  std::vector<int32_t> xisum16(M * (K / 16));
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xdsum.data(), xisum16.data());
+  const A8Rows rows{xq.data(), xd.data(), xdsum.data(), xisum16.data()};
   float* yp = y.data_ptr<float>();
   const int path = current_path();
   // Grain in tile pairs, so that pairs never straddle two threads.
@@ -349,22 +390,25 @@ at::Tensor a8_linear(bool is_q4, const at::Tensor& x_in, const at::Tensor& qs, c
     const int64_t t0 = 2 * p0, t1 = std::min(num_tiles, 2 * p1);
     switch (path) {
 #if defined(INFERD_A8_X86)
-      case kAvx512Vnni: avx512_vnni::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
-      case kAvx512: avx512_bw::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
-      case kAvx2Vnni: avx2_vnni::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
-      case kAvx2: avx2::run_tiles(is_q4, rows, M, w, t0, t1, yp, N); break;
+      case kAvx512Vnni: avx512_vnni::run_tiles(f, rows, M, w, t0, t1, yp, N); break;
+      case kAvx512: avx512_bw::run_tiles(f, rows, M, w, t0, t1, yp, N); break;
+      case kAvx2Vnni: avx2_vnni::run_tiles(f, rows, M, w, t0, t1, yp, N); break;
+      case kAvx2: avx2::run_tiles(f, rows, M, w, t0, t1, yp, N); break;
 #endif
-      default: portable_run_tiles(is_q4, rows, M, w, t0, t1, yp, N);
+      default: portable_run_tiles(f, rows, M, w, t0, t1, yp, N);
     }
   });
   return y.view(out_shape);
 }
 
 at::Tensor q4_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins) {
-  return a8_linear(true, x, qs, scales, mins);
+  return a8_linear(Format::kQ4, x, qs, scales, mins);
 }
 at::Tensor q8_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales) {
-  return a8_linear(false, x, qs, scales, c10::nullopt);
+  return a8_linear(Format::kQ8, x, qs, scales, c10::nullopt);
+}
+at::Tensor q6_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales) {
+  return a8_linear(Format::kQ6, x, qs, scales, c10::nullopt);
 }
 
 // x float32 [M, K] -> (q int8 [M, K], d float32 [M, K/32], dsum float32 [M, K/32]): the kernels' own activation
@@ -378,7 +422,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a8_quantize_rows(const at::Tensor
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor d = at::empty({M, K / kBlock}, x.options());
   at::Tensor dsum = at::empty({M, K / kBlock}, x.options());
-  quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), d.data_ptr<float>(), dsum.data_ptr<float>());
+  std::vector<int32_t> isum16(M * (K / 16));
+  quantize_rows(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), d.data_ptr<float>(), dsum.data_ptr<float>(),
+                isum16.data());
   return {q, d, dsum};
 }
 
@@ -399,6 +445,7 @@ std::vector<std::string> a8_kernel_paths() {
 TORCH_LIBRARY_FRAGMENT(inferd, m) {
   m.def("q4_a8_linear(Tensor x, Tensor qs, Tensor scales, Tensor mins) -> Tensor");
   m.def("q8_a8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
+  m.def("q6_a8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
   m.def("a8_quantize_rows(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("a8_kernel_path(str name) -> str", &a8_kernel_path);
   m.def("a8_kernel_paths() -> str[]", &a8_kernel_paths);
@@ -407,5 +454,6 @@ TORCH_LIBRARY_FRAGMENT(inferd, m) {
 TORCH_LIBRARY_IMPL(inferd, CPU, m) {
   m.impl("q4_a8_linear", &q4_a8_linear);
   m.impl("q8_a8_linear", &q8_a8_linear);
+  m.impl("q6_a8_linear", &q6_a8_linear);
   m.impl("a8_quantize_rows", &a8_quantize_rows);
 }
