@@ -73,10 +73,21 @@ def _build() -> None:
     name = _extension_name()
     try:  # a private torch helper, used only to say when a build is about to happen
         build_dir = cpp_extension._get_build_directory(name, verbose=False)
-        is_built = os.path.exists(os.path.join(build_dir, f"{name}.so"))
+        so_path = os.path.join(build_dir, f"{name}.so")
+        is_built = os.path.exists(so_path)
         _remove_stale_build_lock(build_dir)
     except Exception:  # noqa: BLE001
         is_built = False
+    if is_built:
+        # The name hashes the sources, flags and torch version, so an existing library is this build: load it
+        # without cpp_extension.load, which takes the folder's lock file even when it finds nothing to do and
+        # leaves it behind, for every later process to wait on for good, if it is killed in that moment (a
+        # server stopped while it loads). A lock present now is such a leftover or another process's no-op check.
+        try:
+            torch.ops.load_library(so_path)
+            return
+        except OSError:
+            pass  # a library still being linked by a first build, or cut short: wait for / redo it as before
     if not is_built:
         print("inferd: compiling the CPU kernels once for this machine (about 15 s)...", file=sys.stderr, flush=True)
     cpp_extension.load(

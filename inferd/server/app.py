@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+# Imported here, on the main thread before any model loads: binding the socket looks up the "idna" codec, whose
+# lazy first import (encodings.idna -> stringprep -> unicodedata) once failed with "unknown encoding: idna" while
+# a model-load thread was importing at the same moment (seen in the test suite).
+import encodings.idna  # noqa: F401
 import gc
 import importlib.metadata
 import json
