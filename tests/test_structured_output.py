@@ -43,14 +43,15 @@ PERSON_SCHEMA = {
 def llm(default_gguf_path) -> LLM:
     # The GGUF's blocks with float activations (before int8 activations became `auto`): the engine tests below need
     # greedy answers that end in EOS within 40 tokens, and under int8 activations "What is the capital of France?"
-    # loops past that. The spec_llm fixture runs the default scheme.
+    # loops past that. spec_llm takes the same scheme, since its outputs are compared with these.
     return LLM(model=str(default_gguf_path), kv_cache_memory="128MiB", max_model_len=1024, speculative="off",
                quantization="gguf")
 
 
 @pytest.fixture(scope="module")
 def spec_llm(default_gguf_path) -> LLM:
-    return LLM(model=str(default_gguf_path), kv_cache_memory="128MiB", max_model_len=1024, speculative="ngram")
+    return LLM(model=str(default_gguf_path), kv_cache_memory="128MiB", max_model_len=1024, speculative="ngram",
+               quantization="gguf")
 
 
 def chat_ids(llm: LLM, text: str) -> list[int]:
