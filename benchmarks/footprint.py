@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_overhead import free_port, start_inferd  # noqa: E402
+from http_overhead import free_port, start_inferd, wait_until_healthy  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -125,19 +125,8 @@ def start_llama_server(binary: str, gguf_path: str, flags: list[str], log_path: 
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"llama-server exited with {process.returncode}; log: {log_path}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return process, base_url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise SystemExit(f"llama-server not healthy after 300 s; log: {log_path}")
-        time.sleep(0.5)
+    wait_until_healthy(process, base_url, "llama-server", log_path, timeout_s=300)
+    return process, base_url
 
 
 def measure(name: str, process: subprocess.Popen, base_url: str, model: str, prompts: list[str],

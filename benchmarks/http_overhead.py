@@ -96,18 +96,24 @@ def start_inferd(flags: list[str], log_path: str) -> tuple[subprocess.Popen, str
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
+    wait_until_healthy(process, base_url, "inferd serve", log_path, timeout_s=900)
+    return process, base_url
+
+
+def wait_until_healthy(process: subprocess.Popen, base_url: str, name: str, log_path: str, timeout_s: float) -> None:
+    """Return once GET base_url/health answers 200; SystemExit (naming the log) if the server exits or times out."""
+    deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            raise SystemExit(f"inferd serve exited with {process.returncode}; log: {log_path}")
+            raise SystemExit(f"{name} exited with {process.returncode}; log: {log_path}")
         try:
             if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return process, base_url
+                return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
             process.kill()
-            raise SystemExit(f"inferd serve not healthy after 900 s; log: {log_path}")
+            raise SystemExit(f"{name} not healthy after {timeout_s:.0f} s; log: {log_path}")
         time.sleep(0.5)
 
 

@@ -37,6 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from http_overhead import wait_until_healthy
 from offline import PROMPTS, chat_prompt_ids
 
 TASKS_PATH = Path(__file__).with_name("spec_decode_tasks.json")
@@ -101,18 +102,7 @@ class LlamaServer:
             cmd += ["--spec-type", spec_type]
         self.log = tempfile.NamedTemporaryFile(prefix=f"llama-server-{spec_type}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server ({spec_type}) exited {self.proc.returncode}; log {self.log.name}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"llama-server ({spec_type}) not ready in 120 s; log {self.log.name}")
+        wait_until_healthy(self.proc, self.url, f"llama-server ({spec_type})", self.log.name, timeout_s=120)
 
     def complete(self, prompt_ids: list[int], new_tokens: int) -> tuple[dict, list[int], float]:
         """-> (llama.cpp's timings, generated token ids, client wall seconds)."""

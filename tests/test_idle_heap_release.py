@@ -13,8 +13,6 @@ import ctypes
 import platform
 import time
 
-import pytest
-
 import inferd.engine.async_engine as async_engine_module
 from inferd.device import release_free_heap_memory
 from inferd.engine.async_engine import AsyncEngine
@@ -32,9 +30,11 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
-                    reason="malloc_trim is glibc's; with another C library release_free_heap_memory does nothing")
 def test_release_returns_freed_heap_pages_to_the_os() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        # malloc_trim is glibc's: elsewhere the call is documented to do nothing and say so.
+        assert release_free_heap_memory() is False
+        return
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]

@@ -75,3 +75,16 @@ class OffLoopBodyRoute(APIRoute):
             return await handler(request)
 
         return route_handler
+
+
+async def read_asgi_body(receive: Callable[[], Awaitable[dict]]) -> bytes | None:
+    """The whole request body from a bare ASGI app's `receive` (the hot paths of server/app.py); None when the
+    client disconnected first."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)

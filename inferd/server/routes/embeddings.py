@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferd.batching import BatcherStoppedError, QueueFullError
-from inferd.server.bodies import OFF_LOOP_MIN_BYTES, OffLoopBodyRoute
+from inferd.server.bodies import OFF_LOOP_MIN_BYTES, OffLoopBodyRoute, read_asgi_body
 from inferd.server.errors import APIError, bad_request, error_body, validation_error_to_api_error
 from inferd.server.response_cache import CACHE_HEADER
 from inferd.server.protocol_embeddings import (
@@ -185,15 +185,9 @@ def embeddings_asgi_app(state: Any) -> ASGIApp:
     guard in front of it has read and checked the body; answers are the FastAPI route's, byte for byte."""
 
     async def embeddings_asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        raw = b"".join(chunks)
+        raw = await read_asgi_body(receive)
+        if raw is None:
+            return
         headers: dict[str, str] | None
         try:
             if _declared_bytes(scope) >= OFF_LOOP_MIN_BYTES:  # as OffLoopBodyRoute chooses

@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import inferd
 from inferd.batching import BatcherStoppedError, QueueFullError
+from inferd.server.bodies import read_asgi_body
 from inferd.serving import ModelKind, ModelSpec
 from inferd.tabular import TabularEngine, TensorError, decode_tensor, encode_tensor, list_repository
 from inferd.tabular.datatypes import oip_datatype_of, oip_to_triton
@@ -420,20 +421,15 @@ def infer_asgi_app(state: Any) -> ASGIApp:
     async def infer_asgi(scope: Scope, receive: Receive, send: Send) -> None:
         match = INFER_PATH_RE.fullmatch(scope["path"])  # uvicorn's path is already percent-decoded
         assert match is not None, scope["path"]
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        body = await read_asgi_body(receive)
+        if body is None:
+            return
         header_length = None
         for key, value in scope["headers"]:
             if key == HEADER_LENGTH_KEY_BYTES:
                 header_length = value.decode("latin-1")
                 break
-        status, payload, headers = await infer_answer(state, match.group(1), match.group(2), b"".join(chunks),
+        status, payload, headers = await infer_answer(state, match.group(1), match.group(2), body,
                                                       header_length)  # fmt: skip
         raw_headers = [(key.encode("latin-1"), value.encode("latin-1")) for key, value in headers.items()]
         raw_headers.append((b"content-length", str(len(payload)).encode()))
