@@ -12,7 +12,8 @@ Every system runs one server process with one onnxruntime thread and dynamic bat
 
     inferd        inferd serve --model-repository: model.json converted to ONNX at load, batching max 256, no delay
     inferd-b1     the same model with dynamic batching off (every request runs alone): the batching gain
-    inferd-gcfreeze  inferd with gc.freeze() after the model starts (an experiment: see _GC_FREEZE_CLI)
+    inferd-asgi   inferd with infer answered through uvicorn's ASGI cycle (INFERD_HOT_ROUTES=0), not inside the
+                  HTTP protocol (server/fast_http.py): what that path is worth
     triton        tritonserver from nvidia-pytriton, Python backend + onnxruntime, dynamic batching (max 64, 100 us)
     kserve        KServe Python ModelServer + onnxruntime (a kserve.Model subclass), no batching
     mlserver      MLServer XGBoost runtime on model.json, adaptive batching (max 64, 2 ms)
@@ -54,15 +55,7 @@ PEER_PACKAGES = {
     "mlserver": ["mlserver==1.7.1", "mlserver-xgboost==1.7.1", "uvloop==0.21.0"],
     "pytriton": ["nvidia-pytriton", "onnxruntime"],
 }
-ALL_SYSTEMS = ("inferd", "inferd-b1", "inferd-gcfreeze", "triton", "kserve", "mlserver", "fastapi")
-# inferd-gcfreeze: an experiment, not a product setting: the same server with gc.freeze() once the model has
-# started, so CPython's full collections skip the ~56k objects of the loaded server (each one takes ~100 ms
-# on a busy 2-core machine and shows up as the p99).
-_GC_FREEZE_CLI = (
-    "import gc, sys; from inferd.tabular import engine; start = engine.TabularEngine.start; "
-    "engine.TabularEngine.start = lambda self: (start(self), gc.collect(), gc.freeze()) and None; "
-    "from inferd.cli import main; sys.exit(main())"
-)
+ALL_SYSTEMS = ("inferd", "inferd-b1", "inferd-asgi", "triton", "kserve", "mlserver", "fastapi")
 NUM_TREES = 200
 NUM_BODIES = 256  # distinct rows the load generator cycles through
 
@@ -199,10 +192,12 @@ def start_server(name: str, work_dir: Path, log_dir: Path) -> Server | None:
     infer_path = "/v2/models/fraud/infer"
     body_extra: dict = {"outputs": [{"name": "probabilities"}]}
     grpc_port = None
-    if name in ("inferd", "inferd-b1", "inferd-gcfreeze"):
+    if name in ("inferd", "inferd-b1", "inferd-asgi"):
         env["PYTHONPATH"] = str(REPO_ROOT)
         grpc_port = free_port()
-        cli = _GC_FREEZE_CLI if name == "inferd-gcfreeze" else "import sys; from inferd.cli import main; sys.exit(main())"
+        cli = "import sys; from inferd.cli import main; sys.exit(main())"
+        if name == "inferd-asgi":
+            env["INFERD_HOT_ROUTES"] = "0"
         command = [sys.executable, "-c", cli, "serve",
                    "--model-repository", str(work_dir / "repo"), "--host", "127.0.0.1", "--port", str(port),
                    "--grpc-port", str(grpc_port)]  # fmt: skip

@@ -45,10 +45,11 @@ class OIPServer(NamedTuple):
     repo: Path
 
 
-def start_oip_server(repo: Path, extra_args: tuple[str, ...] = ()) -> OIPServer:
+def start_oip_server(repo: Path, extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
+                     ) -> OIPServer:
     port, grpc_port = free_port(), free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="inferd-oip-", suffix=".log", delete=False)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     command = [sys.executable, "-c", _CLI, "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
                "--port", str(port), "--grpc-port", str(grpc_port), *extra_args]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)

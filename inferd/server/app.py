@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -45,7 +46,8 @@ from inferd.server.errors import error_body, error_response, install_error_handl
 from inferd.server.routes.collections import router as collections_router
 from inferd.server.routes.dashboard import DASHBOARD_DATA_PATH, DASHBOARD_PAGE_PATHS
 from inferd.server.routes.dashboard import router as dashboard_router
-from inferd.server.routes.oip import INFER_PATH_RE, infer_asgi_app
+from inferd.server.fast_http import hot_protocol_class
+from inferd.server.routes.oip import INFER_PATH_RE, infer_asgi_app, infer_hot_route
 from inferd.server.routes.oip import router as oip_router
 from inferd.server.routes.openai import router as openai_router
 from inferd.server.routes.embeddings import EMBEDDINGS_PATH, embeddings_asgi_app, is_json_content_type
@@ -95,16 +97,30 @@ def read_api_keys(keys: Sequence[str] | None, key_file: str | None, environ: Map
     return keys_found
 
 
-def _guard_error(scope: Scope, status_code: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
+@dataclass(frozen=True)
+class Refusal:
+    """A request the guard answers itself: status, message, and the OpenAI error's param/code and extra headers."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] | None = None
+
+
+def _guard_error(scope: Scope, refusal: Refusal) -> JSONResponse:
     """The guard's own errors in the shape the route's clients read: OIP's {"error": "..."} under /v2 (tritonclient
     and KServe clients), OpenAI's everywhere else."""
     if scope["path"] == "/v2" or scope["path"].startswith("/v2/"):
-        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
-    return error_response(status_code, message, param, code, headers)
+        return JSONResponse({"error": refusal.message}, status_code=refusal.status, headers=refusal.headers)
+    return error_response(refusal.status, refusal.message, refusal.param, refusal.code, refusal.headers)
 
 
 class GuardMiddleware:
+    """The checks every request passes before its route, as an ASGI middleware. Its checks are also methods
+    (`access_refusal`, `declared_length_refusal`, `too_large`, `text_refusal`) that server/fast_http.py's
+    protocol asks for the routes it answers without ASGI, so both paths refuse the same requests the same way."""
+
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
@@ -119,52 +135,79 @@ class GuardMiddleware:
             return
         scope[ARRIVAL_TIME_SCOPE_KEY] = time.monotonic()
         state = self.state
-        if scope["path"] not in self._open_paths:
-            if self._api_keys and not self._is_authorized(scope):
-                response = _guard_error(
-                    scope, 401, "missing or incorrect API key (send Authorization: Bearer <key>)", code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await response(scope, receive, send)
-                return
-            if state.is_draining:
-                await _guard_error(scope, 503, "server is shutting down", code="shutting_down")(scope, receive, send)
-                return
+        refusal = self.access_refusal(scope["path"], scope["headers"])
+        if refusal is not None:
+            await _guard_error(scope, refusal)(scope, receive, send)
+            return
         if scope["method"] in _BODY_METHODS:
-            body_or_response = await self._read_body(scope, receive)
-            if body_or_response is None:  # the client left while sending
+            body_or_refusal = await self._read_body(scope, receive)
+            if body_or_refusal is None:  # the client left while sending
                 return
-            if not isinstance(body_or_response, bytes):
-                await body_or_response(scope, receive, send)
+            if isinstance(body_or_refusal, Refusal):
+                await _guard_error(scope, body_or_refusal)(scope, receive, send)
                 return
-            receive = _replay_body(body_or_response, receive)
+            receive = _replay_body(body_or_refusal, receive)
         state.num_in_flight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             state.num_in_flight -= 1
 
-    def _is_authorized(self, scope: Scope) -> bool:
-        authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
-        return is_bearer_authorized(authorization, self._api_keys)
+    def access_refusal(self, path: str, headers: Sequence[tuple[bytes, bytes]]) -> Refusal | None:
+        """401 without a valid API key, 503 while draining; None for open paths and admitted requests."""
+        if path in self._open_paths:
+            return None
+        if self._api_keys:
+            authorization = next((value for name, value in headers if name == b"authorization"), None)
+            if not is_bearer_authorized(authorization, self._api_keys):
+                return Refusal(401, "missing or incorrect API key (send Authorization: Bearer <key>)",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if self.state.is_draining:
+            return Refusal(503, "server is shutting down", code="shutting_down")
+        return None
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> Any:
-        """The whole body (bytes), an error response, or None if the client disconnected."""
-        max_body_bytes = self.state.options.max_body_bytes
-
-        def too_large() -> JSONResponse:  # built only when needed: a JSONResponse costs tens of µs per request
-            return _guard_error(
-                scope, 413, f"request body is larger than the limit of {max_body_bytes} bytes", code="request_too_large"
-            )
-        for name, value in scope["headers"]:
+    def declared_length_refusal(self, headers: Sequence[tuple[bytes, bytes]]) -> Refusal | None:
+        """400 for a Content-Length that is not a number, 413 for one over --max-body-bytes."""
+        for name, value in headers:
             if name == b"content-length":
                 try:
                     declared_bytes = int(value)
                 except ValueError:
-                    return _guard_error(scope, 400, "Content-Length is not an integer")
-                if declared_bytes > max_body_bytes:
-                    return too_large()
-                break
+                    return Refusal(400, "Content-Length is not an integer")
+                return self.too_large() if declared_bytes > self.state.options.max_body_bytes else None
+        return None
+
+    def too_large(self) -> Refusal:
+        return Refusal(413, f"request body is larger than the limit of {self.state.options.max_body_bytes} bytes",
+                       code="request_too_large")
+
+    def body_timeout(self) -> Refusal:
+        timeout_s = self.state.options.body_read_timeout_s
+        return Refusal(408, f"the request body did not arrive within {timeout_s:g} s (declared Content-Length longer "
+                            f"than what was sent?)", code="request_timeout", headers={"Connection": "close"})
+
+    async def text_refusal(self, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> Refusal | None:
+        """400 for a body that is not UTF-8 or holds a lone surrogate escape; OIP binary bodies are not text."""
+        if any(name == b"inference-header-content-length" for name, _ in headers):
+            return None  # OIP binary tensors (routes/oip.py): raw bytes follow a JSON header the route checks
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Refusal(400, f"request body is not valid UTF-8 (invalid byte at offset {exc.start})")
+        if _SURROGATE_ESCAPE_RE.search(body) is not None:
+            where = await asyncio.to_thread(_lone_surrogate_field, body)
+            if where is not None:
+                param, path = where
+                return Refusal(400, f"{path}: contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its "
+                                    f"pair), which is not Unicode text", param=param, code="invalid_value")
+        return None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | Refusal | None:
+        """The whole body (bytes), a refusal, or None if the client disconnected."""
+        max_body_bytes = self.state.options.max_body_bytes
+        refusal = self.declared_length_refusal(scope["headers"])
+        if refusal is not None:
+            return refusal
         chunks: list[bytes] = []
         num_bytes = 0
         timeout_s = self.state.options.body_read_timeout_s
@@ -173,35 +216,18 @@ class GuardMiddleware:
                 async with asyncio.timeout(timeout_s):  # a timer, not wait_for's extra task per message
                     message = await receive()
             except TimeoutError:
-                return _guard_error(
-                    scope, 408, f"the request body did not arrive within {timeout_s:g} s (declared Content-Length longer "
-                         f"than what was sent?)", code="request_timeout", headers={"Connection": "close"},
-                )
+                return self.body_timeout()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             num_bytes += len(chunk)
             if num_bytes > max_body_bytes:  # chunked transfer, or a Content-Length that lied
-                return too_large()
+                return self.too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if any(name == b"inference-header-content-length" for name, _ in scope["headers"]):
-            return body  # OIP binary tensors (routes/oip.py): raw bytes follow a JSON header the route checks
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return _guard_error(scope, 400, f"request body is not valid UTF-8 (invalid byte at offset {exc.start})")
-        if _SURROGATE_ESCAPE_RE.search(body) is not None:
-            where = await asyncio.to_thread(_lone_surrogate_field, body)
-            if where is not None:
-                param, path = where
-                return _guard_error(
-                    scope, 400, f"{path}: contains a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair), which "
-                         f"is not Unicode text", param=param, code="invalid_value",
-                )
-        return body
+        return await self.text_refusal(body, scope["headers"]) or body
 
 
 def _lone_surrogate_field(body: bytes) -> tuple[str, str] | None:
@@ -536,8 +562,17 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
             server.should_exit = True
 
     app = build_app(options, specs, on_load_failure=on_load_failure)
+    state = app.state.inferd
+    # OIP infer answered inside the HTTP protocol where uvicorn runs httptools (server/fast_http.py); HotPaths
+    # answers the same requests as bare ASGI otherwise.
+    # $INFERD_HOT_ROUTES=0 turns it off (benchmarks/tabular.py's inferd-asgi system measures the difference).
+    http_protocol = (hot_protocol_class([infer_hot_route(state)], GuardMiddleware(app, state=state))
+                     if os.environ.get("INFERD_HOT_ROUTES", "1") != "0" else None)
+    if http_protocol is not None:
+        logger.info("OIP infer is answered inside the HTTP protocol (server/fast_http.py)")
     config = uvicorn.Config(
-        HotPaths(app, app.state.inferd),
+        HotPaths(app, state),
+        http=http_protocol if http_protocol is not None else "auto",
         host=args.host,
         port=args.port,
         log_level=args.log_level,
@@ -545,7 +580,7 @@ def serve_main(args: argparse.Namespace, specs: Sequence[ModelSpec]) -> int:
         timeout_graceful_shutdown=1,  # after the drain; only a timed-out drain leaves streams to cut
         lifespan="on",
     )
-    server = DrainingServer(config, app.state.inferd)
+    server = DrainingServer(config, state)
     server.run()
     if not server.started:
         return 1

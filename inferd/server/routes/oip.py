@@ -26,7 +26,7 @@ import struct
 import time
 import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import inferd
 from inferd.batching import BatcherStoppedError, QueueFullError
 from inferd.server.bodies import read_asgi_body
+from inferd.server.fast_http import HotRoute, oip_error_body
 from inferd.serving import ModelKind, ModelSpec
 from inferd.tabular import TabularEngine, TensorError, decode_tensor, encode_tensor, list_repository
 from inferd.tabular.datatypes import oip_datatype_of, oip_to_triton
@@ -437,6 +438,27 @@ def infer_asgi_app(state: Any) -> ASGIApp:
         await send({"type": "http.response.body", "body": payload})
 
     return infer_asgi
+
+
+INFER_RAW_PATH_RE = re.compile(rb"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+def infer_hot_route(state: Any) -> HotRoute:
+    """The same infer answered inside the HTTP protocol (server/fast_http.py): `inferd serve` answers it there,
+    without an ASGI cycle, whenever uvicorn runs its httptools protocol."""
+
+    async def answer(match: re.Match[bytes], body: bytes, headers: Sequence[tuple[bytes, bytes]],
+                     ) -> tuple[int, bytes, dict[str, str]]:
+        header_length = None
+        for key, value in headers:
+            if key == HEADER_LENGTH_KEY_BYTES:
+                header_length = value.decode("latin-1")
+                break
+        version = match.group(2)
+        return await infer_answer(state, match.group(1).decode("latin-1"),
+                                  None if version is None else version.decode("latin-1"), body, header_length)
+
+    return HotRoute(INFER_RAW_PATH_RE, answer, "OIP infer", oip_error_body)
 
 
 # The hot path skips FastAPI's per-request dependency solving and validation (it reads the body itself), which
