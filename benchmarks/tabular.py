@@ -56,6 +56,24 @@ PEER_PACKAGES = {
     "pytriton": ["nvidia-pytriton", "onnxruntime"],
 }
 ALL_SYSTEMS = ("inferd", "inferd-b1", "inferd-asgi", "triton", "kserve", "mlserver", "fastapi")
+# --grpc-echo: grpcio's own ceiling on this machine. A grpc.aio server on uvloop (as inferd's gRPC port runs) whose
+# ModelInfer parses nothing, runs no model and returns inferd's own answer to the benchmark's request, bytes saved
+# beforehand: what any Python server built on grpcio can reach at most under the same h2load.
+GRPC_ECHO = r'''
+import sys, grpc, uvloop
+port, reply = int(sys.argv[1]), open(sys.argv[2], "rb").read()
+async def model_infer(request, context):
+    return reply
+async def main():
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(model_infer, request_deserializer=None, response_serializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService",
+                                                                          {"ModelInfer": handler}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+uvloop.run(main())
+'''
 NUM_TREES = 200
 NUM_BODIES = 256  # distinct rows the load generator cycles through
 
@@ -406,7 +424,7 @@ def run_h2load_grpc(server: Server, body: bytes, concurrency: int, duration_s: i
     return LoadResult(rps, float(np.percentile(latencies_ms, 50)), float(np.percentile(latencies_ms, 99)), num_errors)
 
 
-def check_grpc_answer(server: Server, body: bytes) -> None:
+def check_grpc_answer(server: Server, body: bytes) -> bytes:
     """One ModelInfer by a real gRPC client: the server answers with an output (so h2load measures answers)."""
     import grpc
 
@@ -417,6 +435,24 @@ def check_grpc_answer(server: Server, body: bytes) -> None:
         answer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(body, timeout=10)
     response = pb.ModelInferResponse.FromString(answer)
     assert response.outputs and response.raw_output_contents, response
+    return answer
+
+
+def start_grpc_echo(reply: bytes, log_dir: Path) -> Server:
+    """GRPC_ECHO on a free port, answering `reply` to every ModelInfer."""
+    import grpc
+
+    script, reply_path = log_dir / "grpc_echo.py", log_dir / "grpc_echo_reply.bin"
+    script.write_text(GRPC_ECHO)
+    reply_path.write_bytes(reply)
+    port = free_port()
+    log_path = log_dir / "grpcio-echo.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, str(script), str(port), str(reply_path)], stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+    return Server("grpcio-echo", process, 0, "", log_path, {}, grpc_port=port)
 
 
 def check_answer(server: Server, row: np.ndarray) -> None:
@@ -455,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-rps", type=float, default=2000.0, help="0 to skip the open-loop run")
     parser.add_argument("--setup-peers", action="store_true", help="create the peers' venvs first")
     parser.add_argument("--grpc-concurrency", default="1,16,64", help="gRPC runs (inferd, triton); empty to skip")
+    parser.add_argument("--grpc-echo", action="store_true",
+                        help="also load a grpc.aio server that answers inferd's saved reply without a model (GRPC_ECHO): "
+                             "grpcio's own ceiling under the same h2load")
     parser.add_argument("--grpc-processes", type=int, default=2, help="Python gRPC client processes")
     parser.add_argument("--grpc-client", choices=("h2load", "python"), default=None,
                         help="gRPC load generator: h2load (compiled, like wrk for REST; the default where installed) "
@@ -478,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu: {os.cpu_count()} cores, flags {cpu_flags()}; logs in {log_dir}", flush=True)
 
     servers: dict[str, Server] = {}
+    extra_servers: dict[str, Server] = {}  # gRPC-only references (--grpc-echo)
     try:
         for name in systems:
             if name == "inferd-b1" and "inferd" in servers:
@@ -513,9 +553,13 @@ def main(argv: list[str] | None = None) -> int:
             bodies = {n: grpc_bodies(rows, "fraud") for n in grpc_servers}
             for name in list(grpc_servers):
                 try:
-                    check_grpc_answer(grpc_servers[name], bodies[name][0])
+                    answer = check_grpc_answer(grpc_servers[name], bodies[name][0])
                 except Exception as exc:  # noqa: BLE001 - reported, not fatal
                     grpc_failed[name] = f"no gRPC answer: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    continue
+                if args.grpc_echo and name == "inferd":
+                    grpc_servers["grpcio-echo"] = extra_servers["grpcio-echo"] = start_grpc_echo(answer, log_dir)
+                    bodies["grpcio-echo"] = bodies[name]
             for round_index in range(args.rounds):
                 order = list(grpc_servers) if round_index % 2 == 0 else list(reversed(grpc_servers))
                 for name in order:
@@ -548,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"open loop ~{args.open_loop_rps:.0f}/s: {open_loop[-1].requests_per_s:.0f}/s "
                       f"p50 {open_loop[-1].p50_ms:.2f} ms p99 {open_loop[-1].p99_ms:.2f} ms", flush=True)  # fmt: skip
     finally:
-        for name, server in servers.items():
+        for name, server in {**servers, **extra_servers}.items():
             if name != "inferd-b1":
                 stop_server(server)
 
