@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,27 @@ def test_many_requests_on_one_connection_and_the_server_keeps_serving(servers):
     reference_replies, _ = _exchange(reference, raw, 200)
     assert hot_replies == reference_replies
     assert [json.loads(r.body)["id"] for r in hot_replies] == [f"k{i}" for i in range(200)]
+
+
+def test_a_client_that_sends_without_reading_gets_every_answer_in_order(servers):
+    """Thousands of pipelined requests from a client that reads nothing for two seconds (its answers back up in
+    the kernel and the transport, which pauses writing: fast_http.py then waits for the drain, as uvicorn's send
+    does), then reads: every answer comes, in order, the same as the ASGI path's."""
+    num_requests, num_rows = 1500, 64  # ~3.9 KB per request, ~2.8 KB per answer: 4 MB of answers
+    raw = b"".join(_request(INFER, _body(f"w{i}", data=[0.5] * 12 * num_rows, shape=(num_rows, 12)))
+                   for i in range(num_requests))
+    answers = []
+    for server in servers:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(120)
+            sock.connect(_address(server))
+            sender = threading.Thread(target=sock.sendall, args=(raw,), daemon=True)
+            sender.start()
+            time.sleep(2.0)
+            buffer = bytearray()
+            replies = [_read_reply(sock, buffer) for _ in range(num_requests)]
+            sender.join(timeout=60)
+        assert [json.loads(r.body)["id"] for r in replies] == [f"w{i}" for i in range(num_requests)]
+        answers.append(replies)
+    assert answers[0] == answers[1]

@@ -86,7 +86,7 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
         keep its pipelining, shutdown and disconnect handling working unchanged."""
 
         __slots__ = ("protocol", "route", "match", "headers", "keep_alive", "disconnected", "response_complete",
-                     "body", "is_body_complete", "is_turn", "is_started", "refusal", "timer", "arrival_s")
+                     "is_answered", "body", "is_body_complete", "is_turn", "is_started", "refusal", "timer", "arrival_s")
         message_event = _NO_EVENT
 
         def __init__(self, protocol: Any, route: HotRoute, match: re.Match[bytes], headers: list[tuple[bytes, bytes]],
@@ -97,7 +97,8 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
             self.headers = headers
             self.keep_alive = keep_alive
             self.disconnected = False
-            self.response_complete = False
+            self.response_complete = False  # answer written and drained: the connection's next request may start
+            self.is_answered = False  # answer written (the rest of the body, if any, is not kept)
             self.body = bytearray()
             self.is_body_complete = False
             self.is_turn = False
@@ -108,7 +109,7 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
             self.refusal = guard.declared_length_refusal(headers)
 
         def add_body(self, chunk: bytes) -> None:
-            if self.refusal is not None or self.response_complete:
+            if self.refusal is not None or self.is_answered:
                 return  # uvicorn's parser still reads the rest of the body, to keep the connection usable
             self.body += chunk
             if len(self.body) > max_body_bytes:  # chunked transfer, or a Content-Length that lied
@@ -195,8 +196,9 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
             """The whole answer in one write, then uvicorn's own completion: keep-alive timer or the next
             pipelined request."""
             protocol = self.protocol
-            self.response_complete = True
+            self.is_answered = True
             if self.disconnected or protocol.transport.is_closing():
+                self.response_complete = True
                 return
             parts = [STATUS_LINE[status]]
             for name, value in protocol.server_state.default_headers:
@@ -209,9 +211,24 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
                 parts.append(b"connection: close\r\n")
             parts += [b"\r\n", payload]
             protocol.transport.write(b"".join(parts))
+            if protocol.flow.write_paused and self.keep_alive:
+                # A client that sends but does not read: its next request waits (queued, reading paused) until the
+                # answers drain, as uvicorn's send waits, so unread answers cannot pile up in memory.
+                task = protocol.loop.create_task(self._complete_after_drain())
+                protocol.tasks.add(task)
+                task.add_done_callback(protocol.tasks.discard)
+                return
+            self._complete()
+
+        async def _complete_after_drain(self) -> None:
+            await self.protocol.flow.drain()  # also released when the connection is lost
+            self._complete()
+
+        def _complete(self) -> None:
+            self.response_complete = True
             if not self.keep_alive:
-                protocol.transport.close()
-            protocol.on_response_complete()
+                self.protocol.transport.close()
+            self.protocol.on_response_complete()
 
     class HotRouteProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol answering `routes` in place (module docstring)."""
