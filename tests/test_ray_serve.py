@@ -36,6 +36,7 @@ from server_fixtures import free_port  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "all-minilm-l6-v2"
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def add(a, b):", "Rain falls on"]
 # Engine settings of every replica and of the reference: small KV pools keep four replicas' memory bounded.
 ENGINE = {"kv_cache_memory": "96MiB", "max_model_len": 512, "max_num_seqs": 16}
@@ -57,12 +58,12 @@ def _wait_for_replicas(app: str, predicate, timeout_s: float) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(inferd_home: Path) -> Iterator[str]:
+def cluster(inferd_home: Path, embedding_model_dir: Path) -> Iterator[str]:
     from inferd.deploy import ray_serve
     from inferd.store.model_specs import resolve_spec
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=128 << 20,
+    ray.init(address="local", num_cpus=12, include_dashboard=False, object_store_memory=128 << 20,
              log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
@@ -82,6 +83,11 @@ def cluster(inferd_home: Path) -> Iterator[str]:
         assert not ray_serve.is_one_hop(DeployConfig((spec,), {MODEL: scale}))  # min 0: /health must not wake it
         serve.run(ray_serve.build_application(DeployConfig((spec,), {MODEL: solo}), server_options),
                   name="solo", route_prefix="/solo", blocking=False)
+        # Two models behind one ingress (routing by the body's `model`).
+        embed_spec = resolve_spec(EMBED_MODEL)
+        fixed = DeploymentOptions(min_replicas=1, max_replicas=1, prefix_affinity=False)
+        serve.run(ray_serve.build_application(DeployConfig((spec, embed_spec), {MODEL: fixed, EMBED_MODEL: fixed}),
+                                              server_options), name="mixed", route_prefix="/mixed", blocking=False)
         # The burst test gets an application of its own, so that it does not depend on the order of the tests.
         serve.run(ray_serve.build_application(DeployConfig((spec,), {MODEL: scale}), server_options),
                   name="burst", route_prefix="/burst", blocking=False)
@@ -236,6 +242,34 @@ def test_one_hop_application_answers_like_the_ingress(cluster: str, reference: d
         time.sleep(0.5)
     assert any(line.startswith("inferd:model_loaded{") and f'replica="{whole["replica"]}"' in line
                for line in text.splitlines()), text[:2000]
+
+
+def test_requests_are_routed_by_model(cluster: str, reference: dict, embedding_model_dir: Path) -> None:
+    import numpy as np
+    import sentence_transformers as st  # the reference (test extra)
+
+    base = f"{cluster}/mixed"
+    deadline = time.monotonic() + 180
+    while {d: s.replica_states.get("RUNNING", 0) for d, s in serve.status().applications["mixed"].deployments.items()
+           if d.startswith("model-")} != {f"model-{MODEL}": 1, f"model-{EMBED_MODEL}": 1}:
+        assert time.monotonic() < deadline, serve.status().applications["mixed"]
+        time.sleep(0.5)
+    completion = _complete(base, PROMPTS[0], 8, stream=False)
+    assert completion["outcome"] == "complete" and completion["text"] == reference[(PROMPTS[0], 8)]
+    texts = ["A man is eating food.", "The weather is lovely today."]
+    response = httpx.post(f"{base}/v1/embeddings", json={"model": EMBED_MODEL, "input": texts}, timeout=60)
+    assert response.status_code == 200, response.text
+    ours = np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+    ref = st.SentenceTransformer(str(embedding_model_dir), device="cpu").encode(texts, convert_to_numpy=True)
+    cosine = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cosine.min() >= 0.9999, cosine
+    assert response.headers["x-inferd-replica"] != completion["replica"]  # another deployment's replica
+    unknown = httpx.post(f"{base}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model", unknown.text
+    no_model = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)
+    assert no_model.status_code == 200, no_model.text  # the only generate model
+    wrong_kind = httpx.post(f"{base}/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=60)
+    assert wrong_kind.status_code == 400 and "model" in wrong_kind.text, wrong_kind.text
 
 
 def _replica_pid(app: str, replica_id: str) -> int:
