@@ -245,6 +245,8 @@ def main() -> int:
     parser.add_argument("--kv-cache-memory", default="512MiB")
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--ray-default-niceness", action="store_true",
+                        help="leave Ray's workers at its default niceness 15 (inferd's local Ray runs them at 0)")
     parser.add_argument("--layouts", default="one-hop,two-hops",
                         help="Ray Serve layouts the overhead part measures: one-hop (proxy -> model replica), "
                              "two-hops (proxy -> ingress -> model replica), one-hop-same-loop, two-hops-same-loop "
@@ -281,6 +283,11 @@ def main() -> int:
 
         args.metrics_interval = DeploymentOptions().metrics_interval_s
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start")
+    from inferd.deploy.ray_serve import use_local_ray_env
+
+    if not args.ray_default_niceness:
+        use_local_ray_env()  # what `inferd serve --ray` does for the local Ray it starts
+    print(f"Ray workers' niceness: {os.environ.get('RAY_worker_niceness', 'Ray default (15)')}")
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = int(os.environ.get("INFERD_BENCH_RAY_PORT", "8765"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
