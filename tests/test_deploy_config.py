@@ -23,7 +23,8 @@ def test_deployment_options_become_ray_autoscaling_config() -> None:
          "downscale_delay_s": 30}, "d")
     assert options.autoscaling_config() == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4,
                                             "upscale_delay_s": 1, "downscale_delay_s": 30,
-                                            "look_back_period_s": DeploymentOptions().look_back_period_s}
+                                            "look_back_period_s": DeploymentOptions().look_back_period_s,
+                                            "metrics_interval_s": DeploymentOptions().metrics_interval_s}
     assert options.num_cpus == DeploymentOptions().num_cpus
 
 
@@ -36,6 +37,8 @@ def test_deployment_options_become_ray_autoscaling_config() -> None:
         ({"max_replicas": "two"}, "d.max_replicas: expected an integer"),
         ({"target_ongoing_requests": 0}, "d.target_ongoing_requests: must be > 0"),
         ({"prefix_affinity": "yes"}, "d.prefix_affinity: expected true or false"),
+        ({"metrics_interval_s": 0}, "d.metrics_interval_s: must be > 0"),
+        ({"look_back_period_s": 1, "metrics_interval_s": 2}, "d.look_back_period_s: must be > metrics_interval_s"),
     ],
 )
 def test_bad_deployment_options_name_the_key(mapping: dict, message: str) -> None:

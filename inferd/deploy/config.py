@@ -15,6 +15,7 @@ plus the HTTP address of Ray Serve's proxy:
           upscale_delay_s: 2
           downscale_delay_s: 60        # idle this long before a replica goes (to zero, with min_replicas 0)
           look_back_period_s: 30       # window over which ongoing requests are averaged
+          metrics_interval_s: 0.5      # how often handles and replicas report load (bounds a scale from zero's wait)
           num_cpus: 1                  # Ray CPUs per replica (its torch threads follow it)
       - source: all-minilm-l6-v2
 
@@ -43,6 +44,13 @@ class DeploymentOptions:
     upscale_delay_s: float = 2.0
     downscale_delay_s: float = 60.0
     look_back_period_s: float = 30.0  # Ray averages ongoing requests over this window before deciding
+    # How often every handle and replica records and reports its ongoing requests to Serve's autoscaler (Ray's
+    # default: 10 s). It bounds how late a request waiting on a scaled-to-zero model is seen: Ray's immediate
+    # "scaled to zero" report sends the handle's recorded samples, which after a first scale-down are all zeros
+    # until the next record tick, so the upscale waited for the next record and report (7-10 s; RESULTS.md).
+    # Ray 2.60 reads this field (deprecated, but its RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S replacements are
+    # declared and never read).
+    metrics_interval_s: float = 0.5
     # Requests one replica takes at once before the router queues them (an LLM batches up to max_num_seqs).
     max_ongoing_requests: int = 64
     # A replica asked to stop (downscale, redeploy) takes no new request and lets in-flight ones finish for this
@@ -62,13 +70,17 @@ class DeploymentOptions:
             raise ValueError(f"{where}.max_replicas: must be >= max(1, min_replicas), got {self.max_replicas}")
         if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError(f"{where}.initial_replicas: must lie in [min_replicas, max_replicas]")
-        for name in ("target_ongoing_requests", "max_ongoing_requests", "num_cpus", "look_back_period_s"):
+        for name in ("target_ongoing_requests", "max_ongoing_requests", "num_cpus", "look_back_period_s",
+                     "metrics_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",
                      "prefix_imbalance_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"{where}.look_back_period_s: must be > metrics_interval_s ({self.metrics_interval_s}), "
+                             f"got {self.look_back_period_s}")
 
     def autoscaling_config(self) -> dict[str, Any]:
         """Ray Serve's `autoscaling_config` mapping."""
@@ -79,6 +91,7 @@ class DeploymentOptions:
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
             "look_back_period_s": self.look_back_period_s,
+            "metrics_interval_s": self.metrics_interval_s,
         }
         if self.initial_replicas is not None:
             config["initial_replicas"] = self.initial_replicas

@@ -12,10 +12,14 @@ The application, for a model table of N models:
 
 - `ModelReplica` runs inferd's own app (server/app.py: same routes, validation, errors, metrics) with one model,
   in process; a forwarded request is one ASGI call whose messages stream back through a Ray generator.
+- One hop (`is_one_hop`): one model, always a replica, no affinity routing to do: there is no ingress, Serve's
+  proxy calls the model's replicas (`ModelIngressReplica`) directly. Half the Ray messages per streamed token;
+  no retry on another replica and no SSE error event when a replica dies (the proxy's 500, a closed connection).
 - `InferdIngress` reads `model` from the JSON body (or the OIP path `/v2/models/{name}/...`), picks that model's
   deployment handle, and relays the answer. It answers /health, /v1/models and /metrics itself.
 - Scale to zero: with min_replicas 0 a model with no traffic for downscale_delay_s has no replica; the next
   request waits at the handle while Ray starts one (prepared weights make its load short: models/prepared.py).
+  Ray learns of the waiting request within metrics_interval_s (DeploymentOptions: 0.5 s).
 - Prefix affinity: generate deployments route with Ray Serve LLM's PrefixCacheAffinityRouter on `prompt` (the
   chat messages' text or the completion prompt): a request prefers the replica that already served its longest
   prefix (its KV blocks are in that replica's prefix cache), unless queue lengths differ by more than
@@ -37,6 +41,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,22 +57,29 @@ from inferd.server.errors import error_body
 from inferd.server.state import ServerOptions
 from inferd.serving import ModelKind, ModelSpec
 
-logger = logging.getLogger("inferd.deploy")
+# Under Serve's own logger, so that these lines reach each replica's log file (/tmp/ray/session_latest/logs/serve/).
+logger = logging.getLogger("ray.serve.inferd")
 
 APP_NAME = "inferd"
 MAX_ATTEMPTS = 3  # a request whose replica died before any byte was relayed is sent again, this many times in all
 RETRY_BACKOFF_S = 0.5
 REPLICA_HEADER = "x-inferd-replica"
-# How often handles and replicas report ongoing requests to Serve's autoscaler (Ray's default: 10 s, over which a
-# burst of a few seconds can come and go unseen: tests/test_ray_serve.py's burst did once). It did not change the
-# first token after a scale from zero (benchmarks/ray_serve.py --metric-push-interval, RESULTS.md).
-METRIC_PUSH_INTERVAL_S = 0.5
-METRIC_PUSH_INTERVAL_VARIABLES = ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-                                  "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
-METRICS_PUSH_PERIOD_S = 1.0
-METRICS_STALE_S = 10.0  # a replica that has not pushed for this long (killed) drops out of /metrics
+# Each push renders the replica's whole /metrics text and sends it through Ray: at 1 s that was 0.1-0.4 ms of CPU per
+# generated token on 2 cores (benchmarks/ray_serve.py's CPU split), for series that change no faster than a scrape.
+METRICS_PUSH_PERIOD_S = 5.0
+METRICS_STALE_S = 15.0  # a replica that has not pushed for this long (killed) drops out of /metrics
+# A stopping replica's farewell to the board: when the whole application is deleted the board may have no replica
+# left, and a handle call to a deployment without replicas waits forever (the replica then sat out its whole
+# graceful_shutdown_timeout_s before Ray killed it).
+BOARD_DROP_TIMEOUT_S = 1.0
 # What a replica dying under a request looks like at the handle.
 _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+# Ray starts its worker processes (Serve's proxy and controller, every replica) at niceness 15, below the raylet and
+# every ordinary process: on a machine shared with anything at niceness 0 (a load generator, another server) a
+# replica then gets a sliver of a contended CPU (CFS weight 36 against 1024), which `inferd serve` does not suffer.
+# A local Ray that inferd starts runs them at 0; on a cluster, `ray start` with RAY_worker_niceness=0 does the same.
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
 
 # The routes whose body names a model, and the kind the body's `model` defaults to when it is left out.
 _BODY_ROUTES = {
@@ -184,14 +196,26 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[dict[s
                 task.cancel()
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux; NaN elsewhere)."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(open("/proc/uptime").read().split()[0])
+        return uptime_s - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 class ModelReplica:
     """One replica of one model: inferd's app with that model loaded, in this Ray actor."""
 
     async def __init__(self, spec: ModelSpec, options: ServerOptions, board: Any = None) -> None:
+        started, process_age_s = time.perf_counter(), _process_age_s()  # age: Ray's worker start and replica setup
         from inferd.server.app import build_app
 
         self.spec = spec
         self._app = build_app(options, [spec])
+        built = time.perf_counter()
         self._lifespan = self._app.router.lifespan_context(self._app)
         await self._lifespan.__aenter__()
         served = self._app.state.inferd.models[spec.name]
@@ -199,17 +223,25 @@ class ModelReplica:
         if served.status != "ready":
             raise RuntimeError(f"model {spec.name!r} failed to load: {served.load_error}")
         timings = getattr(getattr(served.engine, "engine", None), "load_timings_s", {})
-        logger.info("model %s loaded in %.2f s (%s)", spec.name, served.load_time_s or 0.0,
+        # Where a scale from zero's seconds go (benchmarks/ray_serve.py reads Ray's share from the controller's log).
+        logger.info("model %s: process age %.2f s at the constructor; inferd imports and app %.2f s; load %.2f s (%s)",
+                    spec.name, process_age_s, built - started, time.perf_counter() - built,
                     ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+        self._is_first_request = True
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context is not None else f"pid{os.getpid()}"
         self._board = board
         self._push_task = asyncio.create_task(self._push_metrics()) if board is not None else None
 
     async def handle(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+        started, is_first = time.perf_counter(), self._is_first_request
+        self._is_first_request = False
         async for message in call_asgi(self._app, request):
             if "status" in message:  # which replica answered (prefix-affinity is visible to clients and tests)
                 message["headers"].append((REPLICA_HEADER.encode(), self.replica_id.encode()))
+            elif is_first:
+                logger.info("first request's first body bytes after %.3f s", time.perf_counter() - started)
+                is_first = False
             yield message
 
     async def metrics_text(self) -> str:
@@ -236,10 +268,54 @@ class ModelReplica:
         if self._push_task is not None:
             self._push_task.cancel()
             try:
-                await self._board.drop.remote(self.replica_id)
-            except Exception:  # noqa: BLE001
+                await asyncio.wait_for(self._board.drop.remote(self.replica_id), BOARD_DROP_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - a stale entry ages out of the board after METRICS_STALE_S anyway
                 pass
         await self._lifespan.__aexit__(None, None, None)
+
+
+class _ReplicaFront:
+    """The ASGI app Serve's proxy calls when a model's replicas are the application's ingress (one hop: see
+    build_application): the replica's inferd app, plus what the ingress adds in front of it otherwise: /metrics
+    with every replica's series from the board, and the x-inferd-replica header."""
+
+    def __init__(self, replica: "ModelReplica") -> None:
+        self._replica = replica
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # the inferd app's own lifespan ran in the replica's constructor
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        replica = self._replica
+        path, root_path = scope.get("path", ""), scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path):]
+        if scope["type"] == "http" and path == "/metrics" and replica._board is not None:
+            texts = await replica._board.collect.remote()
+            response = Response(merge_exposition(texts), media_type="text/plain; version=0.0.4; charset=utf-8")
+            await response(scope, receive, send)
+            return
+        replica_header = (REPLICA_HEADER.encode(), replica.replica_id.encode())
+
+        async def send_with_replica(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), replica_header]}
+            await send(message)
+
+        await replica._app(scope, receive, send_with_replica)
+
+
+@serve.ingress()
+class ModelIngressReplica(ModelReplica):
+    """A ModelReplica that Serve's proxy calls directly (HTTP in, the inferd app's answer out)."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return _ReplicaFront(self)
 
 
 class MetricsBoard:
@@ -407,30 +483,70 @@ def prefix_router_class() -> type:
     return PrefixCacheAffinityRouter
 
 
-def _model_deployment(spec: ModelSpec, options: DeploymentOptions) -> Any:
+def is_one_hop(config: DeployConfig) -> bool:
+    """Whether the model's replicas can be the application's ingress (proxy -> replica, one Ray hop per streamed
+    message instead of two): one model, always at least one replica (else /health and /metrics scrapes, which the
+    ingress answers without a replica, would start one or keep it from scaling to zero), and no prefix-affinity
+    routing to do (one replica at most, or affinity off: the proxy routes by load only). What the ingress adds and a
+    one-hop application does not: a request whose replica dies before answering is not retried on another (the
+    proxy answers 500), and a stream cut by a replica's death ends without an SSE error event (the connection
+    closes mid-body, which HTTP clients report as an error)."""
+    if len(config.specs) != 1:
+        return False
+    options = config.deployments[config.specs[0].name]
+    return options.min_replicas >= 1 and (options.max_replicas == 1 or not options.prefix_affinity)
+
+
+def _model_deployment(spec: ModelSpec, options: DeploymentOptions, is_ingress: bool = False,
+                      env_vars: Mapping[str, str] | None = None) -> Any:
     router = None
-    if spec.kind is ModelKind.GENERATE and options.prefix_affinity:
+    if spec.kind is ModelKind.GENERATE and options.prefix_affinity and not is_ingress:
         router = RequestRouterConfig(request_router_class=prefix_router_class(),
                                      request_router_kwargs={"imbalanced_threshold": options.prefix_imbalance_threshold})
     extra = {"request_router_config": router} if router is not None else {}
-    return serve.deployment(ModelReplica).options(
+    with warnings.catch_warnings():  # metrics_interval_s is deprecated in Ray 2.60, yet the only setting it reads
+        warnings.filterwarnings("ignore", message=".*metrics_interval_s.*", category=DeprecationWarning)
+        return _model_deployment_options(spec, options, extra, is_ingress, env_vars)
+
+
+def _model_deployment_options(spec: ModelSpec, options: DeploymentOptions, extra: dict[str, Any],
+                              is_ingress: bool, env_vars: Mapping[str, str] | None) -> Any:
+    actor_options: dict[str, Any] = {"num_cpus": options.num_cpus}
+    if env_vars:
+        actor_options["runtime_env"] = {"env_vars": dict(env_vars)}
+    if options.min_replicas == options.max_replicas and options.initial_replicas in (None, options.min_replicas):
+        # A fixed count: no autoscaler, whose handles and replicas would report their load every metrics_interval_s.
+        extra = {**extra, "num_replicas": options.min_replicas}
+    else:
+        extra = {**extra, "autoscaling_config": options.autoscaling_config()}
+    return serve.deployment(ModelIngressReplica if is_ingress else ModelReplica).options(
         name=f"model-{spec.name}",
-        autoscaling_config=options.autoscaling_config(),
         max_ongoing_requests=options.max_ongoing_requests,
         graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=5.0,
-        ray_actor_options={"num_cpus": options.num_cpus},
+        ray_actor_options=actor_options,
         **extra,
     )
 
 
-def build_application(config: DeployConfig, server_options: ServerOptions) -> Any:
-    """The Ray Serve application (not yet running) of a deploy config."""
+def build_application(config: DeployConfig, server_options: ServerOptions, one_hop: bool | None = None,
+                      replica_env_vars: Mapping[str, str] | None = None) -> Any:
+    """The Ray Serve application (not yet running) of a deploy config. one_hop: the model's replicas are the
+    ingress (None: when is_one_hop(config); True where it is not possible is an error). replica_env_vars: the model
+    replicas' environment (Ray Serve's RAY_SERVE_* switches are read there)."""
     board = serve.deployment(MetricsBoard).options(name="metrics-board", num_replicas=1,
                                                    ray_actor_options={"num_cpus": 0}).bind()
-    handles = {spec.name: _model_deployment(spec, config.deployments[spec.name]).bind(spec, server_options, board)
-               for spec in config.specs}
+    if one_hop is None:
+        one_hop = is_one_hop(config)
+    if one_hop:
+        if len(config.specs) != 1:
+            raise ValueError("one hop (the model's replicas as the ingress) needs exactly one model")
+        (spec,) = config.specs
+        return _model_deployment(spec, config.deployments[spec.name], is_ingress=True,
+                                 env_vars=replica_env_vars).bind(spec, server_options, board)
+    handles = {spec.name: _model_deployment(spec, config.deployments[spec.name], env_vars=replica_env_vars).bind(
+        spec, server_options, board) for spec in config.specs}
     table = [(spec.name, spec.kind.value) for spec in config.specs]
     return serve.deployment(InferdIngress).options(
         name="ingress", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0},
@@ -451,13 +567,18 @@ def build_app(args: Mapping[str, Any]) -> Any:
     return build_application(read_deploy_config(args["config"]), default_server_options())
 
 
+def use_local_ray_env() -> None:
+    """Before ray.init starts a local Ray: LOCAL_RAY_ENV, unless the environment says otherwise."""
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def run(config: DeployConfig, server_options: ServerOptions, *, blocking: bool = True) -> None:
     """Connect to $RAY_ADDRESS (or start a local Ray), start Serve's proxy on config.host:port, deploy, and (blocking)
     wait until interrupted; then the application is deleted (replicas drain)."""
     if not ray.is_initialized():
-        if not os.environ.get("RAY_ADDRESS"):  # a local Ray inherits these; a cluster's own settings stay its own
-            for variable in METRIC_PUSH_INTERVAL_VARIABLES:
-                os.environ.setdefault(variable, str(METRIC_PUSH_INTERVAL_S))
+        if not os.environ.get("RAY_ADDRESS"):
+            use_local_ray_env()
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_application(config, server_options), name=APP_NAME, route_prefix="/", blocking=False)
