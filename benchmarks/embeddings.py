@@ -337,17 +337,21 @@ def start_servers(names: list[str], path: Path, args_inferd: list[str], num_thre
     for name in names:
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
-        if name == "inferd" or name.startswith("inferd-"):
+        if name == "inferd" or name.startswith(("inferd-", "inferd+")):
             # the response cache off: every round must reach the model, as it does on the peers
             cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), "--response-cache-bytes", "0",
                    *args_inferd]
             # inferd-<N>thread(s): the model's num_threads option N; inferd-int8: quantization int8
             options = {}
-            if name.endswith(("thread", "threads")):
+            if "+" in name:  # inferd+KEY=VALUE+...: the embedding model's options from a models file
+                for option in name.split("+")[1:]:
+                    key, _, value = option.partition("=")
+                    options[key] = value
+            elif name.endswith(("thread", "threads")):
                 options["num_threads"] = int(name.split("-", 1)[1].split("thread")[0])
             elif name == "inferd-int8":
                 options["quantization"] = "int8"
-            elif name != "inferd":
+            elif name != "inferd" and "+" not in name:
                 raise SystemExit(f"unknown server {name!r}")
             if num_threads and "num_threads" not in options:
                 options["num_threads"] = num_threads
@@ -756,6 +760,89 @@ def run_mixed(args: argparse.Namespace) -> None:
         stop_servers([server])
 
 
+def batch_size_sum_count(base_url: str) -> tuple[float, float]:
+    """The server's inferd:batch_size histogram for the embedding model: (sum of inputs, number of batches)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    totals = []
+    for suffix in ("sum", "count"):
+        pattern = rf'^inferd:batch_size_{suffix}{{[^}}]*model_name="{MODEL_NAME}"[^}}]*}} (\S+)$'
+        totals.append(sum(float(v) for v in re.findall(pattern, text, flags=re.M)))
+    return totals[0], totals[1]
+
+
+def run_served(args: argparse.Namespace) -> None:
+    """inferd servers (variants: inferd+OPTION=VALUE+...) against our own in-process rate, measured in the same
+    rounds: wrk as the client (1 per request at c=1 and c=32, 32 per request at c=4), the in-process rate at 1 and 2
+    threads while the servers are idle, the servers' mean batch size from their metrics. For the goals stated
+    against the in-process batch-32 rate at the same thread count."""
+    import torch
+
+    from inferd.embeddings import Embedder
+
+    path = model_dir()
+    sentences = make_sentences(args.num_sentences)
+    scenarios = [("1/req c=1", 1, 1), ("1/req c=32", 1, 32), ("32/req c=4", 32, 4)]
+    scenarios = [sc for sc in scenarios if sc[0] in args.scenarios.split(",")]
+    servers = start_servers(args.servers.split(","), path, [])
+    try:
+        servers = wait_ready(servers)
+        print(f"# {machine_line()}")
+        offline = Embedder(path, device="cpu", dtype="float32", max_batch_items=32)
+        offline_ids = offline.model.tokenizer.encode_batch(sentences, truncate=True)
+        offline.embed_token_ids(offline_ids[:64])  # warm-up
+        offline_rates: dict[int, list[float]] = {}
+        results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+        loads = []
+        for round_index in range(args.rounds):
+            for num_threads in (2, 1):  # our own in-process rate, every server idle, this round
+                torch.set_num_threads(num_threads)
+                t0 = time.perf_counter()
+                for i in range(0, len(offline_ids), 32):
+                    offline.embed_token_ids(offline_ids[i : i + 32])
+                offline_rates.setdefault(num_threads, []).append(len(offline_ids) / (time.perf_counter() - t0))
+            print(f"# round {round_index + 1} offline batch 32: 2 threads {offline_rates[2][-1]:.1f}, 1 thread "
+                  f"{offline_rates[1][-1]:.1f} sentences/s; load {os.getloadavg()[0]:.1f}", flush=True)
+            for label, per_request, concurrency in scenarios:
+                bodies = [sentences[i : i + per_request] for i in range(0, len(sentences), per_request)]
+                order = servers if round_index % 2 == 0 else list(reversed(servers))
+                for server in order:
+                    base_url = server.url.rsplit("/v1/", 1)[0]
+                    wrk_closed_loop(server.url, server.model, bodies, concurrency, 1)  # warm
+                    before = batch_size_sum_count(base_url)
+                    rate, p50, errors = wrk_closed_loop(server.url, server.model, bodies, concurrency, args.seconds)
+                    after = batch_size_sum_count(base_url)
+                    mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                    load = os.getloadavg()[0]
+                    loads.append(load)
+                    results.setdefault((server.name, label), []).append((rate, p50, mean_batch, load))
+                    print(f"# round {round_index + 1} {label} {server.name}: {rate:.1f} sentences/s, p50 {p50:.1f} ms, "
+                          f"mean batch {mean_batch:.1f}" + (f", {errors} errors" if errors else "") + f"; load {load:.1f}",
+                          flush=True)
+        off2, off1 = statistics.median(offline_rates[2]), statistics.median(offline_rates[1])
+        print(f"\nin process, batch 32 (medians of {args.rounds}): 2 threads {off2:.1f} (rounds "
+              f"{', '.join(f'{r:.1f}' for r in offline_rates[2])}), 1 thread {off1:.1f} (rounds "
+              f"{', '.join(f'{r:.1f}' for r in offline_rates[1])}); load {min(loads):.1f}-{max(loads):.1f}\n")
+        print("| wrk, medians | " + " | ".join(f"{label}: sentences/s (p50 ms), mean batch" for label, *_ in scenarios)
+              + " | 1/req c=32 / in-process 2 threads (rounds) |")
+        print("|---|" + "---|" * (len(scenarios) + 1))
+        for server in servers:
+            cells = []
+            for label, *_ in scenarios:
+                runs = results[(server.name, label)]
+                cells.append(f"{statistics.median(r[0] for r in runs):.1f} ({statistics.median(r[1] for r in runs):.0f}), "
+                             f"{statistics.median(r[2] for r in runs):.1f}")
+            c32 = results.get((server.name, "1/req c=32"))
+            ratio = "-" if not c32 else (f"{statistics.median(r[0] for r in c32) / off2:.0%} ("
+                                         + ", ".join(f"{r[0] / o:.0%}" for r, o in zip(c32, offline_rates[2])) + ")")
+            print(f"| {server.name} | " + " | ".join(cells) + f" | {ratio} |")
+    finally:
+        stop_servers(servers)
+
+
 # The FastAPI route parses any application/*+json body; `inferd serve`'s hot path takes application/json only.
 FASTAPI_ROUTE_CONTENT_TYPE = "application/x-inferd-bench+json"
 
@@ -839,6 +926,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
     p.add_argument("--rounds", type=int, default=4)
     p.set_defaults(func=run_hotpath)
+    p = sub.add_parser("served")
+    p.add_argument("--servers", default="inferd,inferd+fill_wait_ms=0",
+                   help="inferd variants: inferd+OPTION=VALUE+... sets the embedding model's options")
+    p.add_argument("--scenarios", default="1/req c=1,1/req c=32,32/req c=4")
+    p.add_argument("--num-sentences", type=int, default=640)
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each wrk run")
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(func=run_served)
     p = sub.add_parser("mixed")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--max-tokens", type=int, default=256)
