@@ -807,7 +807,7 @@ def run_served(args: argparse.Namespace) -> None:
 
     path = model_dir()
     sentences = make_sentences(args.num_sentences)
-    scenarios = [("1/req c=1", 1, 1), ("1/req c=32", 1, 32), ("32/req c=4", 32, 4)]
+    scenarios = [("1/req c=1", 1, 1), ("1/req c=8", 1, 8), ("1/req c=32", 1, 32), ("32/req c=4", 32, 4)]
     scenarios = [sc for sc in scenarios if sc[0] in args.scenarios.split(",")]
     servers = start_servers(args.servers.split(","), path, [])
     try:
@@ -951,7 +951,7 @@ def main() -> None:
     p = sub.add_parser("served")
     p.add_argument("--servers", default="inferd,inferd+fill_wait_ms=0",
                    help="inferd variants: inferd+OPTION=VALUE+... sets the embedding model's options")
-    p.add_argument("--scenarios", default="1/req c=1,1/req c=32,32/req c=4")
+    p.add_argument("--scenarios", default="1/req c=1,1/req c=8,1/req c=32,32/req c=4")
     p.add_argument("--num-sentences", type=int, default=640)
     p.add_argument("--seconds", type=float, default=6.0, help="length of each wrk run")
     p.add_argument("--rounds", type=int, default=3)
