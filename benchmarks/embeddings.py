@@ -337,17 +337,21 @@ def start_servers(names: list[str], path: Path, args_inferd: list[str], num_thre
     for name in names:
         port = free_port()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TOKENIZERS_PARALLELISM="false")
-        if name == "inferd" or name.startswith("inferd-"):
+        if name == "inferd" or name.startswith(("inferd-", "inferd+")):
             # the response cache off: every round must reach the model, as it does on the peers
             cmd = [sys.executable, "-m", "inferd.cli", "serve", "--port", str(port), "--response-cache-bytes", "0",
                    *args_inferd]
             # inferd-<N>thread(s): the model's num_threads option N; inferd-int8: quantization int8
             options = {}
-            if name.endswith(("thread", "threads")):
+            if "+" in name:  # inferd+KEY=VALUE+...: the embedding model's options from a models file
+                for option in name.split("+")[1:]:
+                    key, _, value = option.partition("=")
+                    options[key] = value
+            elif name.endswith(("thread", "threads")):
                 options["num_threads"] = int(name.split("-", 1)[1].split("thread")[0])
             elif name == "inferd-int8":
                 options["quantization"] = "int8"
-            elif name != "inferd":
+            elif name != "inferd" and "+" not in name:
                 raise SystemExit(f"unknown server {name!r}")
             if num_threads and "num_threads" not in options:
                 options["num_threads"] = num_threads
@@ -666,94 +670,199 @@ def embed_items_answered(base_url: str) -> float:
     return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
 
 
-def run_mixed(args: argparse.Namespace) -> None:
-    """An LLM stream and embedding traffic on one `inferd serve` holding both models: each alone, then together,
-    so the LLM's slowdown can be read against the CPU share the embeddings took."""
-    llm = args.llm
+def start_mixed_server(llm: str, options: dict[str, str], no_cpu_share: bool) -> Server:
+    """`inferd serve` holding the LLM and the embedding model (its options from a models file)."""
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), INFERD_CPU_THREAD_SHARE="off" if args.no_cpu_share else "on")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), INFERD_CPU_THREAD_SHARE="off" if no_cpu_share else "on")
     log = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "inferd.cli", "serve", "--model", llm, "--port", str(port), "--response-cache-bytes", "0"]
-    if args.embed_num_threads:  # per-model options come from a models file
+    if options:  # per-model options come from a models file
         models_file = tempfile.NamedTemporaryFile("w", prefix="embed-mixed-models-", suffix=".yaml", delete=False)
-        models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{num_threads: {args.embed_num_threads}}}\n")
+        rendered = ", ".join(f"{k}: {v}" for k, v in options.items())
+        models_file.write(f"models:\n  - source: {MODEL_NAME}\n    options: {{{rendered}}}\n")
         models_file.close()
         cmd += ["--models-file", models_file.name]
     else:
         cmd += ["--model", MODEL_NAME]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
-    server = Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
-    base_url = f"http://127.0.0.1:{port}"
+    return Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
+
+
+def run_mixed(args: argparse.Namespace) -> None:
+    """An LLM stream and embedding traffic on one `inferd serve` holding both models: each alone, then together,
+    so the LLM's slowdown can be read against the CPU share the embeddings took. With several --variants (the
+    embedding model's options), one server per variant, all up at once, rounds alternating between them."""
+    llm = args.llm
+    variants: dict[str, dict[str, str]] = {}
+    for variant in args.variants.split(";"):
+        options = dict(option.split("=", 1) for option in variant.split(",") if option)
+        if args.embed_num_threads:
+            options["num_threads"] = str(args.embed_num_threads)
+        variants[variant or "default"] = options
+    servers = {name: start_mixed_server(llm, options, args.no_cpu_share) for name, options in variants.items()}
     try:
-        if not wait_ready([server]):
+        if len(wait_ready(list(servers.values()))) < len(servers):
             return
         sentences = make_sentences(args.num_sentences)
         bodies = [[s] for s in sentences]
         print(f"# {machine_line()}")
         print(f"# embedding client: {args.client}, c={args.concurrency}")
-        asyncio.run(stream_chat_tokens_per_s(base_url, llm, 16))  # warm-up
+        for server in servers.values():
+            asyncio.run(stream_chat_tokens_per_s(server.url.rsplit("/v1/", 1)[0], llm, 16))  # warm-up
 
-        def embed_traffic(seconds: float) -> float:
+        def embed_traffic(server: Server, seconds: float) -> float:
             """1-per-request embedding traffic (sentences/s): the whole body list (python), or for `seconds` (wrk)."""
             if args.client == "wrk":
                 return wrk_closed_loop(server.url, MODEL_NAME, bodies, args.concurrency, seconds)[0]
             return asyncio.run(closed_loop(server.url, MODEL_NAME, bodies, args.concurrency))[0]
 
-        rows: dict[str, list[float]] = {"llm alone": [], "embeddings alone": [], "llm with embeddings": [], "embeddings with llm": []}
-        for _round in range(args.rounds):
-            t0 = time.perf_counter()
-            rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
-            llm_alone_s = time.perf_counter() - t0
-            rows["embeddings alone"].append(embed_traffic(max(5.0, llm_alone_s)))
-
-            async def together() -> tuple[float, float, dict[str, float], bool]:
-                """Both at once. CPU times and the embedding inputs answered are read when the LLM stream starts
-                and ends, so the embeddings' rate is theirs beside the stream only; `outlasted` says whether the
-                embedding traffic outlasted the stream (the LLM's figure then was all under load)."""
-                if args.client == "wrk":  # stopped (SIGINT) when the stream ends
-                    wrk = start_wrk(server.url, MODEL_NAME, bodies, args.concurrency, 10 * llm_alone_s + 30)
-                    embed_task = asyncio.create_task(asyncio.to_thread(wrk_result, wrk))
-                else:
-                    embed_task = asyncio.create_task(asyncio.to_thread(embed_traffic, 0))
-                await asyncio.sleep(1.0)  # the traffic reaches its steady state
-                cpu_before, items_before = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
+        all_rows: dict[str, dict[str, list[float]]] = {
+            name: {"llm alone": [], "embeddings alone": [], "llm with embeddings": [], "embeddings with llm": []}
+            for name in servers}
+        for round_index in range(args.rounds):
+            names = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+            for name in names:
+                server, rows = servers[name], all_rows[name]
+                base_url = server.url.rsplit("/v1/", 1)[0]
+                pid = server.process.pid  # type: ignore[union-attr]
                 t0 = time.perf_counter()
-                llm_rate = await stream_chat_tokens_per_s(base_url, llm, args.max_tokens)
-                wall = time.perf_counter() - t0
-                cpu_after, items_after = thread_cpu_seconds(process.pid), embed_items_answered(base_url)
-                outlasted = not embed_task.done()
-                if args.client == "wrk":
-                    wrk.send_signal(signal.SIGINT)
-                await embed_task
-                shares = {role: (cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)) for role in cpu_before}
-                return llm_rate, (items_after - items_before) / wall, shares, outlasted
+                rows["llm alone"].append(asyncio.run(stream_chat_tokens_per_s(base_url, llm, args.max_tokens)))
+                llm_alone_s = time.perf_counter() - t0
+                rows["embeddings alone"].append(embed_traffic(server, max(5.0, llm_alone_s)))
 
-            llm_rate, embed_rate, shares, outlasted = asyncio.run(together())
-            if not outlasted:
-                print("# the embedding traffic ended before the LLM stream: raise --num-sentences", flush=True)
-            for role, share in shares.items():  # share of the machine's CPU time while the LLM streamed beside them
-                rows.setdefault(f"cpu {role}", []).append(share)
-            rows["llm with embeddings"].append(llm_rate)
-            rows["embeddings with llm"].append(embed_rate)
-            keeps = llm_rate / rows["llm alone"][-1]
-            embed_share = shares["embed workers"] + shares["event loop"]
-            print("# round: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
-                  + f"; LLM keeps {keeps:.0%}, embeddings' CPU share {embed_share:.0%}: "
-                  + ("met" if 1 - keeps <= embed_share else "NOT met") + f"; load {os.getloadavg()[0]:.1f}", flush=True)
-        med = {k: statistics.median(v) for k, v in rows.items()}
-        print(f"\n| {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | LLM keeps | "
-              "embeddings sentences/s alone | with the LLM stream | embeddings keep |")
-        print("|---|---|---|---|---|---|")
-        print(f"| {med['llm alone']:.1f} | {med['llm with embeddings']:.1f} | {med['llm with embeddings'] / med['llm alone']:.0%} | "
-              f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | {med['embeddings with llm'] / med['embeddings alone']:.0%} |")
-        print("\nShare of the machine's CPU time while the LLM streamed beside the embeddings (medians): " + ", ".join(
-            f"{k[4:]} {v:.0%}" for k, v in med.items() if k.startswith("cpu ")))
-        per_round = [(w / a, e + l) for w, a, e, l in zip(rows["llm with embeddings"], rows["llm alone"],
-                                                          rows["cpu embed workers"], rows["cpu event loop"])]
-        print("Per round, LLM keeps vs the embeddings' share (workers + event loop): " + ", ".join(
-            f"{k:.0%} vs {sh:.0%}" for k, sh in per_round) + f"; met in {sum(1 - k <= sh for k, sh in per_round)} of {len(per_round)}")
+                async def together() -> tuple[float, float, dict[str, float], bool]:
+                    """Both at once. CPU times and the embedding inputs answered are read when the LLM stream starts
+                    and ends, so the embeddings' rate is theirs beside the stream only; `outlasted` says whether the
+                    embedding traffic outlasted the stream (the LLM's figure then was all under load)."""
+                    if args.client == "wrk":  # stopped (SIGINT) when the stream ends
+                        wrk = start_wrk(server.url, MODEL_NAME, bodies, args.concurrency, 10 * llm_alone_s + 30)
+                        embed_task = asyncio.create_task(asyncio.to_thread(wrk_result, wrk))
+                    else:
+                        embed_task = asyncio.create_task(asyncio.to_thread(embed_traffic, server, 0))
+                    await asyncio.sleep(1.0)  # the traffic reaches its steady state
+                    cpu_before, items_before = thread_cpu_seconds(pid), embed_items_answered(base_url)
+                    t0 = time.perf_counter()
+                    llm_rate = await stream_chat_tokens_per_s(base_url, llm, args.max_tokens)
+                    wall = time.perf_counter() - t0
+                    cpu_after, items_after = thread_cpu_seconds(pid), embed_items_answered(base_url)
+                    outlasted = not embed_task.done()
+                    if args.client == "wrk":
+                        wrk.send_signal(signal.SIGINT)
+                    await embed_task
+                    shares = {role: (cpu_after[role] - cpu_before[role]) / (wall * (os.cpu_count() or 1)) for role in cpu_before}
+                    return llm_rate, (items_after - items_before) / wall, shares, outlasted
+
+                llm_rate, embed_rate, shares, outlasted = asyncio.run(together())
+                if not outlasted:
+                    print("# the embedding traffic ended before the LLM stream: raise --num-sentences", flush=True)
+                for role, share in shares.items():  # share of the machine's CPU time while the LLM streamed beside them
+                    rows.setdefault(f"cpu {role}", []).append(share)
+                rows["llm with embeddings"].append(llm_rate)
+                rows["embeddings with llm"].append(embed_rate)
+                keeps = llm_rate / rows["llm alone"][-1]
+                embed_share = shares["embed workers"] + shares["event loop"]
+                print(f"# round {round_index + 1} {name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
+                      + f"; LLM keeps {keeps:.0%}, embeddings' CPU share {embed_share:.0%}: "
+                      + ("met" if 1 - keeps <= embed_share else "NOT met") + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+        print(f"\n| variant (embedding options) | {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | "
+              "LLM keeps | embeddings sentences/s alone | with the LLM stream | embeddings keep | CPU while both ran: "
+              "embed workers + event loop, LLM and the rest | rounds met |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, rows in all_rows.items():
+            med = {k: statistics.median(v) for k, v in rows.items()}
+            per_round = [(w / a, e + lp) for w, a, e, lp in zip(rows["llm with embeddings"], rows["llm alone"],
+                                                                rows["cpu embed workers"], rows["cpu event loop"])]
+            print(f"| {name} | {med['llm alone']:.1f} | {med['llm with embeddings']:.1f} | "
+                  f"{med['llm with embeddings'] / med['llm alone']:.0%} ({', '.join(f'{k:.0%}' for k, _ in per_round)}) | "
+                  f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | "
+                  f"{med['embeddings with llm'] / med['embeddings alone']:.0%} | "
+                  f"{med['cpu embed workers']:.0%} + {med['cpu event loop']:.0%}, {med['cpu llm and the rest']:.0%} | "
+                  f"{sum(1 - k <= sh for k, sh in per_round)} of {len(per_round)} |")
     finally:
-        stop_servers([server])
+        stop_servers(list(servers.values()))
+
+
+def batch_size_sum_count(base_url: str) -> tuple[float, float]:
+    """The server's inferd:batch_size histogram for the embedding model: (sum of inputs, number of batches)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    totals = []
+    for suffix in ("sum", "count"):
+        pattern = rf'^inferd:batch_size_{suffix}{{[^}}]*model_name="{MODEL_NAME}"[^}}]*}} (\S+)$'
+        totals.append(sum(float(v) for v in re.findall(pattern, text, flags=re.M)))
+    return totals[0], totals[1]
+
+
+def run_served(args: argparse.Namespace) -> None:
+    """inferd servers (variants: inferd+OPTION=VALUE+...) against our own in-process rate, measured in the same
+    rounds: wrk as the client (1 per request at c=1 and c=32, 32 per request at c=4), the in-process rate at 1 and 2
+    threads while the servers are idle, the servers' mean batch size from their metrics. For the goals stated
+    against the in-process batch-32 rate at the same thread count."""
+    import torch
+
+    from inferd.embeddings import Embedder
+
+    path = model_dir()
+    sentences = make_sentences(args.num_sentences)
+    scenarios = [("1/req c=1", 1, 1), ("1/req c=8", 1, 8), ("1/req c=32", 1, 32), ("32/req c=4", 32, 4)]
+    scenarios = [sc for sc in scenarios if sc[0] in args.scenarios.split(",")]
+    servers = start_servers(args.servers.split(","), path, [])
+    try:
+        servers = wait_ready(servers)
+        print(f"# {machine_line()}")
+        offline = Embedder(path, device="cpu", dtype="float32", max_batch_items=32)
+        offline_ids = offline.model.tokenizer.encode_batch(sentences, truncate=True)
+        offline.embed_token_ids(offline_ids[:64])  # warm-up
+        offline_rates: dict[int, list[float]] = {}
+        results: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+        loads = []
+        for round_index in range(args.rounds):
+            for num_threads in (2, 1):  # our own in-process rate, every server idle, this round
+                torch.set_num_threads(num_threads)
+                t0 = time.perf_counter()
+                for i in range(0, len(offline_ids), 32):
+                    offline.embed_token_ids(offline_ids[i : i + 32])
+                offline_rates.setdefault(num_threads, []).append(len(offline_ids) / (time.perf_counter() - t0))
+            print(f"# round {round_index + 1} offline batch 32: 2 threads {offline_rates[2][-1]:.1f}, 1 thread "
+                  f"{offline_rates[1][-1]:.1f} sentences/s; load {os.getloadavg()[0]:.1f}", flush=True)
+            for label, per_request, concurrency in scenarios:
+                bodies = [sentences[i : i + per_request] for i in range(0, len(sentences), per_request)]
+                order = servers if round_index % 2 == 0 else list(reversed(servers))
+                for server in order:
+                    base_url = server.url.rsplit("/v1/", 1)[0]
+                    wrk_closed_loop(server.url, server.model, bodies, concurrency, 1)  # warm
+                    before = batch_size_sum_count(base_url)
+                    rate, p50, errors = wrk_closed_loop(server.url, server.model, bodies, concurrency, args.seconds)
+                    after = batch_size_sum_count(base_url)
+                    mean_batch = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                    load = os.getloadavg()[0]
+                    loads.append(load)
+                    results.setdefault((server.name, label), []).append((rate, p50, mean_batch, load))
+                    print(f"# round {round_index + 1} {label} {server.name}: {rate:.1f} sentences/s, p50 {p50:.1f} ms, "
+                          f"mean batch {mean_batch:.1f}" + (f", {errors} errors" if errors else "") + f"; load {load:.1f}",
+                          flush=True)
+        off2, off1 = statistics.median(offline_rates[2]), statistics.median(offline_rates[1])
+        print(f"\nin process, batch 32 (medians of {args.rounds}): 2 threads {off2:.1f} (rounds "
+              f"{', '.join(f'{r:.1f}' for r in offline_rates[2])}), 1 thread {off1:.1f} (rounds "
+              f"{', '.join(f'{r:.1f}' for r in offline_rates[1])}); load {min(loads):.1f}-{max(loads):.1f}\n")
+        print("| wrk, medians | " + " | ".join(f"{label}: sentences/s (p50 ms), mean batch" for label, *_ in scenarios)
+              + " | 1/req c=32 / in-process 2 threads (rounds) |")
+        print("|---|" + "---|" * (len(scenarios) + 1))
+        for server in servers:
+            cells = []
+            for label, *_ in scenarios:
+                runs = results[(server.name, label)]
+                cells.append(f"{statistics.median(r[0] for r in runs):.1f} ({statistics.median(r[1] for r in runs):.0f}), "
+                             f"{statistics.median(r[2] for r in runs):.1f}")
+            c32 = results.get((server.name, "1/req c=32"))
+            ratio = "-" if not c32 else (f"{statistics.median(r[0] for r in c32) / off2:.0%} ("
+                                         + ", ".join(f"{r[0] / o:.0%}" for r, o in zip(c32, offline_rates[2])) + ")")
+            print(f"| {server.name} | " + " | ".join(cells) + f" | {ratio} |")
+    finally:
+        stop_servers(servers)
 
 
 # The FastAPI route parses any application/*+json body; `inferd serve`'s hot path takes application/json only.
@@ -839,6 +948,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of each wrk run")
     p.add_argument("--rounds", type=int, default=4)
     p.set_defaults(func=run_hotpath)
+    p = sub.add_parser("served")
+    p.add_argument("--servers", default="inferd,inferd+fill_wait_ms=0",
+                   help="inferd variants: inferd+OPTION=VALUE+... sets the embedding model's options")
+    p.add_argument("--scenarios", default="1/req c=1,1/req c=8,1/req c=32,32/req c=4")
+    p.add_argument("--num-sentences", type=int, default=640)
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each wrk run")
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(func=run_served)
     p = sub.add_parser("mixed")
     p.add_argument("--llm", default="smollm2-135m-instruct")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -846,6 +963,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--embed-num-threads", type=int, default=0, help="the embedding model's num_threads option")
+    p.add_argument("--variants", default="",
+                   help="';'-separated embedding model options, one server each, e.g. ';num_threads=1' (default "
+                        "options, then one worker)")
     p.add_argument("--client", choices=["python", "wrk"], default="python",
                    help="the embedding traffic's client: httpx (runs the whole sentence list) or wrk (for as long as needed)")
     p.add_argument("--no-cpu-share", action="store_true",

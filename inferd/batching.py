@@ -27,6 +27,12 @@ Policy (continuous batching, as TEI and Triton's dynamic batcher do it):
     items at the head of the queue add up to exactly one of those costs (the largest such run of items).
   - With several workers (`num_workers`), a worker takes at most its part of the queue, ceil(queued items /
     (itself + idle workers)), and wakes an idle one for the rest: a burst is split among the free workers.
+  - With `fill_wait_s` > 0 (for closed-loop clients: each sends its next request when its answer arrived) a free
+    worker waits for the items it can expect: the most items that were outstanding (queued or running) at once in
+    the last second, less those running on other workers, at most `fill_target_items` per free worker. It runs
+    when that many are queued, when no item arrived for `fill_gap_s`, or when the head item has waited
+    `fill_wait_s`. A lone client (1 outstanding) never waits; 32 clients on 2 workers make batches of ~16
+    instead of the ~10 that 'take what is queued' splits them into.
   - `run_batch(items) -> results` (one result per item, same order) runs on the worker thread. If it raises for
     a batch of several items, each item is run again alone, so one bad item fails only its own request.
   - A cancelled future (its client left) is skipped before its batch runs.
@@ -79,6 +85,9 @@ class BatchLimits:
     max_wait_s: float = 0.0  # how long a batch that is not full may wait for more items, from its oldest item
     max_queue_items: int = 4096  # queued items at most
     preferred_batch_costs: tuple[int, ...] = ()  # with max_wait_s > 0: batch costs that need not wait
+    fill_wait_s: float = 0.0  # how long a batch may wait for the items recent concurrency predicts (0: never)
+    fill_gap_s: float = 0.002  # ... but no longer than this without a new item
+    fill_target_items: int = 32  # items per free worker that batch filling waits for at most
 
     def __post_init__(self) -> None:
         if self.max_batch_items < 1:
@@ -89,6 +98,10 @@ class BatchLimits:
             raise ValueError(f"max_wait_s must be in [0, 10] seconds, got {self.max_wait_s}")
         if self.max_queue_items < 1:
             raise ValueError(f"max_queue_items must be >= 1, got {self.max_queue_items}")
+        if not 0.0 <= self.fill_wait_s <= 10.0 or not 0.0 < self.fill_gap_s <= 10.0:
+            raise ValueError(f"fill_wait_s must be in [0, 10] and fill_gap_s in (0, 10] seconds, got {self.fill_wait_s}, {self.fill_gap_s}")
+        if self.fill_target_items < 1:
+            raise ValueError(f"fill_target_items must be >= 1, got {self.fill_target_items}")
         if any(c < 1 for c in self.preferred_batch_costs):
             raise ValueError(f"preferred_batch_costs must be >= 1, got {list(self.preferred_batch_costs)}")
 
@@ -140,6 +153,12 @@ class MicroBatcher(Generic[T, R]):
         self._num_idle_workers = 0  # workers waiting in _take_batch (under the lock)
         self._use_worker_thread = use_worker_thread
         self._is_started = False
+        self._num_running_items = 0  # items in batches that workers run now (under the lock)
+        self._last_arrival_time = 0.0  # monotonic time of the last submit
+        # The most items outstanding (queued + running) at once: in the current and the previous 1 s window
+        self._peak_window_start = 0.0
+        self._peak_outstanding = 0
+        self._previous_peak_outstanding = 0
         # Cumulative counters (read without the lock: ints are replaced atomically).
         self.num_batches = 0
         self.num_items_run = 0
@@ -202,6 +221,8 @@ class MicroBatcher(Generic[T, R]):
                 )
             self._queue.extend(pending)
             self._queued_cost += sum(p.cost for p in pending)
+            self._last_arrival_time = now
+            self._note_outstanding(now)
             self._cond.notify()
         return [p.future for p in pending]
 
@@ -241,11 +262,37 @@ class MicroBatcher(Generic[T, R]):
         finally:
             self._num_idle_workers -= 1
 
+    _PEAK_WINDOW_S = 1.0
+
+    def _note_outstanding(self, now: float) -> None:
+        outstanding = len(self._queue) + self._num_running_items
+        if now - self._peak_window_start > self._PEAK_WINDOW_S:
+            self._previous_peak_outstanding = self._peak_outstanding
+            self._peak_outstanding = 0
+            self._peak_window_start = now
+        self._peak_outstanding = max(self._peak_outstanding, outstanding)
+
+    def _fill_wait_s(self) -> float:
+        """Seconds this free worker should still wait for the items recent concurrency predicts (0: run now)."""
+        limits = self.limits
+        now = time.monotonic()
+        expected = max(self._peak_outstanding, self._previous_peak_outstanding) - self._num_running_items
+        num_free = 1 + self._num_idle_workers
+        target = min(expected, limits.fill_target_items * num_free, limits.max_batch_items * num_free)
+        if len(self._queue) >= target or self._is_full():
+            return 0.0
+        remaining_s = min(self._queue[0].enqueue_time + limits.fill_wait_s, self._last_arrival_time + limits.fill_gap_s) - now
+        return max(0.0, remaining_s)
+
     def _take_ready_batch(self) -> tuple[list[_Pending[T, R]], float | None]:
         """(a batch that may run now, []) or ([], seconds until the head's deadline; None: the queue is empty)."""
         limits = self.limits
         while self._queue:
             max_items = limits.max_batch_items
+            if limits.fill_wait_s > 0:
+                fill_wait_s = self._fill_wait_s()
+                if fill_wait_s > 0:
+                    return [], fill_wait_s
             if limits.max_wait_s > 0 and not self._is_full():
                 num_preferred_items = self._num_preferred_items()
                 if num_preferred_items > 0:
@@ -322,9 +369,15 @@ class MicroBatcher(Generic[T, R]):
                 batch = self._take_batch()
                 if batch is not None and self._queue and self._num_workers > 1:
                     self._cond.notify()  # items are left: an idle worker may take the next batch
+                if batch is not None:
+                    self._num_running_items += len(batch)
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._num_running_items -= len(batch)
 
     def _run(self, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()

@@ -282,3 +282,34 @@ def test_two_idle_workers_split_a_burst_between_them():
     finally:
         release.set()
         batcher.shutdown()
+
+
+def test_fill_wait_waits_for_the_items_recent_concurrency_predicts():
+    # 6 items were outstanding at once (4 running + 2 queued): after the batch of 4, the free worker waits for 6
+    # queued items (the closed-loop clients coming back) instead of running the 2 that are there.
+    model = _GatedModel()
+    batcher = _started(model, BatchLimits(max_batch_items=16, fill_wait_s=5.0, fill_gap_s=5.0))
+    try:
+        first = batcher.submit_many([0, 1, 2, 3])
+        assert model.entered.wait(5)
+        second = batcher.submit_many([4, 5])
+        model.gate.set()
+        assert [f.result(5) for f in first] == [0, 10, 20, 30]
+        third = batcher.submit_many([6, 7, 8, 9])
+        assert [f.result(5) for f in second + third] == [40, 50, 60, 70, 80, 90]
+        assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    finally:
+        batcher.shutdown()
+
+
+def test_fill_wait_never_holds_a_lone_client():
+    # One item outstanding at a time: each runs at once, long before fill_wait_s or fill_gap_s
+    model = _GatedModel()
+    model.gate.set()
+    batcher = _started(model, BatchLimits(max_batch_items=16, fill_wait_s=10.0, fill_gap_s=10.0))
+    try:
+        for item in range(3):
+            assert batcher.submit(item).result(timeout=5) == item * 10
+        assert model.batches == [[0], [1], [2]]
+    finally:
+        batcher.shutdown()

@@ -221,6 +221,9 @@ def test_options_are_validated() -> None:
     assert EmbedOptions.from_mapping({"max_batch_tokens": "512", "max_wait_ms": 2, "num_threads": 1}) == EmbedOptions(
         max_batch_tokens=512, max_wait_ms=2.0, num_threads=1
     )
+    with pytest.raises(ValueError, match=r"fill_gap_ms must be in \[0.01, 1000"):
+        EmbedOptions.from_mapping({"fill_gap_ms": 0})
+    assert EmbedOptions.from_mapping({"fill_wait_ms": "0", "fill_gap_ms": 1}) == EmbedOptions(fill_wait_ms=0.0, fill_gap_ms=1.0)
 
 
 def test_split_by_budget() -> None:

@@ -53,6 +53,10 @@ class EmbedOptions:
     max_batch_tokens: int = 16384  # tokens in one packed batch at most (TEI's default)
     max_batch_items: int = 256  # inputs in one batch at most
     max_wait_ms: float = 0.0  # how long a batch that is not full waits for more inputs (0: never; see batching.py)
+    # How long a free worker may wait for the inputs recent concurrency predicts (closed-loop clients coming back
+    # with their next request; batching.py), and for at most fill_gap_ms without a new input (0: never waits)
+    fill_wait_ms: float = 25.0
+    fill_gap_ms: float = 5.0
     max_queue: int = 4096  # queued inputs at most; past that a request gets 429
     device: str = "auto"
     dtype: str = "auto"
@@ -76,6 +80,8 @@ class EmbedOptions:
                 values[key] = _as_int(key, value, minimum=0)
             elif key == "max_wait_ms":
                 values[key] = _as_float(key, value, 0.0, 10_000.0)
+            elif key in ("fill_wait_ms", "fill_gap_ms"):
+                values[key] = _as_float(key, value, 0.0 if key == "fill_wait_ms" else 0.01, 1000.0)
             else:
                 if not isinstance(value, str):
                     raise ValueError(f"option {key} must be a string, got {value!r}")
@@ -130,6 +136,8 @@ class AsyncEmbedEngine:
             max_batch_cost=self.options.max_batch_tokens,
             max_wait_s=self.options.max_wait_ms / 1000.0,
             max_queue_items=self.options.max_queue,
+            fill_wait_s=self.options.fill_wait_ms / 1000.0,
+            fill_gap_s=self.options.fill_gap_ms / 1000.0,
         )
         self._is_cpu = model.device == "cpu"
         self._num_workers = (self.options.num_threads or default_num_threads()) if self._is_cpu else 1
