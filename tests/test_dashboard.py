@@ -120,13 +120,14 @@ def _data(server: InferdServer) -> dict:
     return response.json()
 
 
-def _wait_until_idle(server: InferdServer, timeout_s: float = 60.0) -> dict:
-    """Data once the sampler has seen the LLM with nothing running for two samples."""
+def _wait_until_idle(server: InferdServer, after_unix_s: float, timeout_s: float = 60.0) -> dict:
+    """Data once the sampler has seen the LLM with nothing running for two samples, the last taken after
+    `after_unix_s` (the end of the traffic: idle samples from before it would pass too, with the traffic unseen)."""
     deadline = time.monotonic() + timeout_s
     while True:
         data = _data(server)
         running = data["models"][DEFAULT_MODEL]["series"]["num_running"][-2:]
-        if len(running) == 2 and running == [0.0, 0.0]:
+        if len(running) == 2 and running == [0.0, 0.0] and data["t"][-1] > after_unix_s:
             return data
         assert time.monotonic() < deadline, running
         time.sleep(0.5)
@@ -147,7 +148,7 @@ def test_dashboard_in_headless_chromium(server: InferdServer, tmp_path: Path) ->
         assert time.monotonic() < deadline, "the dashboard sampler took no sample in 30 s"
         time.sleep(0.2)
     num_completion_tokens = _send_traffic(server)
-    data = _wait_until_idle(server)
+    data = _wait_until_idle(server, time.time())
     llm = data["models"][DEFAULT_MODEL]
     assert llm["kind"] == "generate" and data["models"][EMBED_MODEL]["kind"] == "embed"
     assert data["models"][TABULAR_MODEL]["kind"] == "tabular"
