@@ -2,7 +2,10 @@
 
 Differences are flags on ModelArchConfig: q/k/v bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3),
 sliding-window layers (Mistral v0.1). q/k/v are one Linear and gate/up one Linear (fewer, larger matmuls: CPU
-decode is overhead-bound); `load_weights` stacks the Hugging Face tensors into them.
+decode is overhead-bound); `load_weights` stacks the Hugging Face tensors into them. On CPU, when every projection
+is an int8-activation QuantLinear (the default for a GGUF file), forward runs all layers as one kernel call
+(torch.ops.inferd.decoder_layers, kernels/csrc/cpu_decoder.cpp) with the same bits as the layer-by-layer code below:
+the ~20 torch ops per layer cost ~2 ms of Python and dispatch in a ~7 ms single-stream decode step.
 """
 
 from __future__ import annotations
