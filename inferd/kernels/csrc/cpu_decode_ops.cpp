@@ -20,8 +20,12 @@
 
 #include "inferd_cpu.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+// The x86-64-v3 (AVX2 + FMA, no AVX-512) paths below: 8-lane versions of the AVX-512 loops, same arithmetic.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define INFERD_AVX2_ONLY 1
 #endif
 
 namespace {
@@ -47,6 +51,47 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#if defined(INFERD_AVX2_ONLY)
+// e^x for 8 floats: the same clamp, reduction and polynomial as exp16, so each lane gives exp16's bits. AVX2 has
+// no vscalefps, so 2^n (n in [-149, 128]) is applied as two exact power-of-two factors 2^(n>>1) and 2^(n-(n>>1)),
+// each a normal float, which rounds once (at the second multiply) as vscalefps does.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-103.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float reduce_max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 // v[i] = exp(v[i] - shift) for i < n; returns their sum.
 inline float exp_shifted_sum(float* v, int64_t n, float shift) {
   float total = 0.f;
@@ -60,6 +105,15 @@ inline float exp_shifted_sum(float* v, int64_t n, float shift) {
     acc = _mm512_add_ps(acc, e);
   }
   total = _mm512_reduce_add_ps(acc);
+#elif defined(INFERD_AVX2_ONLY)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 sh = _mm256_set1_ps(shift);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), sh));
+    _mm256_storeu_ps(v + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  total = reduce_add8(acc);
 #endif
   for (; i < n; ++i) {
     v[i] = std::exp(v[i] - shift);
@@ -75,6 +129,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
   __m512 v = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) v = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), v);
   float acc = _mm512_reduce_add_ps(v);
+  for (; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+#elif defined(INFERD_AVX2_ONLY)
+  int64_t i = 0;
+  __m256 v = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), v);
+  float acc = reduce_add8(v);
   for (; i < n; ++i) acc += a[i] * b[i];
   return acc;
 #else
@@ -193,6 +254,16 @@ at::Tensor logsumexp_rows(const at::Tensor& logits_in) {
       }
       mx = _mm512_reduce_max_ps(vmax);
       has_nan = nan_lanes != 0;
+#elif defined(INFERD_AVX2_ONLY)
+      __m256 vmax = _mm256_set1_ps(mx);
+      __m256 nan_lanes = _mm256_setzero_ps();
+      for (; i + 8 <= V; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        vmax = _mm256_max_ps(vmax, v);
+      }
+      mx = reduce_max8(vmax);
+      has_nan = _mm256_movemask_ps(nan_lanes) != 0;
 #endif
       for (; i < V; ++i) {
         has_nan |= std::isnan(x[i]);
@@ -209,6 +280,11 @@ at::Tensor logsumexp_rows(const at::Tensor& logits_in) {
       const __m512 sh = _mm512_set1_ps(mx);
       for (; i + 16 <= V; i += 16) acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh)));
       total = _mm512_reduce_add_ps(acc);
+#elif defined(INFERD_AVX2_ONLY)
+      __m256 acc = _mm256_setzero_ps();
+      const __m256 sh = _mm256_set1_ps(mx);
+      for (; i + 8 <= V; i += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
+      total = reduce_add8(acc);
 #endif
       for (; i < V; ++i) total += std::exp(x[i] - mx);
       op[b] = mx + std::log(total);
@@ -238,6 +314,26 @@ void weighted_values_avx512(const float* probs, int64_t first, int64_t len, cons
     }
   }
   for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
+}
+#elif defined(INFERD_AVX2_ONLY)
+// weighted_values_avx512 with 8 lanes: the DC x 8 output floats held in registers.
+template <int DC>
+void weighted_values_avx2(const float* probs, int64_t first, int64_t len, const int64_t* block_table,
+                          int64_t block_size, const float* vp, int64_t Hkv, int64_t g, float* out) {
+  constexpr int64_t D = DC * 8;
+  __m256 acc[DC];
+  for (int c = 0; c < DC; ++c) acc[c] = _mm256_setzero_ps();
+  const float* p = probs - first;
+  for (int64_t pos = first; pos < len;) {
+    const int64_t block = block_table[pos / block_size];
+    const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
+    const float* v = vp + ((block * block_size + pos % block_size) * Hkv + g) * D;
+    for (; pos < end; ++pos, v += Hkv * D) {
+      const __m256 pv = _mm256_set1_ps(p[pos]);
+      for (int c = 0; c < DC; ++c) acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), acc[c]);
+    }
+  }
+  for (int c = 0; c < DC; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
 }
 #endif
 
@@ -285,6 +381,11 @@ void paged_attention_rows(const float* qp, int64_t q_row_stride, int64_t B, int6
       }
       if (D == 128) {
         weighted_values_avx512<8>(sc, first, len, table, block_size, vp, Hkv, g, out_h);
+        continue;
+      }
+#elif defined(INFERD_AVX2_ONLY)
+      if (D == 64) {  // 8 accumulators; D = 128 would need 16, all of AVX2's registers, so it takes the loop below
+        weighted_values_avx2<8>(sc, first, len, table, block_size, vp, Hkv, g, out_h);
         continue;
       }
 #endif
@@ -357,6 +458,13 @@ void silu_mul_rows(const float* gp, int64_t rows, int64_t inter, float* op) {
         const __m512 gv = _mm512_loadu_ps(g + i);
         const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + i)));
+      }
+#elif defined(INFERD_AVX2_ONLY)
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= inter; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
       }
 #endif
       for (; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
