@@ -419,6 +419,11 @@ torch.testing.assert_close(torch.ops.inferd.silu_mul(gu), F.silu(gu[:, :64]) * g
 # int8-activation kernels: the AVX2 paths as built without -march=native, results checked by the parent.
 w, x = torch.randn(64, 96, generator=gen), torch.randn(7, 96, generator=gen)
 outputs = {"w": w, "x": x}
+# SiLU over exp's whole range (underflow to overflow clamp), for the parent's bit check against the AVX-512 build;
+# 4992 = 312 x 16 gates, so neither build leaves a tail to scalar std::exp.
+gate = torch.cat([torch.linspace(-110.0, 95.0, 4001), torch.randn(991, generator=gen) * 20])
+outputs["silu_gate_up"] = torch.cat([gate, torch.randn(4992, generator=gen)]).reshape(1, -1)
+outputs["silu"] = torch.ops.inferd.silu_mul(outputs["silu_gate_up"])
 for kind in ("q4", "q8"):
     layer = QuantLinear(96, 64, kind, bias=False, int8_activations=True)
     layer.load_rows(0, w)
@@ -466,6 +471,10 @@ def test_portable_kernels_without_avx512(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "portable kernels ok" in result.stdout
     outputs = torch.load(tmp_path / "a8.pt")
+    gate, up = outputs["silu_gate_up"].double().chunk(2, dim=-1)
+    torch.testing.assert_close(outputs["silu"].double(), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-30)
+    if has_avx512_kernels():  # the AVX2 exp is the AVX-512 one 8 lanes at a time: the same bits
+        assert torch.equal(outputs["silu"], torch.ops.inferd.silu_mul(outputs["silu_gate_up"]))
     checked = set()
     for key, y in outputs.items():
         if "/" in key:
