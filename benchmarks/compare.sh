@@ -68,9 +68,11 @@ start_server() {
     local script="$BENCH_DIR/peers/run_${server%%-*}.sh" extra=()
     case "$server" in
         inferd-fp32) extra=(--quantization none) ;;
-        # --no-repack: llama.cpp's weight repacking for Q4/Q8 dies with SIGILL on this VM (seen 2026-11-26:
-        # "Illegal instruction" at load, fine without it); it then runs its plain Q4_1 / Q8_0 kernels.
-        llamacpp-q4) extra=(--model "$MODEL_Q4_GGUF" --no-repack) ;;
+        # llama.cpp's best setting that runs: its own defaults for a quantized file (weight repacking on, float16
+        # KV cache) over run_llamacpp.sh's float32 cache. Its repacking died with SIGILL on this VM on 2026-11-26;
+        # it has run since 2026-12-02 (benchmarks/spec_decode.py). LLAMACPP_Q4_FLAGS="--no-repack" restores that.
+        llamacpp-q4) read -r -a q4_flags <<< "${LLAMACPP_Q4_FLAGS:---cache-type-k f16 --cache-type-v f16}"
+                     extra=(--model "$MODEL_Q4_GGUF" "${q4_flags[@]}") ;;
     esac
     setsid bash "$script" "$port" "${extra[@]}" > "$RUN_DIR/$server.server.log" 2>&1 &
     SERVER_PID=$!

@@ -18,7 +18,7 @@
    figures, alternating with inferd's modes in every repeat.
 Modes: off (the peer), auto (the default: prompt lookup while few sequences run), ngram (prompt lookup always),
 draft (the draft model `--speculative-model` always: a checkpoint with the same tokenizer, or self:K, the target's
-first K layers). All engines are loaded once; runs alternate (off, auto, ..., then reversed: ..., auto, off) and
+first K layers), off-layers (off, with the decoder run layer by layer instead of the fused kernel). All engines are loaded once; runs alternate (off, auto, ..., then reversed: ..., auto, off) and
 the median of `--repeats` is reported, because these 2-core machines are noisy. Each mode's draft / accepted counters, the CPU
 flags and the load average (1-minute, before and after) are printed.
 """
@@ -142,6 +142,10 @@ def run_single_llamacpp(server: LlamaServer, prompts: list[list[int]], new_token
     return 1000.0 * num_decode / decode_ms, num_total / total_s, token_ids, num_draft, num_accepted
 
 
+def _speculative_of(mode: str) -> str:
+    return "off" if mode == "off-layers" else mode
+
+
 def cpu_flags() -> str:
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     keep = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
@@ -179,11 +183,13 @@ def main() -> int:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores, flags {cpu_flags()}; "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     draft_k = args.draft_num_tokens or args.num_speculative_tokens
-    llms = {mode: LLM(model=args.model, dtype="float32", device="cpu", speculative=mode,
+    llms = {mode: LLM(model=args.model, dtype="float32", device="cpu", speculative=_speculative_of(mode),
                       kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
                       num_speculative_tokens=draft_k if mode == "draft" else args.num_speculative_tokens,
                       speculative_model=args.speculative_model if mode == "draft" else None)
             for mode in modes}
+    if "off-layers" in llms:  # the decoder layer by layer, as before the fused kernel (torch.ops.inferd.decoder_layers)
+        llms["off-layers"].engine.model.fused_layers_enabled = False
     tok = llms["off"].tokenizer
     tasks = json.loads(TASKS_PATH.read_text())
     if args.tasks:
@@ -273,6 +279,13 @@ def main() -> int:
         for label, key in (("decode", "decode"), ("end-to-end (client clock)", "e2e")):
             cells = " | ".join(f"{med[key][m]:.1f} | {med[key][m] / med[key][base]:.2f}x" for m in peers)
             print(f"| {label} | {cells} |")
+    if peers:
+        # Paired per repeat: inferd off and each llama.cpp mode ran back to back, so their ratio is steadier than
+        # the ratio of medians on a shared machine.
+        for name in peers:
+            ratios = [o / p for o, p in zip(decode["off"], decode[name])]
+            print(f"decode inferd off / {name} per repeat: {' '.join(f'{x:.3f}' for x in ratios)}; median "
+                  f"{statistics.median(ratios):.3f} (TPOT ratio {1 / statistics.median(ratios):.3f})")
     if args.repeats > 1 and "auto" in batch:
         # Neighbouring runs share the machine's state; the median of their ratios is the steadiest comparison.
         ratios = [b / o for b, o in zip(batch["auto"], batch["off"])]

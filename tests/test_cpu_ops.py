@@ -69,6 +69,20 @@ def test_silu_mul_matches_torch(width):
     torch.testing.assert_close(torch.ops.inferd.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab_size", [49152, 37])  # 37: a vector tail
+def test_logsumexp_rows_matches_torch(vocab_size):
+    logits = torch.randn(6, vocab_size, generator=torch.Generator().manual_seed(3)) * 8
+    logits[1, ::3] = float("-inf")  # a grammar-masked row
+    logits[2] = float("-inf")  # everything banned
+    logits[3, 5] = float("inf")
+    logits[4, 7] = float("nan")
+    logits[5, 0] = 1e4  # one dominant logit
+    torch.testing.assert_close(torch.ops.inferd.logsumexp_rows(logits), logits.logsumexp(dim=-1), rtol=1e-6,
+                               atol=1e-6, equal_nan=True)
+    alone = torch.cat([torch.ops.inferd.logsumexp_rows(logits[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(alone, torch.ops.inferd.logsumexp_rows(logits), rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("sliding_window", [None, 5])
 @pytest.mark.parametrize("mixed", [False, True])
 def test_paged_decode_attention_matches_the_torch_path(sliding_window, mixed, torch_path):

@@ -419,6 +419,11 @@ torch.testing.assert_close(torch.ops.inferd.silu_mul(gu), F.silu(gu[:, :64]) * g
 # int8-activation kernels: the AVX2 paths as built without -march=native, results checked by the parent.
 w, x = torch.randn(64, 96, generator=gen), torch.randn(7, 96, generator=gen)
 outputs = {"w": w, "x": x}
+# SiLU over exp's whole range (underflow to overflow clamp), for the parent's bit check against the AVX-512 build;
+# 4992 = 312 x 16 gates, so neither build leaves a tail to scalar std::exp.
+gate = torch.cat([torch.linspace(-110.0, 95.0, 4001), torch.randn(991, generator=gen) * 20])
+outputs["silu_gate_up"] = torch.cat([gate, torch.randn(4992, generator=gen)]).reshape(1, -1)
+outputs["silu"] = torch.ops.inferd.silu_mul(outputs["silu_gate_up"])
 for kind in ("q4", "q8"):
     layer = QuantLinear(96, 64, kind, bias=False, int8_activations=True)
     layer.load_rows(0, w)
@@ -427,6 +432,22 @@ for kind in ("q4", "q8"):
         if path.startswith(("avx2", "portable")):
             torch.ops.inferd.a8_kernel_path(path)
             outputs[f"{kind}/{path}"] = layer(x)
+# The fused decoder (all layers in one call) equals the layer-by-layer path on each of these paths, bit for bit.
+from inferd.layers.paged_driver import PagedDriver
+from inferd.models import load_model
+model, arch_config = load_model(sys.argv[2], "cpu", "float32", quantization="int4-int8act")
+assert model._build_fused_layer_args() is not None
+for path in torch.ops.inferd.a8_kernel_paths():
+    if path.startswith(("avx2", "portable")):
+        torch.ops.inferd.a8_kernel_path(path)
+        logits = []
+        for fused in (True, False):
+            model.fused_layers_enabled = fused
+            driver = PagedDriver(model, arch_config, num_blocks=16, block_size=4)
+            steps = [driver.step([("a", list(range(3, 14))), ("b", [5, 6, 7])])]
+            steps += [driver.step([("a", [20 + i]), ("b", [30 + i, 31 + i])]) for i in range(3)]
+            logits.append(torch.cat(steps))
+        assert torch.equal(*logits), path
 torch.save(outputs, sys.argv[1])
 print("portable kernels ok")
 """
@@ -434,7 +455,8 @@ print("portable kernels ok")
 
 def test_portable_kernels_without_avx512(tmp_path):
     """Laptops without AVX-512 get the portable C++ paths: build them here (-march=x86-64-v3, AVX2) in a child
-    process, in a scratch extension directory, and check them against the same references."""
+    process, in a scratch extension directory, and check them against the same references (and the fused decoder
+    against the layer-by-layer path, on a tiny model)."""
     import os
     import platform
     import subprocess
@@ -443,11 +465,16 @@ def test_portable_kernels_without_avx512(tmp_path):
     # On a non-x86 CPU the native build has no AVX-512 either, so it is the portable path.
     march = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"
     env = dict(os.environ, INFERD_CPU_MARCH=march, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    result = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK, str(tmp_path / "a8.pt")], env=env,
+    _, model_dir = save_tiny_model("llama_bias", tmp_path)
+    result = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK, str(tmp_path / "a8.pt"), model_dir], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "portable kernels ok" in result.stdout
     outputs = torch.load(tmp_path / "a8.pt")
+    gate, up = outputs["silu_gate_up"].double().chunk(2, dim=-1)
+    torch.testing.assert_close(outputs["silu"].double(), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-30)
+    if has_avx512_kernels():  # the AVX2 exp is the AVX-512 one 8 lanes at a time: the same bits
+        assert torch.equal(outputs["silu"], torch.ops.inferd.silu_mul(outputs["silu_gate_up"]))
     checked = set()
     for key, y in outputs.items():
         if "/" in key:

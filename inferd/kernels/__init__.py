@@ -20,7 +20,7 @@ import torch
 
 _CSRC_DIR = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = [os.path.join(_CSRC_DIR, name)
-            for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp", "cpu_int8_linear.cpp")]
+            for name in ("cpu_quant_linear.cpp", "cpu_decode_ops.cpp", "cpu_int8_linear.cpp", "cpu_decoder.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None, "error": None, "enabled": True}
 

@@ -172,6 +172,14 @@ def _token_rows(md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     return cached
 
 
+def token_rows(md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every new token as a decode row, as the fused CPU decoder takes them: (its sequence's block table
+    [T, max_blocks], the keys it sees [T], i.e. its position + 1)."""
+    if md.is_decode_only:
+        return md.block_tables, md.seq_lens
+    return _token_rows(md)
+
+
 def _decode_inputs(
     md: AttentionMetadata, sliding_window: int | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, int, int]:

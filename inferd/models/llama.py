@@ -2,7 +2,10 @@
 
 Differences are flags on ModelArchConfig: q/k/v bias (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3),
 sliding-window layers (Mistral v0.1). q/k/v are one Linear and gate/up one Linear (fewer, larger matmuls: CPU
-decode is overhead-bound); `load_weights` stacks the Hugging Face tensors into them.
+decode is overhead-bound); `load_weights` stacks the Hugging Face tensors into them. On CPU, when every projection
+is an int8-activation QuantLinear (the default for a GGUF file), forward runs all layers as one kernel call
+(torch.ops.inferd.decoder_layers, kernels/csrc/cpu_decoder.cpp) with the same bits as the layer-by-layer code below:
+the ~20 torch ops per layer cost ~2 ms of Python and dispatch in a ~7 ms single-stream decode step.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inferd.kernels import use_cpu_ops
-from inferd.layers.attention import AttentionMetadata, paged_attention
+from inferd.layers.attention import AttentionMetadata, paged_attention, token_rows
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, apply_rotary
 from inferd.models.arch_config import ModelArchConfig
@@ -134,6 +137,10 @@ class LlamaForCausalLM(nn.Module):
         # Set by quantize_linears when the output projection is block-quantized (the embedding itself stays
         # float: a lookup reads one row per token).
         self.quant_lm_head: QuantLinear | None = None
+        # Run all decoder layers as one kernel call (torch.ops.inferd.decoder_layers) when the model allows it
+        # (see _fused_layer_args); False: layer by layer, e.g. to compare the two in tests.
+        self.fused_layers_enabled = True
+        self._fused_args: tuple[list[torch.Tensor], list[int]] | None | bool = False  # False: not looked at yet
 
     def forward(
         self,
@@ -147,12 +154,68 @@ class LlamaForCausalLM(nn.Module):
         early exit a self-draft proposes with (models/early_exit.py). None: all layers."""
         hidden = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, signed_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        if self.fused_layers_enabled and use_cpu_ops(hidden):
+            fused = self._fused_args if self._fused_args is not False else self._build_fused_layer_args()
+            if fused is not None and kv_caches[0].is_contiguous():
+                return self._fused_forward(hidden, cos, signed_sin, attn_metadata, kv_caches, num_layers, *fused)
         residual = None
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, signed_sin, attn_metadata, kv_cache)
         hidden, _ = self.model.norm.forward_with_residual(hidden, residual)
         return hidden
+
+    def _fused_forward(self, hidden: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                       md: AttentionMetadata, kv_caches: list[torch.Tensor], num_layers: int | None,
+                       layer_tensors: list[torch.Tensor], layer_ints: list[int]) -> torch.Tensor:
+        """forward's layers and final norm as one kernel call: the same bits as the layer-by-layer path."""
+        cfg = self.arch_config
+        num_layers = cfg.num_layers if num_layers is None else num_layers
+        if len(kv_caches) != num_layers:
+            raise ValueError(f"{len(kv_caches)} KV caches for {num_layers} layers")
+        block_tables, seq_lens = token_rows(md)
+        attn = self.model.layers[0].self_attn
+        return torch.ops.inferd.decoder_layers(
+            hidden, layer_tensors, layer_ints, kv_caches, cos, signed_sin, md.slot_mapping, block_tables, seq_lens,
+            self.model.norm.weight, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+            self.model.norm.eps, attn.scale)
+
+    def _build_fused_layer_args(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        """(tensors, ints) per layer as decoder_layers takes them, or None when a layer does not fit the fused
+        kernel: every projection an int8-activation QuantLinear, plain Llama layers (no q/k norm, SiLU MLP), one
+        eps and one attention scale. Cached until the weights change (_apply, load_weights, load_state_dict)."""
+        none = torch.empty(0)
+        formats = {"q4": 0, "q8": 1, "q6": 2}
+        tensors: list[torch.Tensor] = []
+        ints: list[int] = []
+        eps, scale = self.model.norm.eps, self.model.layers[0].self_attn.scale
+        fits = True
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
+                    or attn.q_norm is not None or attn.scale != scale
+                    or layer.input_layernorm.eps != eps or layer.post_attention_layernorm.eps != eps
+                    or not all(isinstance(p, QuantLinear) and p.int8_activations and p.qs is not None
+                               for p in projections)):
+                fits = False
+                break
+            tensors += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+            for p in projections:
+                qs, scales, *mins = p._kernel_args
+                bias = p.bias.detach() if p.bias is not None else none
+                tensors += [qs, scales, mins[0] if mins else none, bias]
+            ints += [formats[p.kind] for p in projections] + [attn.sliding_window or 0]
+        self._fused_args = (tensors, ints) if fits else None
+        return self._fused_args
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / ...: the cached tensors would be the old ones
+        self._fused_args = False
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._fused_args = False
+        return super().load_state_dict(*args, **kwargs)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.quant_lm_head is not None:
@@ -187,6 +250,7 @@ class LlamaForCausalLM(nn.Module):
         """Swap the planned linear layers (path -> "q4" | "q8", see inferd.quant.plan_quantization) for
         QuantLinear, before load_weights fills them."""
         cfg = self.arch_config
+        self._fused_args = False
         for path, kind in plan.items():
             if path == "lm_head":
                 self.quant_lm_head = QuantLinear(cfg.hidden_size, cfg.vocab_size, kind, bias=False)
@@ -267,3 +331,4 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"{len(incomplete)} parameters were not (fully) loaded: {shown}")
         for module in quant.values():
             module.finalize()
+        self._fused_args = False

@@ -38,6 +38,8 @@
 #include <string>
 #include <vector>
 
+#include "inferd_cpu.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define INFERD_A8_X86 1
 #include <cpuid.h>
@@ -364,26 +366,15 @@ A8Packed check_a8_packed(Format f, const at::Tensor& qs, const at::Tensor& scale
   return w;
 }
 
-at::Tensor a8_linear(Format f, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& mins) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "inferd int8 linear: x must be CPU float32");
-  const int64_t K = x_in.size(-1);
-  const A8Packed w = check_a8_packed(f, qs, scales, mins, K);
-  const int64_t num_tiles = qs.size(0);
+// x [M, K] float32 rows -> y [M, num_tiles * 16]: quantize the rows, then every tile pair on torch's threads.
+void a8_linear_raw(Format f, const A8Packed& w, int64_t num_tiles, const float* x, int64_t M, float* yp) {
+  const int64_t K = w.K;
   const int64_t N = num_tiles * 16;
-  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
-  const int64_t M = x.size(0);
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = N;
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0) return y.view(out_shape);
-
   std::vector<int8_t> xq(M * K);
   std::vector<float> xd(M * (K / kBlock)), xdsum(M * (K / kBlock));
   std::vector<int32_t> xisum16(M * (K / 16));
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xdsum.data(), xisum16.data());
+  quantize_rows(x, M, K, xq.data(), xd.data(), xdsum.data(), xisum16.data());
   const A8Rows rows{xq.data(), xd.data(), xdsum.data(), xisum16.data()};
-  float* yp = y.data_ptr<float>();
   const int path = current_path();
   // Grain in tile pairs, so that pairs never straddle two threads.
   at::parallel_for(0, (num_tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
@@ -398,6 +389,23 @@ at::Tensor a8_linear(Format f, const at::Tensor& x_in, const at::Tensor& qs, con
       default: portable_run_tiles(f, rows, M, w, t0, t1, yp, N);
     }
   });
+}
+
+at::Tensor a8_linear(Format f, const at::Tensor& x_in, const at::Tensor& qs, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& mins) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "inferd int8 linear: x must be CPU float32");
+  const int64_t K = x_in.size(-1);
+  const A8Packed w = check_a8_packed(f, qs, scales, mins, K);
+  const int64_t num_tiles = qs.size(0);
+  const int64_t N = num_tiles * 16;
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y.view(out_shape);
+
+  a8_linear_raw(f, w, num_tiles, x.data_ptr<float>(), M, y.data_ptr<float>());
   return y.view(out_shape);
 }
 
@@ -441,6 +449,26 @@ std::vector<std::string> a8_kernel_paths() {
 }
 
 }  // namespace
+
+namespace inferd_cpu {
+
+void a8_check(A8Weight& w) {
+  TORCH_CHECK(w.format >= 0 && w.format <= 2, "inferd int8 linear: format must be 0 (q4), 1 (q8) or 2 (q6)");
+  const Format f = static_cast<Format>(w.format);
+  const c10::optional<at::Tensor> mins = w.mins ? c10::optional<at::Tensor>(*w.mins) : c10::nullopt;
+  check_a8_packed(f, *w.qs, *w.scales, mins, w.in_features);
+  w.out_features = w.qs->size(0) * 16;
+}
+
+void a8_linear_rows(const A8Weight& w, const float* x, int64_t M, float* y) {
+  const Format f = static_cast<Format>(w.format);
+  const A8Packed packed{static_cast<const uint8_t*>(w.qs->data_ptr()), w.scales->data_ptr(),
+                        w.mins ? w.mins->data_ptr() : nullptr, w.in_features, f,
+                        w.scales->scalar_type() == at::kFloat};
+  if (M > 0) a8_linear_raw(f, packed, w.qs->size(0), x, M, y);
+}
+
+}  // namespace inferd_cpu
 
 TORCH_LIBRARY_FRAGMENT(inferd, m) {
   m.def("q4_a8_linear(Tensor x, Tensor qs, Tensor scales, Tensor mins) -> Tensor");
