@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +66,7 @@ _NO_EVENT = _NoEvent()
 def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
     """A protocol class for `uvicorn.Config(http=...)` that answers `routes` itself, behind `guard` (a
     GuardMiddleware: its refusals and `state`); None if uvicorn's httptools protocol is not available as expected."""
-    try:
-        import httptools
+    try:  # imports httptools itself: an ImportError when it is not installed
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:
         return None
@@ -86,7 +84,7 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
         keep its pipelining, shutdown and disconnect handling working unchanged."""
 
         __slots__ = ("protocol", "route", "match", "headers", "keep_alive", "disconnected", "response_complete",
-                     "is_answered", "body", "is_body_complete", "is_turn", "is_started", "refusal", "timer", "arrival_s")
+                     "is_answered", "body", "is_body_complete", "is_turn", "is_started", "refusal", "timer")
         message_event = _NO_EVENT
 
         def __init__(self, protocol: Any, route: HotRoute, match: re.Match[bytes], headers: list[tuple[bytes, bytes]],
@@ -104,7 +102,6 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
             self.is_turn = False
             self.is_started = False
             self.timer: asyncio.TimerHandle | None = None
-            self.arrival_s = time.monotonic()
             # Checked now, answered in turn: a refused request's body is not kept.
             self.refusal = guard.declared_length_refusal(headers)
 
@@ -276,5 +273,4 @@ def hot_protocol_class(routes: Sequence[HotRoute], guard: Any) -> type | None:
             else:
                 super().on_message_complete()
 
-    del httptools  # imported above only to learn that uvicorn's httptools protocol can run
     return HotRouteProtocol
