@@ -638,24 +638,56 @@ async def stream_chat_tokens_per_s(base_url: str, model: str, max_tokens: int) -
     return (num_chunks - 1) / (last - first) if num_chunks > 1 and last > first else float("nan")
 
 
+def _cpu_seconds_of_task(stat_path: str) -> float:
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15 of stat)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (from /proc/*/stat's ppid)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a whole process so far (all its threads, live and ended); 0 if it is gone."""
+    try:
+        return _cpu_seconds_of_task(f"/proc/{pid}/stat")
+    except OSError:
+        return 0.0
+
+
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of a process's threads so far, by role: the embedding workers (OS thread names
-    inferd-embed*: single-threaded, no OpenMP team of their own), the event loop (the main thread), and the rest
-    (the LLM's step loop and its OpenMP team, thread pools)."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) of a server's threads so far, by role: the embedding workers (the embedding
+    model's worker process, `worker: process`, the default; or the server's threads named inferd-embed*, `worker:
+    thread`: single-threaded, no OpenMP team of their own), the event loop (the main thread), and the rest (the
+    LLM's step loop and its OpenMP team, thread pools)."""
     out = {"embed workers": 0.0, "event loop": 0.0, "llm and the rest": 0.0}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
+            seconds = _cpu_seconds_of_task(f"/proc/{pid}/task/{tid}/stat")
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 comm = f.read().strip()
         except OSError:
             continue  # the thread ended meanwhile
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15 of stat)
         role = "embed workers" if comm.startswith("inferd-embed") else "event loop" if int(tid) == pid else "llm and the rest"
         out[role] += seconds
+    for child in child_pids(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                is_embed_worker = b"inferd.embeddings.worker" in f.read()
+        except OSError:
+            continue
+        out["embed workers" if is_embed_worker else "llm and the rest"] += process_cpu_seconds(child)
     return out
 
 
@@ -686,6 +718,18 @@ def start_mixed_server(llm: str, options: dict[str, str], no_cpu_share: bool) ->
         cmd += ["--model", MODEL_NAME]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
     return Server("inferd", f"http://127.0.0.1:{port}/v1/embeddings", MODEL_NAME, process=process, log_path=log.name)
+
+
+INVALID = "not counted (the LLM alone collapsed)"
+
+
+def verdict(keeps: float, embed_share: float) -> str:
+    """The goal: the LLM stream slowed by no more than the embeddings' share of the CPU (1 - keeps <= share).
+    A round where the LLM beside the embeddings ran 1.5x faster than alone is no comparison: the lone LLM's
+    2-thread OpenMP team collapsed on a loaded machine (benchmarks/RESULTS.md); it is not counted as met."""
+    if keeps > 1.5:
+        return INVALID
+    return "met" if 1 - keeps <= embed_share else "NOT met"
 
 
 def run_mixed(args: argparse.Namespace) -> None:
@@ -741,10 +785,14 @@ def run_mixed(args: argparse.Namespace) -> None:
                         embed_task = asyncio.create_task(asyncio.to_thread(embed_traffic, server, 0))
                     await asyncio.sleep(1.0)  # the traffic reaches its steady state
                     cpu_before, items_before = thread_cpu_seconds(pid), embed_items_answered(base_url)
+                    if args.client == "wrk":  # the embedding client's own CPU, on this same machine
+                        cpu_before["embedding client"] = process_cpu_seconds(wrk.pid)
                     t0 = time.perf_counter()
                     llm_rate = await stream_chat_tokens_per_s(base_url, llm, args.max_tokens)
                     wall = time.perf_counter() - t0
                     cpu_after, items_after = thread_cpu_seconds(pid), embed_items_answered(base_url)
+                    if args.client == "wrk":
+                        cpu_after["embedding client"] = process_cpu_seconds(wrk.pid)
                     outlasted = not embed_task.done()
                     if args.client == "wrk":
                         wrk.send_signal(signal.SIGINT)
@@ -762,12 +810,12 @@ def run_mixed(args: argparse.Namespace) -> None:
                 keeps = llm_rate / rows["llm alone"][-1]
                 embed_share = shares["embed workers"] + shares["event loop"]
                 print(f"# round {round_index + 1} {name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items())
-                      + f"; LLM keeps {keeps:.0%}, embeddings' CPU share {embed_share:.0%}: "
-                      + ("met" if 1 - keeps <= embed_share else "NOT met") + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+                      + f"; LLM keeps {keeps:.0%}, embeddings' CPU share {embed_share:.0%}: " + verdict(keeps, embed_share)
+                      + f"; load {os.getloadavg()[0]:.1f}", flush=True)
         print(f"\n| variant (embedding options) | {llm} stream tokens/s alone | with {MODEL_NAME} at c={args.concurrency} | "
               "LLM keeps | embeddings sentences/s alone | with the LLM stream | embeddings keep | CPU while both ran: "
-              "embed workers + event loop, LLM and the rest | rounds met |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "embed workers + event loop, LLM and the rest | embedding client's CPU | rounds met (of valid) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, rows in all_rows.items():
             med = {k: statistics.median(v) for k, v in rows.items()}
             per_round = [(w / a, e + lp) for w, a, e, lp in zip(rows["llm with embeddings"], rows["llm alone"],
@@ -777,7 +825,9 @@ def run_mixed(args: argparse.Namespace) -> None:
                   f"{med['embeddings alone']:.1f} | {med['embeddings with llm']:.1f} | "
                   f"{med['embeddings with llm'] / med['embeddings alone']:.0%} | "
                   f"{med['cpu embed workers']:.0%} + {med['cpu event loop']:.0%}, {med['cpu llm and the rest']:.0%} | "
-                  f"{sum(1 - k <= sh for k, sh in per_round)} of {len(per_round)} |")
+                  f"{statistics.median(rows.get('cpu embedding client', [float('nan')])):.0%} | "
+                  f"{sum(verdict(k, sh) == 'met' for k, sh in per_round)} of "
+                  f"{sum(verdict(k, sh) != INVALID for k, sh in per_round)} |")
     finally:
         stop_servers(list(servers.values()))
 

@@ -34,7 +34,9 @@ Policy (continuous batching, as TEI and Triton's dynamic batcher do it):
     `fill_wait_s`. A lone client (1 outstanding) never waits; 32 clients on 2 workers make batches of ~16
     instead of the ~10 that 'take what is queued' splits them into.
   - `run_batch(items) -> results` (one result per item, same order) runs on the worker thread. If it raises for
-    a batch of several items, each item is run again alone, so one bad item fails only its own request.
+    a batch of several items, each item is run again alone, so one bad item fails only its own request; except
+    BatchAbortedError (the batch could not run at all, no item's fault: e.g. a worker process died), which fails
+    the whole batch at once.
   - A cancelled future (its client left) is skipped before its batch runs.
   - Queue bounds: `max_queue_items` queued items at most; past that `submit_many` raises QueueFullError
     (a 429 at the HTTP edge), and takes all of a request's items or none.
@@ -72,6 +74,11 @@ def _name_os_thread(name: str) -> None:
 
 class QueueFullError(RuntimeError):
     """The batcher's queue holds `max_queue_items` already; retry later."""
+
+
+class BatchAbortedError(RuntimeError):
+    """run_batch could not run the batch at all, for no item's fault (e.g. its worker process died): every item
+    of the batch fails with this error, none is run again alone."""
 
 
 class BatcherStoppedError(RuntimeError):
@@ -388,8 +395,9 @@ class MicroBatcher(Generic[T, R]):
             for pending, result in zip(batch, results):
                 pending.future.set_result(result)
         except Exception as exc:  # noqa: BLE001 - reported to the item's future
-            if len(batch) == 1:
-                batch[0].future.set_exception(exc)
+            if len(batch) == 1 or isinstance(exc, BatchAbortedError):
+                for pending in batch:
+                    pending.future.set_exception(exc)
             else:
                 is_retried_alone = True
                 logger.warning("%s: a batch of %d failed (%s); running its items one by one", self._name, len(batch), exc)

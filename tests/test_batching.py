@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from inferd.batching import BatcherStoppedError, BatchLimits, BatchRecord, MicroBatcher, QueueFullError
+from inferd.batching import BatchAbortedError, BatcherStoppedError, BatchLimits, BatchRecord, MicroBatcher, QueueFullError
 
 
 class _GatedModel:
@@ -99,6 +99,31 @@ def test_a_failing_item_fails_alone_and_the_rest_of_its_batch_succeeds():
         assert model.batches == [[0], [1, 2, 3], [1], [2], [3]]
         assert [r.num_items for r in records] == [1, 3]
         assert records[1].is_retried_alone and not records[0].is_retried_alone
+    finally:
+        batcher.shutdown()
+
+
+def test_an_aborted_batch_fails_all_its_items_at_once_without_retries():
+    """BatchAbortedError (e.g. the worker process died) is no item's fault: the batch is not run again item by
+    item, every item gets the error, and the next batch runs normally."""
+    calls: list[list[int]] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if len(calls) == 1:
+            raise BatchAbortedError("worker died")
+        return [x * 10 for x in items]
+
+    records: list[BatchRecord] = []
+    # a full batch (3 items) runs at once; fewer would wait out max_wait_s
+    batcher = _started(run_batch, BatchLimits(max_batch_items=3, max_wait_s=5.0), on_batch=records.append)
+    try:
+        for future in batcher.submit_many([1, 2, 3]):
+            with pytest.raises(BatchAbortedError, match="worker died"):
+                future.result(5)
+        assert [f.result(5) for f in batcher.submit_many([4, 5, 6])] == [40, 50, 60]
+        assert calls == [[1, 2, 3], [4, 5, 6]]
+        assert not records[0].is_retried_alone
     finally:
         batcher.shutdown()
 

@@ -19,6 +19,13 @@ stepping beside it) that thread is often descheduled (benchmarks/RESULTS.md: on 
 machine, batch 1 in process ran many times slower on two threads than on one). How many workers may compute at
 once follows the CPU share (inferd.device.CpuThreadShare): all of them while no other model computes, one per CPU
 left while an LLM decodes beside them.
+
+On CPU the batches compute in a worker process by default (`worker: process`, inferd.embeddings.worker): the
+server's worker threads only hand token ids over and wait for the vectors without holding the GIL, so an LLM
+stream and the event loop in the server never wait for the embedding compute to give the GIL back. The child runs
+at `worker_nice` (default 5) above the server's niceness, so the LLM's step loop and the event loop win a CPU they
+contend for with it. `worker: thread` computes on the server's own worker threads (the earlier design). The
+vectors are bitwise the same either way (same code, one torch thread per batch).
 """
 
 from __future__ import annotations
@@ -33,8 +40,9 @@ import numpy as np
 import torch
 
 from inferd.batching import BatchLimits, BatchRecord, MicroBatcher
-from inferd.device import CPU_THREADS, CpuThreadHolder, num_cpus
+from inferd.device import CPU_THREADS, CpuThreadHolder, num_cpus, resolve_device
 from inferd.embeddings.model import EmbeddingModel
+from inferd.embeddings.worker import EmbedWorkerProcess
 from inferd.serving import ModelKind
 
 
@@ -65,6 +73,10 @@ class EmbedOptions:
     # Within that cap the model takes its share of the CPUs (inferd.device.CpuThreadShare): all of them while no
     # other model computes, an even split while an LLM decodes beside it.
     num_threads: int = 0
+    # Where CPU batches compute: "process" (a worker process of the model's own, inferd.embeddings.worker) or
+    # "thread" (worker threads of the server process). Off CPU the model computes in the server process.
+    worker: str = "process"
+    worker_nice: int = 5  # the worker process's niceness above the server's (0-19; 0: the same priority)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> EmbedOptions:
@@ -78,6 +90,14 @@ class EmbedOptions:
                 values[key] = _as_int(key, value, minimum=1)
             elif key == "num_threads":
                 values[key] = _as_int(key, value, minimum=0)
+            elif key == "worker_nice":
+                values[key] = _as_int(key, value, minimum=0)
+                if values[key] > 19:
+                    raise ValueError(f"option worker_nice must be in [0, 19], got {values[key]}")
+            elif key == "worker":
+                if value not in ("process", "thread"):
+                    raise ValueError(f"option worker must be 'process' or 'thread', got {value!r}")
+                values[key] = value
             elif key == "max_wait_ms":
                 values[key] = _as_float(key, value, 0.0, 10_000.0)
             elif key in ("fill_wait_ms", "fill_gap_ms"):
@@ -128,8 +148,12 @@ class AsyncEmbedEngine:
         options: EmbedOptions | None = None,
         *,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        worker: EmbedWorkerProcess | None = None,
     ) -> None:
+        """`worker`: a started worker process the batches compute in (from_path makes it for `worker: process`
+        on CPU); None: they compute on the batcher's threads in this process."""
         self.model = model
+        self._worker = worker
         self.options = options or EmbedOptions()
         limits = BatchLimits(
             max_batch_items=self.options.max_batch_items,
@@ -157,8 +181,20 @@ class AsyncEmbedEngine:
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> AsyncEmbedEngine:
         parsed = EmbedOptions.from_mapping(options or {})
-        model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype, quantization=parsed.quantization)
-        return cls(model, parsed, on_batch=on_batch)
+        worker = None
+        if parsed.worker == "process" and resolve_device(parsed.device) == "cpu":
+            worker = EmbedWorkerProcess(path, num_channels=parsed.num_threads or default_num_threads(),
+                                        dtype=parsed.dtype, quantization=parsed.quantization, nice=parsed.worker_nice)
+            worker.launch()  # the child loads its copy while this process loads the tokenizer and checks the files
+        try:
+            model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype, quantization=parsed.quantization)
+            if worker is not None:
+                worker.start()  # on the loading thread: waits until the child is ready
+        except BaseException:
+            if worker is not None:
+                worker.close()
+            raise
+        return cls(model, parsed, on_batch=on_batch, worker=worker)
 
     # what the server and routes read
     @property
@@ -181,6 +217,8 @@ class AsyncEmbedEngine:
 
     def shutdown(self) -> None:
         self._batcher.shutdown()
+        if self._worker is not None:
+            self._worker.close()
         if self._cpu_threads is not None:
             self._cpu_threads.close()
             self._cpu_threads = None
@@ -219,8 +257,9 @@ class AsyncEmbedEngine:
     def _run_batch(self, items: list[tuple[int, ...]]) -> list[np.ndarray]:
         # runs on one of the batcher's worker threads
         holder = self._cpu_threads
+        compute = self._worker.run if self._worker is not None else self.model.embed_token_ids
         if holder is None:  # not on CPU (or not started through start())
-            return list(self.model.embed_token_ids(items))
+            return list(compute(items))
         if torch.get_num_threads() != 1:  # per thread: this worker's kernels stay on its own thread
             torch.set_num_threads(1)
         with self._gate:
@@ -229,7 +268,7 @@ class AsyncEmbedEngine:
             self._num_computing += 1
             holder.mark_busy()
         try:
-            return list(self.model.embed_token_ids(items))
+            return list(compute(items))
         finally:
             with self._gate:
                 self._num_computing -= 1

@@ -38,7 +38,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inferd.batching import BatcherStoppedError, QueueFullError
+from inferd.batching import BatchAbortedError, BatcherStoppedError, QueueFullError
 from inferd.collections import Collection, CollectionError, CollectionStore, Item
 from inferd.collections.collection import MAX_K
 from inferd.serving import ModelKind
@@ -172,6 +172,9 @@ async def embed_texts(engine: Any, texts: Sequence[str], model_name: str) -> np.
                        headers={"Retry-After": "1"}) from None
     except BatcherStoppedError as exc:
         raise APIError(503, f"model {model_name!r} is not running: {exc}", code="engine_stopped") from None
+    except BatchAbortedError as exc:  # e.g. its worker process died: the next request is served by a new one
+        raise APIError(503, f"model {model_name!r} could not compute this request: {exc}", code="worker_died",
+                       headers={"Retry-After": "1"}) from None
 
 
 def _describe(collection: Collection) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from inferd.batching import BatcherStoppedError, QueueFullError
+from inferd.batching import BatchAbortedError, BatcherStoppedError, QueueFullError
 from inferd.server.bodies import OFF_LOOP_MIN_BYTES, OffLoopBodyRoute, read_asgi_body
 from inferd.server.errors import APIError, bad_request, error_body, validation_error_to_api_error
 from inferd.server.response_cache import CACHE_HEADER
@@ -105,6 +105,9 @@ async def embeddings_answer(state: Any, body: EmbeddingRequest, request: Request
             raise APIError(429, f"server is busy: {exc}", code="rate_limit_exceeded", headers={"Retry-After": _RETRY_AFTER_S}) from None
         except BatcherStoppedError as exc:
             raise APIError(503, f"model {served.name!r} is not running: {exc}", code="engine_stopped") from None
+        except BatchAbortedError as exc:  # e.g. its worker process died: the next request is served by a new one
+            raise APIError(503, f"model {served.name!r} could not compute this request: {exc}", code="worker_died",
+                           headers={"Retry-After": _RETRY_AFTER_S}) from None
         except ValueError as exc:
             raise bad_request(str(exc), "input") from None
         vectors = shorten(vectors, body.dimensions, engine.dimension)
