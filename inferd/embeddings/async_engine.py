@@ -187,7 +187,9 @@ class AsyncEmbedEngine:
                                         dtype=parsed.dtype, quantization=parsed.quantization, nice=parsed.worker_nice)
             worker.launch()  # the child loads its copy while this process loads the tokenizer and checks the files
         try:
-            model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype, quantization=parsed.quantization)
+            # with a worker process, this process needs the tokenizer, limits and dimension, not the weights
+            model = EmbeddingModel.from_path(path, device=parsed.device, dtype=parsed.dtype,
+                                             quantization=parsed.quantization, load_weights=worker is None)
             if worker is not None:
                 worker.start()  # on the loading thread: waits until the child is ready
         except BaseException:

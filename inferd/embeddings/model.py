@@ -26,22 +26,33 @@ from inferd.models.bert import (
 
 
 class EmbeddingModel:
-    def __init__(self, encoder: BertEncoder, tokenizer: EmbedTokenizer, pooling: PoolingConfig) -> None:
+    def __init__(
+        self, encoder: BertEncoder | None, tokenizer: EmbedTokenizer, pooling: PoolingConfig, *,
+        hidden_size: int = 0, device: str = "", dtype: torch.dtype | None = None,
+    ) -> None:
+        """`encoder` None: a model without its weights (from_path(load_weights=False): tokenizer, limits and
+        dimension for a server whose worker process computes); hidden_size, device and dtype then say the rest."""
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_seq_length = tokenizer.max_seq_length  # tokens, special tokens included
-        self.dimension = encoder.config.hidden_size * len(pooling.modes)
-        self.device = str(encoder.word_embeddings.weight.device)
-        self.dtype = encoder.word_embeddings.weight.dtype
+        if encoder is not None:
+            hidden_size = encoder.config.hidden_size
+            device = str(encoder.word_embeddings.weight.device)
+            dtype = encoder.word_embeddings.weight.dtype
+        self.dimension = hidden_size * len(pooling.modes)
+        self.device = device
+        self.dtype = dtype
 
     @classmethod
     def from_path(
-        cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", quantization: str = "none"
+        cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", quantization: str = "none",
+        load_weights: bool = True,
     ) -> EmbeddingModel:
         """A resolved model directory (config.json of a BERT-family encoder, *.safetensors, tokenizer.json).
         quantization "int8": most linear layers int8 x int8 on CPU (inferd.models.bert.INT8_LINEAR_NAMES; opt-in,
-        lowest cosine against sentence-transformers 0.9995 on all-MiniLM-L6-v2, benchmarks/RESULTS.md)."""
+        lowest cosine against sentence-transformers 0.9995 on all-MiniLM-L6-v2, benchmarks/RESULTS.md).
+        load_weights=False: everything but the encoder (embed_token_ids then raises)."""
         path = os.fspath(path)
         if not is_encoder_dir(path):
             raise ValueError(f"{path!r} is not a directory with config.json of a BERT-family encoder (bert, roberta, xlm-roberta)")
@@ -53,6 +64,9 @@ class EmbeddingModel:
         tokenizer = EmbedTokenizer.from_dir(path, max_seq_length, do_lower_case=files.do_lower_case)
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} ids, the encoder {config.vocab_size}")
+        if not load_weights:
+            return cls(None, tokenizer, files.pooling, hidden_size=config.hidden_size, device=resolved_device,
+                       dtype=torch_dtype(resolved_dtype))
         encoder = load_bert_encoder(path, resolved_device, torch_dtype(resolved_dtype), quantization=quantization)
         return cls(encoder, tokenizer, files.pooling)
 
@@ -69,6 +83,8 @@ class EmbeddingModel:
 
     def embed_token_ids(self, token_id_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """One packed batch -> float32 [n, dimension] (L2-normalised when the model says so)."""
+        if self.encoder is None:
+            raise RuntimeError("this EmbeddingModel was loaded without its weights (load_weights=False)")
         for token_ids in token_id_lists:
             self.check_token_ids(token_ids)
         with torch.inference_mode():
