@@ -29,7 +29,9 @@ against sentence-transformers (lowest cosine printed). Each round also measures 
 
 mixed: one greedy chat stream of the LLM alone, then beside 1-per-request embedding traffic at c=8, on one
 `inferd serve` holding both; prints what each keeps and each thread group's share of the machine's CPU time while
-both ran (read from /proc per thread).
+both ran (read from /proc per thread; the embedding worker process counts as the embedding workers; wrk's own CPU
+is printed apart and not counted). A round where the LLM beside the embeddings ran > 1.5x faster than alone (the
+lone LLM's OpenMP team collapsed on a loaded machine) is not counted.
 """
 
 from __future__ import annotations
