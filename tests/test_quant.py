@@ -88,7 +88,7 @@ def test_quantize_rounds_to_the_nearest_step(kind):
 FLOAT_KERNEL_WEIGHTS = ["q4", "q8", QType.Q4_0, QType.Q4_1, QType.Q8_0]
 
 
-@pytest.mark.parametrize("weights", FLOAT_KERNEL_WEIGHTS, ids=str)
+@pytest.mark.parametrize("weights", FLOAT_KERNEL_WEIGHTS, ids=lambda w: getattr(w, "name", w))
 @pytest.mark.parametrize("out_features", [48, 64])
 def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kernel_path, weights, out_features):
     """Every kernel path this CPU runs, every block type, row counts 1..200, against a float32 matmul on the
@@ -138,9 +138,12 @@ def emulate_a8_linear(x: torch.Tensor, bq: BlockQuantized) -> tuple[torch.Tensor
     values of its per-block terms (the scale of the kernels' float32 rounding)."""
     q, d, dsum = emulate_a8_quantization(x)
     n, k = bq.shape
-    nb = k // BLOCK_SIZE
-    dots = torch.einsum("mbk,nbk->mnb", q.view(-1, nb, BLOCK_SIZE).double(), bq.q.view(n, nb, BLOCK_SIZE).double())
-    terms = dots * (bq.scales.double()[None] * d.double()[:, None])
+    group = k // bq.scales.shape[1]  # weights per scale: 32, or 16 for q6 (w = s * (u - 32))
+    ng = k // group
+    wq = bq.q.double() - (32 if bq.kind == "q6" else 0)
+    dots = torch.einsum("mgk,ngk->mng", q.view(-1, ng, group).double(), wq.view(n, ng, group))
+    d_of_group = d.double().repeat_interleave(BLOCK_SIZE // group, dim=1)  # [M, ng]
+    terms = dots * (bq.scales.double()[None] * d_of_group[:, None])
     if bq.mins is not None:
         terms = torch.cat([terms, bq.mins.double()[None] * dsum.double()[:, None]], dim=-1)
     return terms.sum(-1), terms.abs().sum(-1)
@@ -162,7 +165,7 @@ def test_a8_activation_quantization_matches_its_emulation(kernel_path):
     assert int(q.abs().max()) == 127
 
 
-@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=str)
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=lambda w: getattr(w, "name", w))
 @pytest.mark.parametrize("out_features", [48, 64])
 def test_a8_linear_matches_the_emulated_int8_matmul(kernel_path, qtype, out_features):
     """Every kernel path this CPU runs, every block type and row counts 1..200 (the multi-row groups,
@@ -179,19 +182,21 @@ def test_a8_linear_matches_the_emulated_int8_matmul(kernel_path, qtype, out_feat
         layer.bias.copy_(bias)
     layer.finalize()
     assert torch.equal(layer.dequantized_weight(), w)
-    gen = torch.Generator().manual_seed(2)
+    x_all = torch.randn(200, in_features, generator=torch.Generator().manual_seed(2))
+    x_all[0, 32:64] = 0.0  # a zero block: d = 0
+    # Every row's references at once (a row's result depends on that row alone), then calls of 1..200 rows.
+    ref, ref_abs = emulate_a8_linear(x_all, bq)
+    _, d, _ = emulate_a8_quantization(x_all)
+    step_bound = (w.abs().view(out_features, -1, BLOCK_SIZE).sum(-1)[None] * (d / 2)[:, None]).sum(-1)
+    float_ref = x_all.double() @ w.double().T
     for num_rows in range(1, 201):
-        x = torch.randn(num_rows, in_features, generator=gen)
-        x[0, 32:64] = 0.0
-        y = layer(x) - bias
-        ref, ref_abs = emulate_a8_linear(x, bq)
-        assert bool(((y.double() - ref).abs() <= 1e-5 * ref_abs + 1e-6).all()), (kernel_path, num_rows)
-        _, d, _ = emulate_a8_quantization(x)
-        step_bound = (w.abs().view(out_features, -1, BLOCK_SIZE).sum(-1)[None] * (d / 2)[:, None]).sum(-1)
-        float_ref = x.double() @ w.double().T
-        assert bool(((y.double() - float_ref).abs() <= step_bound.double() + 1e-5 * ref_abs + 1e-6).all()), (
+        x = x_all[200 - num_rows :]  # the zero block in the last call only
+        y = (layer(x) - bias).double()
+        assert bool(((y - ref[-num_rows:]).abs() <= 1e-5 * ref_abs[-num_rows:] + 1e-6).all()), (
             kernel_path, num_rows)
-    assert layer(x.view(2, 100, in_features)).shape == (2, 100, out_features)
+        bound = step_bound[-num_rows:].double() + 1e-5 * ref_abs[-num_rows:] + 1e-6
+        assert bool(((y - float_ref[-num_rows:]).abs() <= bound).all()), (kernel_path, num_rows)
+    assert layer(x_all.view(2, 100, in_features)).shape == (2, 100, out_features)
 
 
 GGUF_KIND_OF = {QType.Q4_0: "q4", QType.Q4_1: "q4", QType.Q8_0: "q8"}
