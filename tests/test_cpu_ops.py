@@ -202,3 +202,16 @@ def test_attention_gives_a_token_the_same_bits_however_it_is_batched(kernel_path
     verified = run([(0, 9)] + [(p, min(p + 4, seq_len)) for p in range(9, seq_len, 4)], [None] * 9)
     for name, out in {"chunked": chunked, "decoded": decoded, "verified": verified}.items():
         assert torch.equal(out, whole), name
+
+
+def test_kernel_backends_resolve_by_name():
+    from inferd.config import KERNEL_BACKEND_NAMES
+    from inferd.kernels import resolve_kernel_backend
+
+    assert set(KERNEL_BACKEND_NAMES) == {"auto", *KERNEL_BACKENDS}  # the CLI's choices are the registry's
+    assert resolve_kernel_backend("auto") is FUSED and resolve_kernel_backend(None) is FUSED
+    assert resolve_kernel_backend("torch-reference") is TORCH
+    with pytest.raises(ValueError, match="supported: auto, cpu-fused, torch-reference"):
+        resolve_kernel_backend("cuda-graphs")
+    assert not TORCH.use_cpu_ops(torch.zeros(2)) and FUSED.use_cpu_ops(torch.zeros(2))
+    assert not FUSED.use_cpu_ops(torch.zeros(2, dtype=torch.bfloat16))

@@ -124,3 +124,14 @@ def test_wide_vector_code_stays_in_its_own_paths() -> None:
             offenders.add(function)
     assert num_v4_functions > 0  # the AVX-512 copies were compiled
     assert not offenders, sorted(offenders)[:20]
+
+
+def test_inferd_kernels_builds_and_names_the_path() -> None:
+    """`inferd kernels`: the build (made here if missing) and the path in use, forced lower by INFERD_CPU_KERNEL."""
+    assert cpu_kernels_available()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])),
+           "INFERD_CPU_KERNEL": "portable"}
+    result = subprocess.run([sys.executable, "-m", "inferd.cli", "kernels"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"build {_extension_name()}; path in use portable" in result.stdout

@@ -122,6 +122,8 @@ def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kernel_path, we
 
 # ---- int8-activation kernels ---------------------------------------------------------------------------------
 
+A8_QTYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
+
 def emulate_a8_quantization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' activation quantization in float32 torch ops: per row and block of 32, d = max|x| / 127,
     q = round_half_even(x * (1 / d)), dsum = d * sum(q). -> q int8 [M, K], d, dsum float32 [M, K/32]."""
@@ -165,7 +167,7 @@ def test_a8_activation_quantization_matches_its_emulation(kernel_path):
     assert int(q.abs().max()) == 127
 
 
-@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K], ids=lambda w: getattr(w, "name", w))
+@pytest.mark.parametrize("qtype", A8_QTYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("out_features", [48, 64])
 def test_a8_linear_matches_the_emulated_int8_matmul(kernel_path, qtype, out_features):
     """Every kernel path this CPU runs, every block type and row counts 1..200 (the multi-row groups,
@@ -231,7 +233,6 @@ def blocks_and_reference(qtype: QType, n: int, k: int, seed: int) -> tuple[Block
     return from_gguf(qtype.name, raw, (n, k)), torch.from_numpy(reference)
 
 
-A8_QTYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
 
 
 @pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q4_K, QType.Q6_K])
