@@ -105,10 +105,10 @@ def _build() -> None:
     except Exception:  # noqa: BLE001
         is_built = False
     if is_built:
-        # The name hashes the sources, flags and torch version, so an existing library is this build: load it
-        # without cpp_extension.load, which takes the folder's lock file even when it finds nothing to do and
-        # leaves it behind, for every later process to wait on for good, if it is killed in that moment (a
-        # server stopped while it loads). A lock present now is such a leftover or another process's no-op check.
+        # The name hashes the sources, compiler, machine family and torch version, so an existing library is this
+        # build: load it without cpp_extension.load, which takes the folder's lock file even when it finds nothing
+        # to do and leaves it behind, for every later process to wait on for good, if it is killed in that moment
+        # (a server stopped while it loads). A lock present now is such a leftover or another process's no-op check.
         try:
             torch.ops.load_library(so_path)
             return
@@ -128,7 +128,7 @@ def _build() -> None:
     )
 
 
-# A build takes well under a minute; torch waits forever on the lock file of a build whose process was killed.
+# A build takes about a minute (two idle cores); torch waits forever on the lock file of a build whose process was killed.
 _STALE_BUILD_LOCK_S = 600.0
 
 
