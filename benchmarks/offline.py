@@ -116,26 +116,32 @@ def run_hf(model, prompt_ids: list[list[int]], new_tokens: int, pad_id: int) -> 
 
 
 def print_prefill_attention(named_llm, num_tokens: int, repeats: int) -> None:
-    import inferd.layers.attention as attention
     from inferd import SamplingParams
+    from inferd.kernels import KERNEL_BACKENDS
+    from inferd.models.llama import Attention
 
     name, llm = named_llm
     text_ids = llm.tokenizer.encode(" ".join(PROMPTS) * (num_tokens // 100 + 1))
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    kernel_check = attention.use_cpu_ops
-    modes = {"decode-kernel rows (batch-invariant)": kernel_check, "torch SDPA (before)": lambda x: False}
+    attention_layers = [m for m in llm.engine.model.modules() if isinstance(m, Attention)]
+    kernel_backend = attention_layers[0].kernel_backend
+    # The attention layers' kernel backend: the model's own (the fused kernel), or the torch reference (SDPA).
+    modes = {"decode-kernel rows (batch-invariant)": kernel_backend,
+             "torch SDPA (before)": KERNEL_BACKENDS["torch-reference"]}
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for rep in range(repeats + 1):  # the first round warms up
-        for i, (mode, check) in enumerate(modes.items()):
+        for i, (mode, backend) in enumerate(modes.items()):
             prompt = [text_ids[rep * len(modes) + i]] + text_ids[: num_tokens - 1]  # no prefix-cache hit
-            attention.use_cpu_ops = check
+            for layer in attention_layers:
+                layer.kernel_backend = backend
             try:
                 t0 = time.perf_counter()
                 llm.generate([prompt], params)
                 if rep:
                     times[mode].append(time.perf_counter() - t0)
             finally:
-                attention.use_cpu_ops = kernel_check
+                for layer in attention_layers:
+                    layer.kernel_backend = kernel_backend
     med = {mode: statistics.median(ts) * 1e3 for mode, ts in times.items()}
     base = med["torch SDPA (before)"]
     print(f"\n{name}, one {num_tokens}-token prompt, time to first token (median of {repeats}):")

@@ -61,7 +61,7 @@ def main() -> int:
 
     from inferd.engine.chat_template import ChatTemplateError
     from inferd.engine.tokenizer import Tokenizer
-    from inferd.kernels import cpu_flags_summary, int8_kernel_paths
+    from inferd.kernels import cpu_flags_summary, cpu_kernel_path
     from inferd.layers.paged_driver import PagedDriver
     from inferd.models import load_model
     from inferd.quant import resolve_quantization
@@ -81,7 +81,7 @@ def main() -> int:
         concrete = resolve_quantization(scheme, is_gguf=is_gguf, device="cpu", dtype="float32")
         models[scheme] = load_model(str(resolved.path), "cpu", "float32", quantization=concrete)
     print(f"{args.model}: {len(ids)} tokens of the KJV text in windows of {args.ctx}; {torch.get_num_threads()} "
-          f"threads; CPU: {cpu_flags_summary()}; int8 kernel path: {int8_kernel_paths()[:1]}", file=sys.stderr)
+          f"threads; CPU: {cpu_flags_summary()}; kernel path: {cpu_kernel_path()}", file=sys.stderr)
 
     def driver_for(model, arch_config, num_tokens=args.ctx + args.greedy_tokens + 64):
         return PagedDriver(model, arch_config, num_blocks=(num_tokens + 15) // 16, block_size=16)

@@ -9,7 +9,8 @@ weights as a decode step does. Per row count it prints the time of one pass (med
 variants alternating within each repeat so that a noisy neighbour hits them alike) for: float32 F.linear,
 QuantLinear with float32 activations (q4/q8 kernels, the exact reference) and QuantLinear with int8
 activations on each kernel path of --a8-paths (default: every path this CPU runs but the portable one).
-INFERD_CPU_MARCH=x86-64-v3 builds the float-activation kernels as an AVX2-only CPU gets them. --threads 1 keeps
+The float-activation kernels run the CPU's best path (INFERD_CPU_KERNEL=avx2 gives them as an AVX2-only CPU runs
+them: the portable kernels compiled for x86-64-v3). --threads 1 keeps
 a busy machine from descheduling one of the threads a parallel kernel waits on (which then measures the
 neighbours, not the kernel).
 
@@ -22,7 +23,6 @@ kernels).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -96,15 +96,16 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     if not cpu_kernels_available():
         raise SystemExit(f"inferd's CPU kernels did not build: {kernel_build_error()}")
-    paths = args.a8_paths.split(",") if args.a8_paths else [p for p in torch.ops.inferd.a8_kernel_paths()
+    float_path = torch.ops.inferd.cpu_kernel_path("")  # INFERD_CPU_KERNEL's, else the best
+    paths = args.a8_paths.split(",") if args.a8_paths else [p for p in torch.ops.inferd.cpu_kernel_paths()
                                                             if p != "portable"]
     k_quants = args.weights == "gemma3-kquants"
     layers = build_k_quants() if k_quants else build()
     quant_bytes = sum(layer.weight_bytes() for _, _, layer in layers)
     float_bytes = sum(w.numel() * 4 for w, _, _ in layers)
     float_kernels = "AVX-512" if has_avx512_kernels() else "portable"
-    print(f"{torch.get_num_threads()} threads; -march={os.environ.get('INFERD_CPU_MARCH', 'native')} "
-          f"(float-activation kernels: {float_kernels}); CPU: {cpu_flags_summary()}; weights: {args.weights}")
+    print(f"{torch.get_num_threads()} threads; float-activation kernels: {float_kernels} (path {float_path}); "
+          f"CPU: {cpu_flags_summary()}; weights: {args.weights}")
     print(f"weights per pass: float32 {float_bytes / 1e6:.0f} MB, int8-activation layout {quant_bytes / 1e6:.0f} MB\n")
     peer = 0 if k_quants else 1  # the column the int8 paths are compared with
     names = ["float32 F.linear (dequantized)" if k_quants else "float32 F.linear"]
@@ -121,12 +122,13 @@ def main() -> int:
                 F.linear(xs[w.shape[1]], w)
 
         def run_kernel():
+            torch.ops.inferd.cpu_kernel_path(float_path)
             for _, layer, _ in layers:
                 layer(xs[layer.in_features])
 
         def run_a8(path):
             def run():
-                torch.ops.inferd.a8_kernel_path(path)
+                torch.ops.inferd.cpu_kernel_path(path)
                 for _, _, layer in layers:
                     layer(xs[layer.in_features])
             return run

@@ -61,6 +61,18 @@ def cmd_pull(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(ns: argparse.Namespace) -> int:
+    from inferd.kernels import (cpu_flags_summary, cpu_kernel_path, cpu_kernel_paths, cpu_kernels_available,
+                                kernel_build_error, kernel_build_name)
+
+    if not cpu_kernels_available():  # builds them first if this machine family has no build yet
+        print(f"inferd: {kernel_build_error()}", file=sys.stderr)
+        return 1
+    print(f"build {kernel_build_name()}; path in use {cpu_kernel_path()} (this CPU runs: "
+          f"{', '.join(cpu_kernel_paths())}; flags: {cpu_flags_summary()})")
+    return 0
+
+
 def cmd_list(ns: argparse.Namespace) -> int:
     from inferd.store import list_models
 
@@ -211,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="fetch a catalog model into the store ($INFERD_HOME)")
     p.add_argument("name")
     p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("kernels", help="build the CPU kernels now (else the first model load does) and say which "
+                                       "path this CPU runs (INFERD_CPU_KERNEL forces a lower one)")
+    p.set_defaults(func=cmd_kernels)
     p = sub.add_parser("list", help="list pulled models")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("rm", help="remove a pulled model")

@@ -18,6 +18,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # Weight quantization schemes; inferd/quant/__init__.py says what each does and resolves "auto".
 # "<scheme>-int8act": the same weights, activations quantized to int8 per 32-block (integer dot products).
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "gguf-int8act", "int8-int8act", "int4-int8act")
+# Kernel backends of a model's layers; inferd/kernels/__init__.py (KERNEL_BACKENDS) says what each does.
+# auto: cpu-fused (inferd's fused CPU ops for float32 on CPU, torch elsewhere).
+KERNEL_BACKEND_NAMES = ("auto", "cpu-fused", "torch-reference")
 # Speculative decoding modes; inferd/spec_decode/policy.py says what each does.
 SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
 
@@ -66,6 +69,7 @@ class EngineConfig:
     # The draft model of speculative decoding: a resolved local path, or "self:K" (the target's first K layers);
     # None: no draft model (auto then uses prompt lookup).
     speculative_model: str | None = None
+    kernel_backend: str = "cpu-fused"  # "cpu-fused" | "torch-reference": the code the model's layers run
 
 
 @dataclass
@@ -92,6 +96,8 @@ class EngineArgs:
     # keep-alive reload or a new Ray replica fast (models/prepared.py). None: off. `inferd serve` sets
     # $INFERD_HOME/prepared.
     prepared_weights_dir: str | None = None
+    # The code the model's layers run: cpu-fused (inferd's fused CPU ops) or torch-reference; auto: cpu-fused.
+    kernel_backend: str = "auto"
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -112,6 +118,9 @@ class EngineArgs:
                        help="weights: auto (keep a GGUF file's Q4_0/Q4_1/Q8_0 blocks on CPU), none (float), "
                             "gguf, int8 or int4 (quantize at load; CPU float32); a -int8act suffix (gguf-int8act) "
                             "also quantizes activations to int8 (integer kernels, faster, slightly less exact)")
+        g.add_argument("--kernel-backend", default=d.kernel_backend, choices=KERNEL_BACKEND_NAMES,
+                       help="the code the model's layers run on CPU in float32: cpu-fused (inferd's fused kernels; "
+                            "auto) or torch-reference (the torch code, e.g. to compare the two)")
         g.add_argument("--max-model-len", type=int, default=d.max_model_len)
         g.add_argument("--kv-cache-memory", default=d.kv_cache_memory,
                        help="KV cache size, e.g. 2GiB (default 2GiB on CPU, a memory fraction on CUDA)")
@@ -152,6 +161,7 @@ class EngineArgs:
             num_speculative_tokens=getattr(ns, "num_speculative_tokens", d.num_speculative_tokens),
             speculative_model=getattr(ns, "speculative_model", d.speculative_model),
             prepared_weights_dir=getattr(ns, "prepared_weights_dir", None),
+            kernel_backend=getattr(ns, "kernel_backend", d.kernel_backend),
         )
 
     def validate_static(self) -> None:
@@ -173,6 +183,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None:
             parse_size_bytes(self.kv_cache_memory, "kv_cache_memory")
+        if self.kernel_backend not in KERNEL_BACKEND_NAMES:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKEND_NAMES}, got {self.kernel_backend!r}")
         if self.speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}")
         if not isinstance(self.num_speculative_tokens, int) or not (1 <= self.num_speculative_tokens <= 16):
@@ -214,4 +226,5 @@ class EngineArgs:
             speculative=self.speculative,
             num_speculative_tokens=self.num_speculative_tokens,
             speculative_model=self.speculative_model,
+            kernel_backend="cpu-fused" if self.kernel_backend == "auto" else self.kernel_backend,
         )

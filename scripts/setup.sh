@@ -26,5 +26,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
-# Compile the CPU kernels (block-quantized matmuls) now rather than at the first model load; cached per machine.
+# Compile the CPU kernels (block-quantized matmuls) now rather than at the first model load; one build per machine family.
 .venv/bin/python -c "from inferd.kernels import cpu_kernels_available as ok, kernel_build_error as err; import sys; ok() or print('inferd: CPU kernels unavailable, float32 weights will be used:', err(), file=sys.stderr)"

@@ -63,6 +63,29 @@ You are a tiny test model.{% if tools %} Tools:
 CHATML_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# ---------------------------------------------------------------------------------------------------- kernels
+
+# Every path of inferd's CPU kernels (inferd/kernels), best first: one library carries them all on x86-64.
+KERNEL_PATHS = ["avx512-vnni", "avx512", "avx2-vnni", "avx2", "portable"]
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request) -> Iterator[str]:
+    """Each kernel path in turn, forced for the whole process as INFERD_CPU_KERNEL would; a path whose
+    instructions this CPU lacks is skipped (an AVX2 machine runs avx2 and portable)."""
+    from inferd.kernels import cpu_kernel_paths, kernel_build_error, set_cpu_kernel_path
+
+    runnable = cpu_kernel_paths()
+    assert runnable, f"inferd's CPU kernels did not build: {kernel_build_error()}"
+    if request.param not in runnable:
+        pytest.skip(f"this CPU cannot run the {request.param} instructions")
+    previous = set_cpu_kernel_path(request.param)
+    try:
+        yield request.param
+    finally:
+        set_cpu_kernel_path(previous)
+
+
 # ---------------------------------------------------------------------------------------------------- store
 @pytest.fixture(scope="session")
 def inferd_home() -> Iterator[Path]:

@@ -1,6 +1,7 @@
-"""The fused CPU ops (inferd/kernels/csrc/cpu_decode_ops.cpp) against the torch code they replace, op by op and
-for a whole model (the torch path is what CUDA and 16-bit dtypes run; test_model_parity.py checks the fused
-path against transformers, since float32 on CPU takes it)."""
+"""The fused CPU ops (inferd/kernels/csrc/cpu_decode_ops.cpp) against the torch code they replace: op by op on
+every kernel path this CPU runs, and for a whole model (two models in one process, one per kernel backend; the
+torch path is what CUDA and 16-bit dtypes run; test_model_parity.py checks the fused path against transformers,
+since float32 on CPU takes it)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inferd.kernels import cpu_kernels_available, kernel_build_error, set_cpu_ops_enabled
+from inferd.kernels import KERNEL_BACKENDS, cpu_kernels_available, kernel_build_error
 from inferd.layers.attention import AttentionMetadata, paged_attention
 from inferd.layers.paged_driver import PagedDriver
 from inferd.layers.rotary import apply_rotary
@@ -23,19 +24,11 @@ def kernels_built():
     assert cpu_kernels_available(), f"inferd's CPU kernels did not build: {kernel_build_error()}"
 
 
-@pytest.fixture
-def torch_path():
-    """Inside a test: call torch_path(fn) to run fn with the fused ops switched off."""
-    def run(fn):
-        previous = set_cpu_ops_enabled(False)
-        try:
-            return fn()
-        finally:
-            set_cpu_ops_enabled(previous)
-    return run
+FUSED = KERNEL_BACKENDS["cpu-fused"]
+TORCH = KERNEL_BACKENDS["torch-reference"]
 
 
-def test_rms_norm_ops_match_torch():
+def test_rms_norm_ops_match_torch(kernel_path):
     gen = torch.Generator().manual_seed(0)
     x, residual = torch.randn(5, 576, generator=gen), torch.randn(5, 576, generator=gen)
     weight = 1 + 0.2 * torch.randn(576, generator=gen)
@@ -46,7 +39,7 @@ def test_rms_norm_ops_match_torch():
     torch.testing.assert_close(out, F.rms_norm(x + residual, (576,), weight, 1e-5), rtol=1e-5, atol=1e-6)
 
 
-def test_rotary_inplace_matches_apply_rotary():
+def test_rotary_inplace_matches_apply_rotary(kernel_path):
     gen = torch.Generator().manual_seed(1)
     num_tokens, heads, kv_heads, head_dim = 7, 4, 2, 32
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
@@ -62,7 +55,7 @@ def test_rotary_inplace_matches_apply_rotary():
 
 
 @pytest.mark.parametrize("width", [96, 40])  # 40: a vector tail
-def test_silu_mul_matches_torch(width):
+def test_silu_mul_matches_torch(kernel_path, width):
     gate_up = torch.randn(3, 2 * width, generator=torch.Generator().manual_seed(2)) * 6
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, -88.0, 0.0])  # saturated and zero gates
     gate, up = gate_up.split(width, dim=-1)
@@ -70,7 +63,7 @@ def test_silu_mul_matches_torch(width):
 
 
 @pytest.mark.parametrize("vocab_size", [49152, 37])  # 37: a vector tail
-def test_logsumexp_rows_matches_torch(vocab_size):
+def test_logsumexp_rows_matches_torch(kernel_path, vocab_size):
     logits = torch.randn(6, vocab_size, generator=torch.Generator().manual_seed(3)) * 8
     logits[1, ::3] = float("-inf")  # a grammar-masked row
     logits[2] = float("-inf")  # everything banned
@@ -83,9 +76,31 @@ def test_logsumexp_rows_matches_torch(vocab_size):
     torch.testing.assert_close(alone, torch.ops.inferd.logsumexp_rows(logits), rtol=0, atol=0, equal_nan=True)
 
 
+def test_vector_exp_gives_the_same_bits_on_every_simd_path():
+    """SiLU over exp's whole range (underflow to the overflow clamp) on every path this CPU runs, against float64;
+    the AVX2 exp is the AVX-512 one 8 lanes at a time, so where both run their bits agree. 4992 = 312 x 16
+    gates: no path leaves a tail to scalar std::exp."""
+    from inferd.kernels import cpu_kernel_paths, set_cpu_kernel_path
+
+    gen = torch.Generator().manual_seed(5)
+    gate = torch.cat([torch.linspace(-110.0, 95.0, 4001), torch.randn(991, generator=gen) * 20])
+    gate_up = torch.cat([gate, torch.randn(4992, generator=gen)]).reshape(1, -1)
+    g, u = gate_up.double().chunk(2, dim=-1)
+    outputs = {}
+    for path in cpu_kernel_paths():
+        previous = set_cpu_kernel_path(path)
+        try:
+            outputs[path] = torch.ops.inferd.silu_mul(gate_up)
+        finally:
+            set_cpu_kernel_path(previous)
+        torch.testing.assert_close(outputs[path].double(), F.silu(g) * u, rtol=1e-5, atol=1e-30, msg=path)
+    if "avx512" in outputs and "avx2" in outputs:
+        assert torch.equal(outputs["avx512"], outputs["avx2"])
+
+
 @pytest.mark.parametrize("sliding_window", [None, 5])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_paged_decode_attention_matches_the_torch_path(sliding_window, mixed, torch_path):
+def test_paged_decode_attention_matches_the_torch_path(kernel_path, sliding_window, mixed):
     """Decode rows (alone, or mixed with a prefill chunk) over scattered blocks, GQA 6:2, seq lens 1..37."""
     gen = torch.Generator().manual_seed(3)
     block_size, num_blocks, heads, kv_heads, head_dim = 4, 64, 6, 2, 16
@@ -109,34 +124,39 @@ def test_paged_decode_attention_matches_the_torch_path(sliding_window, mixed, to
     for ql in query_lens:
         starts.append(starts[-1] + ql)
 
-    def run():
+    def run(backend):
         md = AttentionMetadata.build(
             slot_mapping=torch.tensor(slots), query_start_loc=starts, seq_lens=seq_lens,
             num_computed_tokens=[n - ql for n, ql in zip(seq_lens, query_lens)], block_tables=tables,
             block_size=block_size, device="cpu",
         )
-        return paged_attention(q, k, v, kv_cache.clone(), md, head_dim**-0.5, sliding_window)
+        return paged_attention(q, k, v, kv_cache.clone(), md, head_dim**-0.5, sliding_window, backend)
 
-    torch.testing.assert_close(run(), torch_path(run), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(FUSED), run(TORCH), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral_sliding_window"])
-def test_whole_model_fused_ops_match_the_torch_path(name, tmp_path, torch_path):
+def test_whole_model_fused_ops_match_the_torch_path(name, tmp_path):
+    """Two models of the same weights in one process, one per kernel backend (chosen at load)."""
     _, model_dir = save_tiny_model(name, tmp_path)
-    model, arch_config = load_model(model_dir, "cpu", "float32")
+    fused_model, arch_config = load_model(model_dir, "cpu", "float32")
+    torch_model, _ = load_model(model_dir, "cpu", "float32", kernel_backend="torch-reference")
+    assert fused_model.kernel_backend is FUSED and torch_model.model.norm.kernel_backend is TORCH
 
-    def run():
+    def run(model):
         driver = PagedDriver(model, arch_config, num_blocks=32, block_size=8)
         logits = [driver.step([("a", random_ids(13, seed=1)), ("b", random_ids(5, seed=2))])]
         for step in range(6):
             logits.append(driver.step([("a", [step + 3]), ("b", [step + 7])]))
         return torch.cat(logits)
 
-    torch.testing.assert_close(run(), torch_path(run), rtol=1e-5, atol=1e-5)
+    fused = run(fused_model)
+    torch.testing.assert_close(fused, run(torch_model), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused, run(fused_model))  # the torch-reference model left the fused one alone
 
 
 @pytest.mark.parametrize("sliding_window", [None, 6])
-def test_attention_gives_a_token_the_same_bits_however_it_is_batched(sliding_window):
+def test_attention_gives_a_token_the_same_bits_however_it_is_batched(kernel_path, sliding_window):
     """A 40-token sequence's attention outputs, computed as one prefill, as prefill chunks, as a short prefill
     then one decode step per token, and in company (other sequences' prefills and decodes in the same steps):
     bitwise equal. (int8 activations turn a rounding-level difference into a different int8 step, so speculative
@@ -182,3 +202,16 @@ def test_attention_gives_a_token_the_same_bits_however_it_is_batched(sliding_win
     verified = run([(0, 9)] + [(p, min(p + 4, seq_len)) for p in range(9, seq_len, 4)], [None] * 9)
     for name, out in {"chunked": chunked, "decoded": decoded, "verified": verified}.items():
         assert torch.equal(out, whole), name
+
+
+def test_kernel_backends_resolve_by_name():
+    from inferd.config import KERNEL_BACKEND_NAMES
+    from inferd.kernels import resolve_kernel_backend
+
+    assert set(KERNEL_BACKEND_NAMES) == {"auto", *KERNEL_BACKENDS}  # the CLI's choices are the registry's
+    assert resolve_kernel_backend("auto") is FUSED and resolve_kernel_backend(None) is FUSED
+    assert resolve_kernel_backend("torch-reference") is TORCH
+    with pytest.raises(ValueError, match="supported: auto, cpu-fused, torch-reference"):
+        resolve_kernel_backend("cuda-graphs")
+    assert not TORCH.use_cpu_ops(torch.zeros(2)) and FUSED.use_cpu_ops(torch.zeros(2))
+    assert not FUSED.use_cpu_ops(torch.zeros(2, dtype=torch.bfloat16))

@@ -2,7 +2,7 @@
 int8-activation model in one kernel call) against the layer-by-layer path it replaces, which the other tests check
 against transformers (tests/test_quant.py, tests/test_model_parity.py) and for batch invariance. The fused path
 calls the same row functions, so logits and KV caches must be equal in every bit: for every int8-kernel path this
-CPU runs (forced as INFERD_INT8_KERNEL would), with biases, sliding windows, and steps mixing prefills, prefill
+CPU runs (forced as INFERD_CPU_KERNEL would), with biases, sliding windows, and steps mixing prefills, prefill
 chunks, multi-token (speculative-verify shaped) and decode rows."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from inferd.kernels import cpu_kernels_available, kernel_build_error
 from inferd.layers.paged_driver import PagedDriver
 from inferd.models import load_model
 from test_model_parity import random_ids, save_tiny_model
-from test_quant import a8_path  # noqa: F401 - the fixture: each int8-kernel path in turn
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,12 +45,12 @@ def test_fused_layers_equal_the_layer_by_layer_path(name, method, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fused_kv, plain_kv, strict=True))
 
 
-def test_fused_layers_equal_the_layer_by_layer_path_on_every_kernel_path(a8_path, tmp_path):  # noqa: F811
+def test_fused_layers_equal_the_layer_by_layer_path_on_every_kernel_path(kernel_path, tmp_path):
     _, model_dir = save_tiny_model("llama_bias", tmp_path)
     model, arch_config = load_model(model_dir, "cpu", "float32", quantization="int4-int8act")
     fused_logits, _ = run_steps(model, arch_config, fused=True)
     plain_logits, _ = run_steps(model, arch_config, fused=False)
-    assert torch.equal(fused_logits, plain_logits), a8_path
+    assert torch.equal(fused_logits, plain_logits), kernel_path
 
 
 def test_models_the_fused_kernel_cannot_run_keep_the_layer_path(tmp_path):

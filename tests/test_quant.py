@@ -84,35 +84,45 @@ def test_quantize_rounds_to_the_nearest_step(kind):
 # ---- kernels --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+# The float-activation kernels' weights: quantized here (q4, q8), and GGUF's block types they hold.
+FLOAT_KERNEL_WEIGHTS = ["q4", "q8", QType.Q4_0, QType.Q4_1, QType.Q8_0]
+
+
+@pytest.mark.parametrize("weights", FLOAT_KERNEL_WEIGHTS, ids=lambda w: getattr(w, "name", w))
 @pytest.mark.parametrize("out_features", [48, 64])
-@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 8, 13, 16, 17, 23, 24, 40, 97, 200])
-def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kind, out_features, num_rows):
-    """48 output rows = 3 tiles (an unpaired one: the in-register path at any row count), 64 = 2 tile pairs;
-    row counts cover every register tiling of the in-register path (< 24 rows) and of the unpack-once GEMM
-    path (>= 24 rows, in blocks of 96)."""
-    gen = torch.Generator().manual_seed(num_rows)
+def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kernel_path, weights, out_features):
+    """Every kernel path this CPU runs, every block type, row counts 1..200, against a float32 matmul on the
+    dequantized weights (gguf-py's dequantizer for GGUF blocks). 48 output rows = 3 tiles (an unpaired one: the
+    in-register path at any row count), 64 = 2 tile pairs; the row counts cover every register tiling of the
+    in-register path (< 17 rows) and of the unpack-once GEMM path (>= 17 rows, in blocks of 96)."""
+    gen = torch.Generator().manual_seed(out_features)
     in_features = 96
-    w = torch.randn(out_features, in_features, generator=gen)
     bias = torch.randn(out_features, generator=gen)
-    layer = QuantLinear(in_features, out_features, kind, bias=True)
-    layer.load_rows(0, w[:16])  # shards, as stacked projections load
-    layer.load_rows(16, w[16:])
+    if isinstance(weights, str):
+        w = torch.randn(out_features, in_features, generator=gen)
+        layer = QuantLinear(in_features, out_features, weights, bias=True)
+        layer.load_rows(0, w[:16])  # shards, as stacked projections load
+        layer.load_rows(16, w[16:])
+        ref_w = torch.cat([quantize(w[:16], weights).dequantize(), quantize(w[16:], weights).dequantize()])
+    else:
+        bq, ref_w = blocks_and_reference(weights, out_features, in_features, seed=out_features)
+        layer = QuantLinear(in_features, out_features, bq.kind, bias=True)
+        layer.load_rows(0, bq)
     with torch.no_grad():
         layer.bias.copy_(bias)
     layer.finalize()
-    ref_w = torch.cat([quantize(w[:16], kind).dequantize(), quantize(w[16:], kind).dequantize()])
     assert torch.equal(layer.dequantized_weight(), ref_w)
-    x = torch.randn(num_rows, in_features, generator=gen)
-    torch.testing.assert_close(layer(x), x @ ref_w.T + bias, rtol=1e-5, atol=1e-5)
+    for num_rows in range(1, 201):
+        x = torch.randn(num_rows, in_features, generator=gen)
+        torch.testing.assert_close(layer(x), x @ ref_w.T + bias, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{kernel_path}, {num_rows} rows: {m}")
     # Leading dimensions are kept.
-    assert layer(x.view(1, num_rows, in_features)).shape == (1, num_rows, out_features)
+    assert layer(x.view(2, 100, in_features)).shape == (2, 100, out_features)
 
 
 # ---- int8-activation kernels ---------------------------------------------------------------------------------
 
-A8_PATHS = ["avx512-vnni", "avx512", "avx2-vnni", "avx2", "portable"]
-
+A8_QTYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
 
 def emulate_a8_quantization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' activation quantization in float32 torch ops: per row and block of 32, d = max|x| / 127,
@@ -130,9 +140,12 @@ def emulate_a8_linear(x: torch.Tensor, bq: BlockQuantized) -> tuple[torch.Tensor
     values of its per-block terms (the scale of the kernels' float32 rounding)."""
     q, d, dsum = emulate_a8_quantization(x)
     n, k = bq.shape
-    nb = k // BLOCK_SIZE
-    dots = torch.einsum("mbk,nbk->mnb", q.view(-1, nb, BLOCK_SIZE).double(), bq.q.view(n, nb, BLOCK_SIZE).double())
-    terms = dots * (bq.scales.double()[None] * d.double()[:, None])
+    group = k // bq.scales.shape[1]  # weights per scale: 32, or 16 for q6 (w = s * (u - 32))
+    ng = k // group
+    wq = bq.q.double() - (32 if bq.kind == "q6" else 0)
+    dots = torch.einsum("mgk,ngk->mng", q.view(-1, ng, group).double(), wq.view(n, ng, group))
+    d_of_group = d.double().repeat_interleave(BLOCK_SIZE // group, dim=1)  # [M, ng]
+    terms = dots * (bq.scales.double()[None] * d_of_group[:, None])
     if bq.mins is not None:
         terms = torch.cat([terms, bq.mins.double()[None] * dsum.double()[:, None]], dim=-1)
     return terms.sum(-1), terms.abs().sum(-1)
@@ -143,17 +156,7 @@ def gguf_blocks(qtype: QType, n: int, k: int, seed: int) -> BlockQuantized:
     return from_gguf(qtype.name, gguf_quantize(w, qtype), (n, k))
 
 
-@pytest.fixture(params=A8_PATHS)
-def a8_path(request):
-    """Each int8-kernel path in turn, forced as INFERD_INT8_KERNEL would (paths the CPU lacks are skipped)."""
-    if request.param not in torch.ops.inferd.a8_kernel_paths():
-        pytest.skip(f"this CPU cannot run the {request.param} instructions")
-    previous = torch.ops.inferd.a8_kernel_path("")
-    yield torch.ops.inferd.a8_kernel_path(request.param)
-    torch.ops.inferd.a8_kernel_path(previous)
-
-
-def test_a8_activation_quantization_matches_its_emulation():
+def test_a8_activation_quantization_matches_its_emulation(kernel_path):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, 192, generator=gen) * torch.logspace(-3, 3, 7)[:, None]
     x[1, 32:64] = 0.0  # a zero block: d = 0, q = 0
@@ -164,35 +167,38 @@ def test_a8_activation_quantization_matches_its_emulation():
     assert int(q.abs().max()) == 127
 
 
-@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q8_0])
+@pytest.mark.parametrize("qtype", A8_QTYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("out_features", [48, 64])
-def test_a8_linear_matches_the_emulated_int8_matmul(a8_path, qtype, out_features):
-    """Every block type and row counts 1..200 (the multi-row groups, single-row tails, tile pairs and an
-    unpaired tile) against (1) a float64 emulation of the same int8 activation quantization (only float32
-    rounding differs) and (2) a float32 matmul on the dequantized weights, within the error the activation
-    rounding allows (half a step, d / 2, per activation)."""
-    in_features = 160
-    bq = gguf_blocks(qtype, out_features, in_features, seed=out_features)
-    layer = QuantLinear(in_features, out_features, GGUF_KIND_OF[qtype], bias=True, int8_activations=True)
+def test_a8_linear_matches_the_emulated_int8_matmul(kernel_path, qtype, out_features):
+    """Every kernel path this CPU runs, every block type and row counts 1..200 (the multi-row groups,
+    single-row tails, tile pairs and an unpaired tile) against (1) a float64 emulation of the same int8
+    activation quantization (only float32 rounding differs) and (2) a float32 matmul on the dequantized weights
+    (gguf-py's dequantizer), within the error the activation rounding allows (half a step, d / 2, per
+    activation)."""
+    in_features = 256  # one K-quant super-block
+    bq, w = blocks_and_reference(qtype, out_features, in_features, seed=out_features)
+    layer = QuantLinear(in_features, out_features, bq.kind, bias=True, int8_activations=True)
     layer.load_rows(0, bq)
     bias = torch.randn(out_features, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         layer.bias.copy_(bias)
     layer.finalize()
-    w = bq.dequantize()
     assert torch.equal(layer.dequantized_weight(), w)
-    gen = torch.Generator().manual_seed(2)
-    for num_rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 31, 64, 97, 200):
-        x = torch.randn(num_rows, in_features, generator=gen)
-        x[0, 32:64] = 0.0
-        y = layer(x) - bias
-        ref, ref_abs = emulate_a8_linear(x, bq)
-        assert bool(((y.double() - ref).abs() <= 1e-5 * ref_abs + 1e-6).all()), (a8_path, num_rows)
-        _, d, _ = emulate_a8_quantization(x)
-        step_bound = (w.abs().view(out_features, -1, BLOCK_SIZE).sum(-1)[None] * (d / 2)[:, None]).sum(-1)
-        float_ref = x.double() @ w.double().T
-        assert bool(((y.double() - float_ref).abs() <= step_bound.double() + 1e-5 * ref_abs + 1e-6).all())
-    assert layer(x.view(2, 100, in_features)).shape == (2, 100, out_features)
+    x_all = torch.randn(200, in_features, generator=torch.Generator().manual_seed(2))
+    x_all[0, 32:64] = 0.0  # a zero block: d = 0
+    # Every row's references at once (a row's result depends on that row alone), then calls of 1..200 rows.
+    ref, ref_abs = emulate_a8_linear(x_all, bq)
+    _, d, _ = emulate_a8_quantization(x_all)
+    step_bound = (w.abs().view(out_features, -1, BLOCK_SIZE).sum(-1)[None] * (d / 2)[:, None]).sum(-1)
+    float_ref = x_all.double() @ w.double().T
+    for num_rows in range(1, 201):
+        x = x_all[200 - num_rows :]  # the zero block in the last call only
+        y = (layer(x) - bias).double()
+        assert bool(((y - ref[-num_rows:]).abs() <= 1e-5 * ref_abs[-num_rows:] + 1e-6).all()), (
+            kernel_path, num_rows)
+        bound = step_bound[-num_rows:].double() + 1e-5 * ref_abs[-num_rows:] + 1e-6
+        assert bool(((y - float_ref[-num_rows:]).abs() <= bound).all()), (kernel_path, num_rows)
+    assert layer(x_all.view(2, 100, in_features)).shape == (2, 100, out_features)
 
 
 GGUF_KIND_OF = {QType.Q4_0: "q4", QType.Q4_1: "q4", QType.Q8_0: "q8"}
@@ -227,7 +233,6 @@ def blocks_and_reference(qtype: QType, n: int, k: int, seed: int) -> tuple[Block
     return from_gguf(qtype.name, raw, (n, k)), torch.from_numpy(reference)
 
 
-A8_QTYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
 
 
 @pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q4_K, QType.Q6_K])
@@ -240,7 +245,7 @@ def test_more_gguf_block_types_are_exact(qtype):
 
 
 @pytest.mark.parametrize("qtype", A8_QTYPES)
-def test_a8_linear_rows_are_batch_invariant(a8_path, qtype):
+def test_a8_linear_rows_are_batch_invariant(kernel_path, qtype):
     """Every block type: a row's output is the same bits alone and at any position of a batch of any size 1..200
     (what keeps a request's greedy tokens independent of its company), and close to a float32 matmul of the
     int8-quantized activations (q * d) with the dequantized weights (gguf-py's dequantization)."""
@@ -255,15 +260,15 @@ def test_a8_linear_rows_are_batch_invariant(a8_path, qtype):
     x[5, 32:64] = 0.0  # a zero block: d = 0
     full = layer(x)
     alone = torch.cat([layer(x[i : i + 1]) for i in range(200)])
-    assert torch.equal(full, alone), a8_path
+    assert torch.equal(full, alone), kernel_path
     for n in range(2, 200):
         start = (37 * n) % (201 - n)
-        assert torch.equal(layer(x[start : start + n]), full[start : start + n]), (a8_path, n, start)
+        assert torch.equal(layer(x[start : start + n]), full[start : start + n]), (kernel_path, n, start)
     q, d, _ = emulate_a8_quantization(x)
     x_int8 = q.double() * d.double().repeat_interleave(BLOCK_SIZE, dim=1)
     ref = x_int8 @ w.double().T
     ref_abs = x_int8.abs() @ w.abs().double().T
-    assert bool(((full.double() - ref).abs() <= 1e-5 * ref_abs + 1e-6).all()), a8_path
+    assert bool(((full.double() - ref).abs() <= 1e-5 * ref_abs + 1e-6).all()), kernel_path
     # and within the activation rounding's reach (half a step, d / 2, per activation) of the float32 matmul
     step_bound = (w.abs().view(out_features, -1, BLOCK_SIZE).sum(-1)[None] * (d / 2)[:, None]).sum(-1)
     assert bool(((full.double() - x.double() @ w.double().T).abs() <= step_bound + 1e-5 * ref_abs + 1e-6).all())
@@ -277,10 +282,10 @@ def test_a8_packing_round_trips(kind):
     assert (back.mins is None) == (bq.mins is None) and (bq.mins is None or torch.equal(back.mins, bq.mins))
 
 
-def test_a8_kernel_path_rejects_unknown_names():
+def test_kernel_path_rejects_unknown_names():
     with pytest.raises(RuntimeError, match="unknown path"):
-        torch.ops.inferd.a8_kernel_path("avx9")
-    assert torch.ops.inferd.a8_kernel_paths()[-1] == "portable"
+        torch.ops.inferd.cpu_kernel_path("avx9")
+    assert torch.ops.inferd.cpu_kernel_paths()[-1] == "portable"
 
 
 def test_quant_linear_rejects_what_it_cannot_hold():
@@ -391,99 +396,6 @@ def test_gguf_blocks_kept_match_transformers_gguf_loader(name, tmp_path, monkeyp
     a8_logits = PagedDriver(a8_model, arch_config, num_blocks=8, block_size=8).step([("s", ids)])
     # Measured: 1-2% of the largest logit on these tiny random models; a wrong layout or scale is far off.
     assert (a8_logits - quant_logits).abs().max().item() <= 0.05 * quant_logits.abs().max().item()
-
-
-_PORTABLE_CHECK = """
-import sys
-import torch, torch.nn.functional as F
-from inferd.kernels import cpu_kernels_available, has_avx512_kernels, kernel_build_error
-assert cpu_kernels_available(), kernel_build_error()
-assert not torch.ops.inferd.has_avx512()
-from inferd.quant.linear import QuantLinear
-from inferd.quant.formats import quantize
-gen = torch.Generator().manual_seed(0)
-for kind in ("q4", "q8"):
-    for rows in (1, 5, 40):
-        w, x = torch.randn(64, 96, generator=gen), torch.randn(rows, 96, generator=gen)
-        layer = QuantLinear(96, 64, kind, bias=False)
-        layer.load_rows(0, w)
-        layer.finalize()
-        ref_w = quantize(w, kind).dequantize()
-        assert torch.equal(layer.dequantized_weight(), ref_w)
-        torch.testing.assert_close(layer(x), x @ ref_w.T, rtol=1e-5, atol=1e-5)
-x, r, wt = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen), torch.randn(64, generator=gen)
-out, total = torch.ops.inferd.add_rms_norm(x, r, wt, 1e-5)
-torch.testing.assert_close(out, F.rms_norm(x + r, (64,), wt, 1e-5), rtol=1e-5, atol=1e-6)
-gu = torch.randn(3, 128, generator=gen)
-torch.testing.assert_close(torch.ops.inferd.silu_mul(gu), F.silu(gu[:, :64]) * gu[:, 64:], rtol=1e-5, atol=1e-6)
-# int8-activation kernels: the AVX2 paths as built without -march=native, results checked by the parent.
-w, x = torch.randn(64, 96, generator=gen), torch.randn(7, 96, generator=gen)
-outputs = {"w": w, "x": x}
-# SiLU over exp's whole range (underflow to overflow clamp), for the parent's bit check against the AVX-512 build;
-# 4992 = 312 x 16 gates, so neither build leaves a tail to scalar std::exp.
-gate = torch.cat([torch.linspace(-110.0, 95.0, 4001), torch.randn(991, generator=gen) * 20])
-outputs["silu_gate_up"] = torch.cat([gate, torch.randn(4992, generator=gen)]).reshape(1, -1)
-outputs["silu"] = torch.ops.inferd.silu_mul(outputs["silu_gate_up"])
-for kind in ("q4", "q8"):
-    layer = QuantLinear(96, 64, kind, bias=False, int8_activations=True)
-    layer.load_rows(0, w)
-    layer.finalize()
-    for path in torch.ops.inferd.a8_kernel_paths():
-        if path.startswith(("avx2", "portable")):
-            torch.ops.inferd.a8_kernel_path(path)
-            outputs[f"{kind}/{path}"] = layer(x)
-# The fused decoder (all layers in one call) equals the layer-by-layer path on each of these paths, bit for bit.
-from inferd.layers.paged_driver import PagedDriver
-from inferd.models import load_model
-model, arch_config = load_model(sys.argv[2], "cpu", "float32", quantization="int4-int8act")
-assert model._build_fused_layer_args() is not None
-for path in torch.ops.inferd.a8_kernel_paths():
-    if path.startswith(("avx2", "portable")):
-        torch.ops.inferd.a8_kernel_path(path)
-        logits = []
-        for fused in (True, False):
-            model.fused_layers_enabled = fused
-            driver = PagedDriver(model, arch_config, num_blocks=16, block_size=4)
-            steps = [driver.step([("a", list(range(3, 14))), ("b", [5, 6, 7])])]
-            steps += [driver.step([("a", [20 + i]), ("b", [30 + i, 31 + i])]) for i in range(3)]
-            logits.append(torch.cat(steps))
-        assert torch.equal(*logits), path
-torch.save(outputs, sys.argv[1])
-print("portable kernels ok")
-"""
-
-
-def test_portable_kernels_without_avx512(tmp_path):
-    """Laptops without AVX-512 get the portable C++ paths: build them here (-march=x86-64-v3, AVX2) in a child
-    process, in a scratch extension directory, and check them against the same references (and the fused decoder
-    against the layer-by-layer path, on a tiny model)."""
-    import os
-    import platform
-    import subprocess
-    import sys
-
-    # On a non-x86 CPU the native build has no AVX-512 either, so it is the portable path.
-    march = "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "native"
-    env = dict(os.environ, INFERD_CPU_MARCH=march, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    _, model_dir = save_tiny_model("llama_bias", tmp_path)
-    result = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK, str(tmp_path / "a8.pt"), model_dir], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "portable kernels ok" in result.stdout
-    outputs = torch.load(tmp_path / "a8.pt")
-    gate, up = outputs["silu_gate_up"].double().chunk(2, dim=-1)
-    torch.testing.assert_close(outputs["silu"].double(), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-30)
-    if has_avx512_kernels():  # the AVX2 exp is the AVX-512 one 8 lanes at a time: the same bits
-        assert torch.equal(outputs["silu"], torch.ops.inferd.silu_mul(outputs["silu_gate_up"]))
-    checked = set()
-    for key, y in outputs.items():
-        if "/" in key:
-            kind, path = key.split("/")
-            ref, ref_abs = emulate_a8_linear(outputs["x"], quantize(outputs["w"], kind))
-            assert bool(((y.double() - ref).abs() <= 1e-5 * ref_abs + 1e-6).all()), key
-            checked.add(path)
-    expected = {"portable", "avx2"} if platform.machine() in ("x86_64", "AMD64") else {"portable"}
-    assert expected <= checked
 
 
 # ---- the int8-activation scheme through the whole engine ---------------------------------------------------------

@@ -143,7 +143,8 @@ class LLMEngine:
         load_timings_s["kernels"] = time.perf_counter() - started
         started = time.perf_counter()
         model, arch_config = load_model(str(model_path), device=device, dtype=torch_dtype(dtype),
-                                        quantization=quantization, prepared_dir=args.prepared_weights_dir)
+                                        quantization=quantization, prepared_dir=args.prepared_weights_dir,
+                                        kernel_backend=args.kernel_backend)
         load_timings_s["weights"] = time.perf_counter() - started
         weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         if args.served_model_name is None:
@@ -181,7 +182,8 @@ class LLMEngine:
             started = time.perf_counter()
             draft_model, draft_arch_config = _load_draft_model(
                 config.speculative_model, model, arch_config, tokenizer, device=device, dtype=dtype,
-                quantization=args.quantization, prepared_dir=args.prepared_weights_dir)
+                quantization=args.quantization, prepared_dir=args.prepared_weights_dir,
+                kernel_backend=config.kernel_backend)
             load_timings_s["draft"] = time.perf_counter() - started
             draft_bytes = kv_cache_bytes_per_block(draft_arch_config, config.block_size, torch_dtype(dtype)) * num_blocks
             print(f"inferd: speculative draft {config.speculative_model} ({draft_arch_config.num_layers} layers), "
@@ -508,7 +510,7 @@ class LLMEngine:
 
 
 def _load_draft_model(speculative_model: str, target, target_arch_config, tokenizer: Tokenizer, *, device: str,
-                      dtype: str, quantization: str, prepared_dir: str | None):
+                      dtype: str, quantization: str, prepared_dir: str | None, kernel_backend: str = "cpu-fused"):
     """(draft model, its arch config) for `speculative_model`: "self:K" (a view of the target's first K layers) or
     a local path to a model with the target's vocabulary."""
     num_self_layers = parse_self_draft(speculative_model)
@@ -522,7 +524,8 @@ def _load_draft_model(speculative_model: str, target, target_arch_config, tokeni
     draft_quantization = resolve_quantization(quantization, is_gguf=is_gguf_file(str(path)), device=device,
                                               dtype=dtype)
     draft, draft_arch_config = load_model(str(path), device=device, dtype=torch_dtype(dtype),
-                                          quantization=draft_quantization, prepared_dir=prepared_dir)
+                                          quantization=draft_quantization, prepared_dir=prepared_dir,
+                                          kernel_backend=kernel_backend)
     draft_tokenizer = Tokenizer.from_pretrained(str(path))
     if draft_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
         raise ValueError(f"speculative_model: {speculative_model!r} has a different tokenizer vocabulary from the "

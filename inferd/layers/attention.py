@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inferd.kernels import use_cpu_ops
+from inferd.kernels import DEFAULT_KERNEL_BACKEND, KernelBackend
 
 if TYPE_CHECKING:  # layers never import models at run time (models import layers)
     from inferd.models.arch_config import ModelArchConfig
@@ -260,10 +260,11 @@ def _gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Ten
 
 
 def _decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float, sliding_window: int | None
+    q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata, scale: float, sliding_window: int | None,
+    backend: KernelBackend = DEFAULT_KERNEL_BACKEND,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """q [T, H, D] -> (token indices or None, out [Bd, H, D]) for the query-length-1 sequences."""
-    if use_cpu_ops(q) and kv_cache.is_contiguous():
+    if backend.use_cpu_ops(q) and kv_cache.is_contiguous():
         # Fused CPU kernel: K/V read in place through the block tables, no gathered copy, no mask.
         token_indices, block_tables, seq_lens = _decode_rows(md)
         q_dec = q if token_indices is None else q.index_select(0, token_indices)
@@ -324,12 +325,14 @@ def paged_attention(
     md: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    backend: KernelBackend = DEFAULT_KERNEL_BACKEND,
 ) -> torch.Tensor:
-    """q [T, H, D], k/v [T, Hkv, D] (new tokens, any strides) -> out [T, H, D]. Writes k/v into kv_cache first."""
+    """q [T, H, D], k/v [T, Hkv, D] (new tokens, any strides) -> out [T, H, D]. Writes k/v into kv_cache first.
+    backend: the model's kernel backend (the fused CPU kernel or the torch code)."""
     write_kv_cache(kv_cache, k, v, md.slot_mapping)
     if md.is_decode_only:
-        return _decode_attention(q, kv_cache, md, scale, sliding_window)[1]
-    if use_cpu_ops(q) and kv_cache.is_contiguous():
+        return _decode_attention(q, kv_cache, md, scale, sliding_window, backend)[1]
+    if backend.use_cpu_ops(q) and kv_cache.is_contiguous():
         # Every new token as its own decode row (its causal limit as its seq_len): a token's output is then the
         # same bits whether it arrives in a prefill, a prefill chunk, a speculative verify or a decode step.
         block_tables, seq_lens = _token_rows(md)
@@ -347,6 +350,6 @@ def paged_attention(
             q[start:end], k[start:end], v[start:end], kv_cache, md, seq_id, scale, sliding_window
         )
     if has_decodes:
-        token_indices, decode_out = _decode_attention(q, kv_cache, md, scale, sliding_window)
+        token_indices, decode_out = _decode_attention(q, kv_cache, md, scale, sliding_window, backend)
         out.index_copy_(0, token_indices, decode_out)
     return out

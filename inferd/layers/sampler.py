@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from inferd.kernels import use_cpu_ops
+from inferd.kernels import DEFAULT_KERNEL_BACKEND, KernelBackend
 from inferd.request import SamplingParams
 
 # top_p without a top_k bound first ranks this many tokens by a partial topk; see _apply_top_p.
@@ -459,10 +459,10 @@ def apply_sampling_filters(logits: Tensor, md: SamplingMetadata) -> Tensor:
     return scaled
 
 
-def log_normalizers_of(logits: Tensor) -> Tensor:
+def log_normalizers_of(logits: Tensor, backend: KernelBackend = DEFAULT_KERNEL_BACKEND) -> Tensor:
     """logsumexp of each row [B, V] -> [B]: one fused pass per row on CPU in float32 (torch's takes ~0.17 ms for
     one 49k-token row, a few % of a decode step), else torch's. Row by row either way: batch-independent bits."""
-    if logits.dim() == 2 and use_cpu_ops(logits):
+    if logits.dim() == 2 and backend.use_cpu_ops(logits):
         return torch.ops.inferd.logsumexp_rows(logits)
     return logits.logsumexp(dim=-1)
 
@@ -471,8 +471,10 @@ class Sampler:
     """Picks one token per row. `generator` drives the rows without their own seed (None: torch's default RNG
     for the logits' device)."""
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None,
+                 kernel_backend: KernelBackend = DEFAULT_KERNEL_BACKEND) -> None:
         self.generator = generator
+        self.kernel_backend = kernel_backend  # the model's: the fused logsumexp or torch's
 
     def __call__(self, logits: Tensor, md: SamplingMetadata) -> SamplerOutput:
         if logits.shape != (md.num_rows, md.vocab_size):
@@ -491,7 +493,7 @@ class Sampler:
                 sampled_ids[md.random_row_ids] = random_ids
                 sampled_ids[md.greedy_row_ids] = edited_logits.index_select(0, md.greedy_row_ids).argmax(dim=-1)
 
-        log_normalizers = log_normalizers_of(raw_logits)  # [B]
+        log_normalizers = log_normalizers_of(raw_logits, self.kernel_backend)  # [B]
         sampled_logprobs = raw_logits.gather(1, sampled_ids[:, None])[:, 0] - log_normalizers
         return self._to_output(raw_logits, log_normalizers, sampled_ids, sampled_logprobs, md)
 
@@ -613,7 +615,7 @@ class Sampler:
         rows_t = torch.tensor(emitted_rows, dtype=torch.int64, device=device)
         ids_t = torch.tensor([t for ids in token_ids for t in ids], dtype=torch.int64, device=device)
         emitted_logits = raw_logits.index_select(0, rows_t)  # [E, V]
-        log_normalizers = log_normalizers_of(emitted_logits)
+        log_normalizers = log_normalizers_of(emitted_logits, self.kernel_backend)
         emitted_logprobs = (emitted_logits.gather(1, ids_t[:, None])[:, 0] - log_normalizers).tolist()
         num_logprobs_of_row = dict(zip(md.logprob_row_ids, md.num_logprobs))
         max_num = max((num_logprobs_of_row.get(r, 0) for r in emitted_rows), default=0)

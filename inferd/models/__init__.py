@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from inferd.kernels import KernelBackend, apply_kernel_backend, resolve_kernel_backend
 from inferd.models.arch_config import ModelArchConfig, RopeScaling
 from inferd.models.registry import create_model, get_model_class, supported_architectures
 
@@ -49,19 +50,29 @@ def read_model_arch_config(path: str) -> ModelArchConfig:
 
 def load_model(
     path: str | os.PathLike, device: torch.device | str, dtype: torch.dtype | str, quantization: str = "none",
-    prepared_dir: str | None = None,
+    prepared_dir: str | None = None, kernel_backend: "str | KernelBackend | None" = None,
 ) -> tuple[torch.nn.Module, ModelArchConfig]:
     """(model in eval mode on `device` in `dtype`, its arch config) from a HF directory (config.json +
     *.safetensors) or a .gguf file. quantization: a resolved scheme of inferd.quant (none: GGUF blocks are
     dequantized; gguf: they are kept; int8 / int4: float weights are quantized as they load).
     prepared_dir: keep the finished weights there after the first load and map them on later loads
-    (models/prepared.py; CPU only)."""
-    path = os.fspath(path)
+    (models/prepared.py; CPU only).
+    kernel_backend: the code this model's layers run (inferd.kernels.KERNEL_BACKENDS; None or "auto": cpu-fused),
+    set on its modules here, so two models in one process can run different backends."""
+    backend = resolve_kernel_backend(kernel_backend)
+    model, arch_config = _load_model(os.fspath(path), device, dtype, quantization, prepared_dir)
+    apply_kernel_backend(model, backend)
+    return model, arch_config
+
+
+def _load_model(
+    path: str, device: torch.device | str, dtype: torch.dtype | str, quantization: str, prepared_dir: str | None,
+) -> tuple[torch.nn.Module, ModelArchConfig]:
     if prepared_dir is not None and str(device) == "cpu":
         from inferd.models.prepared import load_or_prepare
 
         return load_or_prepare(prepared_dir, path, str(device), _as_dtype(dtype), quantization,
-                               lambda: load_model(path, device, dtype, quantization))
+                               lambda: _load_model(path, device, dtype, quantization, None))
     from inferd.models.gguf_loader import load_gguf_model
     from inferd.models.hf_loader import is_hf_model_dir, load_hf_model
 

@@ -44,6 +44,8 @@ class EarlyExitModel:
             target.arch_config, num_layers=num_layers,
             layer_sliding_windows=target.arch_config.layer_sliding_windows[:num_layers])
         self.dtype: torch.dtype = next(target.parameters()).dtype
+        # The target's layers run, so its kernel backend (the runner gives it to the draft's sampler).
+        self.kernel_backend = getattr(target, "kernel_backend", None)
 
     def __call__(self, input_ids, positions, attn_metadata, kv_caches) -> torch.Tensor:
         return self.target(input_ids, positions, attn_metadata, kv_caches, num_layers=self.num_layers)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferd.kernels import use_cpu_ops
+from inferd.kernels import DEFAULT_KERNEL_BACKEND, KernelBackend
 from inferd.layers.attention import AttentionMetadata, paged_attention, token_rows
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rotary import RotaryEmbedding, apply_rotary
@@ -28,6 +28,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class Attention(nn.Module):
+    kernel_backend: KernelBackend = DEFAULT_KERNEL_BACKEND  # the model's own, set at load (apply_kernel_backend)
+
     def __init__(self, cfg: ModelArchConfig, layer_id: int) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         h, hkv = self.num_heads, self.num_kv_heads
         qkv_rows = self.qkv_proj(x)  # [T, (h + 2 hkv) * D], a fresh tensor
         qkv = qkv_rows.view(num_tokens, h + 2 * hkv, self.head_dim)
-        if self.q_norm is None and use_cpu_ops(qkv_rows):
+        if self.q_norm is None and self.kernel_backend.use_cpu_ops(qkv_rows):
             torch.ops.inferd.rotary_inplace(qkv_rows, cos, signed_sin, h + hkv, self.head_dim)
             q, k = qkv[:, :h], qkv[:, h : h + hkv]
         elif self.q_norm is not None:
@@ -66,11 +68,13 @@ class Attention(nn.Module):
             qk = apply_rotary(qkv[:, : h + hkv], cos, signed_sin)  # q and k heads rotated in one pass
             q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, h + hkv :]
-        out = paged_attention(q, k, v, kv_cache, md, self.scale, self.sliding_window)  # [T, H, D]
+        out = paged_attention(q, k, v, kv_cache, md, self.scale, self.sliding_window, self.kernel_backend)  # [T, H, D]
         return self.o_proj(out.reshape(num_tokens, h * self.head_dim))
 
 
 class MLP(nn.Module):
+    kernel_backend: KernelBackend = DEFAULT_KERNEL_BACKEND
+
     def __init__(self, cfg: ModelArchConfig) -> None:
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
@@ -79,7 +83,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if use_cpu_ops(gate_up):
+        if self.kernel_backend.use_cpu_ops(gate_up):
             return self.down_proj(torch.ops.inferd.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -124,6 +128,8 @@ class LlamaForCausalLM(nn.Module):
     """model.forward(input_ids [T], positions [T], attn_metadata, kv_caches) -> hidden [T, hidden];
     model.compute_logits(hidden [B, hidden]) -> logits [B, vocab] float32."""
 
+    kernel_backend: KernelBackend = DEFAULT_KERNEL_BACKEND
+
     def __init__(self, arch_config: ModelArchConfig) -> None:
         super().__init__()
         self.arch_config = arch_config
@@ -154,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
         early exit a self-draft proposes with (models/early_exit.py). None: all layers."""
         hidden = self.model.embed_tokens(input_ids)  # [T, hidden]
         cos, signed_sin = self.rotary.cos_sin(positions, hidden.dtype)
-        if self.fused_layers_enabled and use_cpu_ops(hidden):
+        if self.fused_layers_enabled and self.kernel_backend.use_cpu_ops(hidden):
             fused = self._fused_args if self._fused_args is not False else self._build_fused_layer_args()
             if fused is not None and kv_caches[0].is_contiguous():
                 return self._fused_forward(hidden, cos, signed_sin, attn_metadata, kv_caches, num_layers, *fused)

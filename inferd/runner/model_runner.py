@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from inferd.config import EngineConfig
+from inferd.kernels import resolve_kernel_backend
 from inferd.layers.attention import AttentionMetadata, allocate_kv_caches
 from inferd.layers.sampler import Sampler, TokenBitmask, build_sampling_metadata
 from inferd.request import SamplingParams
@@ -76,7 +77,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(
             arch_config, num_blocks, config.block_size, model_dtype(model), self.device
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(kernel_backend=resolve_kernel_backend(getattr(model, "kernel_backend", None)))
         self.max_blocks_per_seq = (config.max_model_len + config.block_size - 1) // config.block_size
         # Persistent host-side step buffers (int64). Sized for the largest step the scheduler can produce.
         max_tokens = config.max_num_batched_tokens

@@ -6,6 +6,8 @@
 //   paged_decode_attention  one query token per sequence against its paged K/V, read in place through the
 //                    block table (torch: gather the blocks into a copy, then SDPA)
 // All float32, accumulation in float32; results match the torch reference code to float32 rounding.
+// The vector code is in decode_ops_body.inc, compiled here once per code level (inferd_cpu.h); the row functions
+// of inferd_cpu:: run the level of the kernel path in use.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,145 +22,75 @@
 
 #include "inferd_cpu.h"
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(INFERD_X86)
 #include <immintrin.h>
-#endif
-// The x86-64-v3 (AVX2 + FMA, no AVX-512) paths below: 8-lane versions of the AVX-512 loops, same arithmetic.
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-#define INFERD_AVX2_ONLY 1
 #endif
 
 namespace {
 
-#if defined(__AVX512F__)
-// e^x for 16 floats, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two for an exact
-// reduction), e^r by Cephes' degree-6 expf polynomial, then times 2^n by vscalefps. Inputs are clamped to
-// [-103, 88.38]: results underflow to 0 below, and e^88.38 is the largest finite float.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+#define INFERD_LEVEL 0
+namespace portable {
+#include "decode_ops_body.inc"
+}  // namespace portable
+#undef INFERD_LEVEL
+
+#if defined(INFERD_X86)
+#define INFERD_LEVEL 3
+INFERD_PUSH_V3
+namespace x86_v3 {
+#include "decode_ops_body.inc"
+}  // namespace x86_v3
+INFERD_POP
+#undef INFERD_LEVEL
+
+#define INFERD_LEVEL 4
+INFERD_PUSH_V4
+namespace x86_v4 {
+#include "decode_ops_body.inc"
+}  // namespace x86_v4
+INFERD_POP
+#undef INFERD_LEVEL
 #endif
 
-#if defined(INFERD_AVX2_ONLY)
-// e^x for 8 floats: the same clamp, reduction and polynomial as exp16, so each lane gives exp16's bits. AVX2 has
-// no vscalefps, so 2^n (n in [-149, 128]) is applied as two exact power-of-two factors 2^(n>>1) and 2^(n-(n>>1)),
-// each a normal float, which rounds once (at the second multiply) as vscalefps does.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-103.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i n1 = _mm256_srai_epi32(ni, 1);
-  const __m256i n2 = _mm256_sub_epi32(ni, n1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}  // namespace
+
+namespace inferd_cpu {
+
+void paged_attention_rows(const float* qp, int64_t q_row_stride, int64_t B, int64_t H, int64_t D, const float* kp,
+                          int64_t num_blocks, int64_t block_size, int64_t Hkv, const int64_t* bt, int64_t max_blocks,
+                          const int64_t* lens, float fscale, int64_t sliding_window, float* op) {
+  INFERD_LEVEL_CALL(paged_attention_rows, qp, q_row_stride, B, H, D, kp, num_blocks, block_size, Hkv, bt, max_blocks,
+                    lens, fscale, sliding_window, op)
 }
 
-inline float reduce_add8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+void rms_norm_rows(const float* xp, const float* wp, float eps, int64_t rows, int64_t n, float* op) {
+  INFERD_LEVEL_CALL(rms_norm_rows, xp, wp, eps, rows, n, op)
 }
 
-inline float reduce_max8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
-
-// v[i] = exp(v[i] - shift) for i < n; returns their sum.
-inline float exp_shifted_sum(float* v, int64_t n, float shift) {
-  float total = 0.f;
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 sh = _mm512_set1_ps(shift);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(v + i), sh));
-    _mm512_storeu_ps(v + i, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  total = _mm512_reduce_add_ps(acc);
-#elif defined(INFERD_AVX2_ONLY)
-  __m256 acc = _mm256_setzero_ps();
-  const __m256 sh = _mm256_set1_ps(shift);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), sh));
-    _mm256_storeu_ps(v + i, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  total = reduce_add8(acc);
-#endif
-  for (; i < n; ++i) {
-    v[i] = std::exp(v[i] - shift);
-    total += v[i];
-  }
-  return total;
+void add_rms_norm_rows(const float* xp, const float* rp, const float* wp, float eps, int64_t rows, int64_t n,
+                       float* op, float* sp) {
+  INFERD_LEVEL_CALL(add_rms_norm_rows, xp, rp, wp, eps, rows, n, op, sp)
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-#if defined(__AVX512F__)
-  // No `omp simd reduction` here: its 16-lane epilogue (16 dependent scalar adds) would run on every call.
-  int64_t i = 0;
-  __m512 v = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16) v = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), v);
-  float acc = _mm512_reduce_add_ps(v);
-  for (; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-#elif defined(INFERD_AVX2_ONLY)
-  int64_t i = 0;
-  __m256 v = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), v);
-  float acc = reduce_add8(v);
-  for (; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-#else
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-#endif
+void rotary_rows(float* base, int64_t T, int64_t row_stride, const float* cp, const float* sp, int64_t num_heads,
+                 int64_t head_dim) {
+  INFERD_LEVEL_CALL(rotary_rows, base, T, row_stride, cp, sp, num_heads, head_dim)
+}
+
+void silu_mul_rows(const float* gp, int64_t rows, int64_t inter, float* op) {
+  INFERD_LEVEL_CALL(silu_mul_rows, gp, rows, inter, op)
+}
+
+}  // namespace inferd_cpu
+
+namespace {
+
+void logsumexp_rows_raw(const float* lp, int64_t B, int64_t V, float* op) {
+  INFERD_LEVEL_CALL(logsumexp_rows_raw, lp, B, V, op)
 }
 
 void check_f32_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a CPU float32 tensor");
-}
-
-// ---- RMSNorm, with the residual add before it -----------------------------------------------------------------
-
-void rms_norm_row(const float* s, const float* w, float eps, int64_t n, float* out) {
-  float sum_sq = 0.f;
-#pragma omp simd reduction(+ : sum_sq)
-  for (int64_t i = 0; i < n; ++i) sum_sq += s[i] * s[i];
-  const float inv_rms = 1.f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = s[i] * inv_rms * w[i];
 }
 
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
@@ -238,243 +170,9 @@ at::Tensor logsumexp_rows(const at::Tensor& logits_in) {
   at::Tensor out = at::empty({B}, logits.options());
   const float* lp = logits.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* x = lp + b * V;
-      float mx = -std::numeric_limits<float>::infinity();
-      bool has_nan = false;
-      int64_t i = 0;
-#if defined(__AVX512F__)
-      __m512 vmax = _mm512_set1_ps(mx);
-      __mmask16 nan_lanes = 0;
-      for (; i + 16 <= V; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        nan_lanes |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        vmax = _mm512_max_ps(vmax, v);
-      }
-      mx = _mm512_reduce_max_ps(vmax);
-      has_nan = nan_lanes != 0;
-#elif defined(INFERD_AVX2_ONLY)
-      __m256 vmax = _mm256_set1_ps(mx);
-      __m256 nan_lanes = _mm256_setzero_ps();
-      for (; i + 8 <= V; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        nan_lanes = _mm256_or_ps(nan_lanes, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        vmax = _mm256_max_ps(vmax, v);
-      }
-      mx = reduce_max8(vmax);
-      has_nan = _mm256_movemask_ps(nan_lanes) != 0;
-#endif
-      for (; i < V; ++i) {
-        has_nan |= std::isnan(x[i]);
-        mx = std::max(mx, x[i]);
-      }
-      if (has_nan || std::isinf(mx)) {
-        op[b] = has_nan ? std::numeric_limits<float>::quiet_NaN() : mx;  // all -inf, or an +inf
-        continue;
-      }
-      float total = 0.f;
-      i = 0;
-#if defined(__AVX512F__)
-      __m512 acc = _mm512_setzero_ps();
-      const __m512 sh = _mm512_set1_ps(mx);
-      for (; i + 16 <= V; i += 16) acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh)));
-      total = _mm512_reduce_add_ps(acc);
-#elif defined(INFERD_AVX2_ONLY)
-      __m256 acc = _mm256_setzero_ps();
-      const __m256 sh = _mm256_set1_ps(mx);
-      for (; i + 8 <= V; i += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
-      total = reduce_add8(acc);
-#endif
-      for (; i < V; ++i) total += std::exp(x[i] - mx);
-      op[b] = mx + std::log(total);
-    }
-  });
+  logsumexp_rows_raw(lp, B, V, op);
   return out;
 }
-
-// ---- paged decode attention -----------------------------------------------------------------------------------
-
-#if defined(__AVX512F__)
-// out = sum over visible keys s of p[s] * v_s for one query head, the DC x 16 output floats held in registers.
-template <int DC>
-void weighted_values_avx512(const float* probs, int64_t first, int64_t len, const int64_t* block_table,
-                            int64_t block_size, const float* vp, int64_t Hkv, int64_t g, float* out) {
-  constexpr int64_t D = DC * 16;
-  __m512 acc[DC];
-  for (int c = 0; c < DC; ++c) acc[c] = _mm512_setzero_ps();
-  const float* p = probs - first;
-  for (int64_t pos = first; pos < len;) {
-    const int64_t block = block_table[pos / block_size];
-    const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
-    const float* v = vp + ((block * block_size + pos % block_size) * Hkv + g) * D;
-    for (; pos < end; ++pos, v += Hkv * D) {
-      const __m512 pv = _mm512_set1_ps(p[pos]);
-      for (int c = 0; c < DC; ++c) acc[c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + 16 * c), acc[c]);
-    }
-  }
-  for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
-}
-#elif defined(INFERD_AVX2_ONLY)
-// weighted_values_avx512 with 8 lanes: the DC x 8 output floats held in registers.
-template <int DC>
-void weighted_values_avx2(const float* probs, int64_t first, int64_t len, const int64_t* block_table,
-                          int64_t block_size, const float* vp, int64_t Hkv, int64_t g, float* out) {
-  constexpr int64_t D = DC * 8;
-  __m256 acc[DC];
-  for (int c = 0; c < DC; ++c) acc[c] = _mm256_setzero_ps();
-  const float* p = probs - first;
-  for (int64_t pos = first; pos < len;) {
-    const int64_t block = block_table[pos / block_size];
-    const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
-    const float* v = vp + ((block * block_size + pos % block_size) * Hkv + g) * D;
-    for (; pos < end; ++pos, v += Hkv * D) {
-      const __m256 pv = _mm256_set1_ps(p[pos]);
-      for (int c = 0; c < DC; ++c) acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), acc[c]);
-    }
-  }
-  for (int c = 0; c < DC; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
-}
-#endif
-
-}  // namespace
-
-namespace inferd_cpu {
-
-// One work item per (query row, query head), so that one sequence's few heads still spread over every thread
-// (a kv head's K/V rows, read once from memory by the first of its query heads, come from cache for the others).
-// A head's scores, softmax and weighted sum are the same operations whatever the split.
-void paged_attention_rows(const float* qp, int64_t q_row_stride, int64_t B, int64_t H, int64_t D, const float* kp,
-                          int64_t num_blocks, int64_t block_size, int64_t Hkv, const int64_t* bt, int64_t max_blocks,
-                          const int64_t* lens, float fscale, int64_t sliding_window, float* op) {
-  const int64_t G = H / Hkv;
-  const float* vp = kp + num_blocks * block_size * Hkv * D;
-  at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> scores;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t b = w / H, h = w % H, g = h / G;
-      const int64_t len = lens[b];
-      TORCH_CHECK(len >= 1 && len <= max_blocks * block_size, "seq_len out of the block table's range");
-      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, len - sliding_window) : 0;
-      const int64_t n = len - first;
-      scores.resize(n);
-      const float* qh = qp + b * q_row_stride + h * D;
-      const int64_t* table = bt + b * max_blocks;
-      // Keys block by block (no division per key): slot = block * block_size + offset.
-      for (int64_t pos = first; pos < len;) {
-        const int64_t block = table[pos / block_size];
-        const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
-        const float* k = kp + ((block * block_size + pos % block_size) * Hkv + g) * D;
-        for (; pos < end; ++pos, k += Hkv * D) scores[pos - first] = dot(qh, k, D) * fscale;
-      }
-      float* sc = scores.data();  // softmax over the n visible keys
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < n; ++s) mx = std::max(mx, sc[s]);
-      const float inv = 1.f / exp_shifted_sum(sc, n, mx);
-#pragma omp simd
-      for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
-      float* out_h = op + (b * H + h) * D;
-#if defined(__AVX512F__)
-      if (D == 64) {
-        weighted_values_avx512<4>(sc, first, len, table, block_size, vp, Hkv, g, out_h);
-        continue;
-      }
-      if (D == 128) {
-        weighted_values_avx512<8>(sc, first, len, table, block_size, vp, Hkv, g, out_h);
-        continue;
-      }
-#elif defined(INFERD_AVX2_ONLY)
-      if (D == 64) {  // 8 accumulators; D = 128 would need 16, all of AVX2's registers, so it takes the loop below
-        weighted_values_avx2<8>(sc, first, len, table, block_size, vp, Hkv, g, out_h);
-        continue;
-      }
-#endif
-      std::fill(out_h, out_h + D, 0.f);
-      for (int64_t pos = first; pos < len;) {
-        const int64_t block = table[pos / block_size];
-        const int64_t end = std::min(len, (pos / block_size + 1) * block_size);
-        const float* v = vp + ((block * block_size + pos % block_size) * Hkv + g) * D;
-        for (; pos < end; ++pos, v += Hkv * D) {
-          const float p = sc[pos - first];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) out_h[d] += p * v[d];
-        }
-      }
-    }
-  });
-}
-
-void rms_norm_rows(const float* xp, const float* wp, float eps, int64_t rows, int64_t n, float* op) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) rms_norm_row(xp + r * n, wp, eps, n, op + r * n);
-  });
-}
-
-void add_rms_norm_rows(const float* xp, const float* rp, const float* wp, float eps, int64_t rows, int64_t n,
-                       float* op, float* sp) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* s = sp + r * n;
-      const float* xr = xp + r * n;
-      const float* rr = rp + r * n;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) s[i] = xr[i] + rr[i];
-      rms_norm_row(s, wp, eps, n, op + r * n);
-    }
-  });
-}
-
-void rotary_rows(float* base, int64_t T, int64_t row_stride, const float* cp, const float* sp, int64_t num_heads,
-                 int64_t head_dim) {
-  const int64_t half = head_dim / 2;
-  at::parallel_for(0, T * num_heads, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / num_heads;
-      float* x = base + t * row_stride + (i % num_heads) * head_dim;
-      const float* c = cp + t * head_dim;
-      const float* s = sp + t * head_dim;
-#pragma omp simd
-      for (int64_t j = 0; j < half; ++j) {
-        const float x1 = x[j];
-        const float x2 = x[j + half];
-        x[j] = x1 * c[j] + x2 * s[j];
-        x[j + half] = x2 * c[j + half] + x1 * s[j + half];
-      }
-    }
-  });
-}
-
-void silu_mul_rows(const float* gp, int64_t rows, int64_t inter, float* op) {
-  const int64_t width = 2 * inter;
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* g = gp + r * width;
-      const float* u = g + inter;
-      float* o = op + r * inter;
-      int64_t i = 0;
-#if defined(__AVX512F__)
-      const __m512 one = _mm512_set1_ps(1.f);
-      for (; i + 16 <= inter; i += 16) {
-        const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_loadu_ps(u + i)));
-      }
-#elif defined(INFERD_AVX2_ONLY)
-      const __m256 one = _mm256_set1_ps(1.f);
-      for (; i + 8 <= inter; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
-      }
-#endif
-      for (; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    }
-  });
-}
-
-}  // namespace inferd_cpu
-
-namespace {
 
 // q [B, H, D] (one new token per sequence, any strides), kv_cache [2, num_blocks, block_size, Hkv, D] contiguous,
 // block_tables [B, max_blocks] int64, seq_lens [B] int64 (keys in the cache, the new token's included).

@@ -23,7 +23,9 @@
 //
 // Code paths, chosen at run time (one build carries all the x86 ones through per-region target pragmas):
 // avx512-vnni, avx512 (BW), avx2-vnni (AVX-VNNI), avx2, portable. The default is the best the CPU has;
-// INFERD_INT8_KERNEL=<path> or the a8_kernel_path op forces one (tests run every path a machine can).
+// INFERD_CPU_KERNEL=<path> (older name: INFERD_INT8_KERNEL) or the cpu_kernel_path op forces one (tests run every
+// path a machine can). This file owns the choice for the whole library: the other kernels run the code level of
+// the path in use (inferd_cpu::kernel_level: avx512* -> x86-64-v4, avx2* -> x86-64-v3, portable -> baseline).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,8 +42,7 @@
 
 #include "inferd_cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define INFERD_A8_X86 1
+#if defined(INFERD_X86)
 #include <cpuid.h>
 #include <immintrin.h>
 #endif
@@ -51,6 +52,12 @@ namespace {
 constexpr int64_t kBlock = 32;
 enum class Format { kQ4, kQ8, kQ6 };
 using Half = c10::Half;
+using inferd_cpu::kAvx2;
+using inferd_cpu::kAvx2Vnni;
+using inferd_cpu::kAvx512;
+using inferd_cpu::kAvx512Vnni;
+using inferd_cpu::kNumPaths;
+using inferd_cpu::kPortable;
 
 struct A8Packed {
   const uint8_t* qs;
@@ -71,31 +78,33 @@ struct A8Rows {
   const int32_t* isum16;
 };
 
+// quantize_rows, once per code level: its rounding (nearbyint) is a libm call per value without SSE4.1.
+#define INFERD_LEVEL 0
+namespace portable {
+#include "a8_quantize_body.inc"
+}  // namespace portable
+#undef INFERD_LEVEL
+
+#if defined(INFERD_X86)
+#define INFERD_LEVEL 3
+INFERD_PUSH_V3
+namespace x86_v3 {
+#include "a8_quantize_body.inc"
+}  // namespace x86_v3
+INFERD_POP
+#undef INFERD_LEVEL
+
+#define INFERD_LEVEL 4
+INFERD_PUSH_V4
+namespace x86_v4 {
+#include "a8_quantize_body.inc"
+}  // namespace x86_v4
+INFERD_POP
+#undef INFERD_LEVEL
+#endif
+
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* dsum, int32_t* isum16) {
-  const int64_t num_blocks = K / kBlock;
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t b = 0; b < num_blocks; ++b) {
-        const float* xb = x + m * K + b * kBlock;
-        float amax = 0.f;
-        for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
-        const float scale = amax / 127.f;
-        const float inv = scale != 0.f ? 1.f / scale : 0.f;
-        int8_t* qb = q + m * K + b * kBlock;
-        int32_t half_sum[2] = {0, 0};
-        for (int k = 0; k < kBlock; ++k) {
-          const int32_t v = std::min(127, std::max(-127, static_cast<int32_t>(std::nearbyint(xb[k] * inv))));
-          qb[k] = static_cast<int8_t>(v);
-          half_sum[k / 16] += v;
-        }
-        const int32_t sum = half_sum[0] + half_sum[1];
-        isum16[(m * num_blocks + b) * 2] = half_sum[0];
-        isum16[(m * num_blocks + b) * 2 + 1] = half_sum[1];
-        d[m * num_blocks + b] = scale;
-        dsum[m * num_blocks + b] = scale * static_cast<float>(sum);
-      }
-    }
-  });
+  INFERD_LEVEL_CALL(quantize_rows, x, M, K, q, d, dsum, isum16)
 }
 
 // ---- portable path ------------------------------------------------------------------------------------------
@@ -158,7 +167,7 @@ void portable_run_tiles(Format f, const A8Rows& x, int64_t M, const A8Packed& w,
   else portable_tiles<Format::kQ8>(x, M, w, t0, t1, y, N);
 }
 
-#if defined(INFERD_A8_X86)
+#if defined(INFERD_X86)
 // ---- AVX-512: VNNI and BW-only ---------------------------------------------------------------------------------
 #define INFERD_A8_AVX512_COMMON                                                                                    \
   constexpr int kLanes = 16, kMaxRows = 4, kGroupTiles = 2;                                                        \
@@ -276,16 +285,15 @@ constexpr float kQ8MinScale = 0.f;
 #include "int8_tiles.inc"
 }  // namespace avx2
 #pragma GCC pop_options
-#endif  // INFERD_A8_X86
+#endif  // INFERD_X86
 
 // ---- run-time choice of the path ----------------------------------------------------------------------------
 
-enum Path : int { kPortable = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512 = 3, kAvx512Vnni = 4, kNumPaths = 5 };
 const char* const kPathNames[kNumPaths] = {"portable", "avx2", "avx2-vnni", "avx512", "avx512-vnni"};
 
 bool cpu_runs(int path) {
   if (path == kPortable) return true;
-#if defined(INFERD_A8_X86)
+#if defined(INFERD_X86)
   __builtin_cpu_init();
   unsigned a = 0, b = 0, c = 0, d = 0;
   const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
@@ -311,7 +319,7 @@ bool cpu_runs(int path) {
 int path_by_name(const std::string& name) {
   for (int p = 0; p < kNumPaths; ++p)
     if (name == kPathNames[p]) return p;
-  TORCH_CHECK(false, "inferd int8 kernels: unknown path '", name,
+  TORCH_CHECK(false, "inferd CPU kernels: unknown path '", name,
               "' (one of auto, avx512-vnni, avx512, avx2-vnni, avx2, portable)");
   return kPortable;
 }
@@ -326,15 +334,17 @@ std::atomic<int> g_path{-1};
 
 int set_path(const std::string& name) {
   const int p = name == "auto" ? best_path() : path_by_name(name);
-  TORCH_CHECK(cpu_runs(p), "inferd int8 kernels: this CPU cannot run the '", name, "' path");
+  TORCH_CHECK(cpu_runs(p), "inferd CPU kernels: this CPU cannot run the '", name, "' path");
   g_path.store(p);
   return p;
 }
 
+// The first call picks the path: INFERD_CPU_KERNEL, else its older name INFERD_INT8_KERNEL, else the best.
 int current_path() {
-  int p = g_path.load();
+  int p = g_path.load(std::memory_order_relaxed);
   if (p < 0) {
-    const char* env = std::getenv("INFERD_INT8_KERNEL");
+    const char* env = std::getenv("INFERD_CPU_KERNEL");
+    if (!(env && *env)) env = std::getenv("INFERD_INT8_KERNEL");
     p = set_path(env && *env ? env : "auto");
   }
   return p;
@@ -380,7 +390,7 @@ void a8_linear_raw(Format f, const A8Packed& w, int64_t num_tiles, const float* 
   at::parallel_for(0, (num_tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
     const int64_t t0 = 2 * p0, t1 = std::min(num_tiles, 2 * p1);
     switch (path) {
-#if defined(INFERD_A8_X86)
+#if defined(INFERD_X86)
       case kAvx512Vnni: avx512_vnni::run_tiles(f, rows, M, w, t0, t1, yp, N); break;
       case kAvx512: avx512_bw::run_tiles(f, rows, M, w, t0, t1, yp, N); break;
       case kAvx2Vnni: avx2_vnni::run_tiles(f, rows, M, w, t0, t1, yp, N); break;
@@ -436,12 +446,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> a8_quantize_rows(const at::Tensor
   return {q, d, dsum};
 }
 
-// "" -> the current path; a path name (or "auto") -> switch to it and return it.
-std::string a8_kernel_path(const std::string& name) {
+// "" -> the path in use; a path name (or "auto") -> switch every kernel of the process to it and return it.
+std::string cpu_kernel_path(const std::string& name) {
   return kPathNames[name.empty() ? current_path() : set_path(name)];
 }
 
-std::vector<std::string> a8_kernel_paths() {
+// The paths this CPU runs, best first (the last is "portable").
+std::vector<std::string> cpu_kernel_paths() {
   std::vector<std::string> out;
   for (int p = kNumPaths - 1; p >= 0; --p)
     if (cpu_runs(p)) out.emplace_back(kPathNames[p]);
@@ -451,6 +462,13 @@ std::vector<std::string> a8_kernel_paths() {
 }  // namespace
 
 namespace inferd_cpu {
+
+int kernel_path() { return current_path(); }
+
+int kernel_level() {
+  static const int kLevels[kNumPaths] = {0, 3, 3, 4, 4};  // portable, avx2, avx2-vnni, avx512, avx512-vnni
+  return kLevels[current_path()];
+}
 
 void a8_check(A8Weight& w) {
   TORCH_CHECK(w.format >= 0 && w.format <= 2, "inferd int8 linear: format must be 0 (q4), 1 (q8) or 2 (q6)");
@@ -475,8 +493,8 @@ TORCH_LIBRARY_FRAGMENT(inferd, m) {
   m.def("q8_a8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
   m.def("q6_a8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
   m.def("a8_quantize_rows(Tensor x) -> (Tensor, Tensor, Tensor)");
-  m.def("a8_kernel_path(str name) -> str", &a8_kernel_path);
-  m.def("a8_kernel_paths() -> str[]", &a8_kernel_paths);
+  m.def("cpu_kernel_path(str name) -> str", &cpu_kernel_path);
+  m.def("cpu_kernel_paths() -> str[]", &cpu_kernel_paths);
 }
 
 TORCH_LIBRARY_IMPL(inferd, CPU, m) {

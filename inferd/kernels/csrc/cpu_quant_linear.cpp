@@ -15,6 +15,9 @@
 // Q4_0 / Q4_1 / Q8_0 dequantizers (scale * q is exact in float32; one rounding for + min), so only the order of
 // the float32 summation differs from a matmul on the dequantized weights.
 //
+// The kernels are in quant_linear_body.inc, compiled here once per code level (inferd_cpu.h): AVX-512 at
+// x86-64-v4, the portable kernels vectorized by the compiler below it.
+//
 // Threads: torch's intra-op pool (at::parallel_for, compiled with -fopenmp against the libgomp torch loads).
 
 #include <ATen/ATen.h>
@@ -26,7 +29,9 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)
+#include "inferd_cpu.h"
+
+#if defined(INFERD_X86)
 #include <immintrin.h>
 #endif
 
@@ -52,234 +57,39 @@ struct Packed {
   int64_t scale_tile_floats() const { return K / kBlock * kTile; }
 };
 
-// ---- portable path (any x86 or ARM CPU): dequantize a tile into a buffer, then multiply ---------------------
 
-template <Format F>
-void dequant_tile(const Packed& w, int64_t t, float* out /* [16, K] row-major */) {
-  const int64_t K = w.K;
-  const Half* s = w.scales + t * w.scale_tile_floats();
-  const Half* mn = w.mins ? w.mins + t * w.scale_tile_floats() : nullptr;
-  if constexpr (F == Format::kQ4) {
-    const uint8_t* q = w.qs + t * w.qs_tile_bytes();
-    for (int64_t p = 0; p < K / 2; ++p) {
-      const int64_t b = 2 * p / kBlock;
-      for (int j = 0; j < kTile; ++j) {
-        const uint8_t byte = q[p * kTile + j];
-        const float sj = static_cast<float>(s[b * kTile + j]), mj = static_cast<float>(mn[b * kTile + j]);
-        out[j * K + 2 * p] = std::fma(sj, static_cast<float>(byte & 0x0F), mj);
-        out[j * K + 2 * p + 1] = std::fma(sj, static_cast<float>(byte >> 4), mj);
-      }
-    }
-  } else {
-    const int8_t* q = reinterpret_cast<const int8_t*>(w.qs) + t * K * kTile;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t b = k / kBlock;
-      for (int j = 0; j < kTile; ++j)
-        out[j * K + k] = static_cast<float>(s[b * kTile + j]) * static_cast<float>(q[k * kTile + j]);
-    }
-  }
-}
+#define INFERD_LEVEL 0
+namespace portable {
+#include "quant_linear_body.inc"
+}  // namespace portable
+#undef INFERD_LEVEL
 
-template <Format F>
-void tiles_generic(const float* x, int64_t M, const Packed& w, int64_t t0, int64_t t1, float* y, int64_t N) {
-  const int64_t K = w.K;
-  std::vector<float> buf(kTile * K);
-  for (int64_t t = t0; t < t1; ++t) {
-    dequant_tile<F>(w, t, buf.data());
-    for (int64_t m = 0; m < M; ++m) {
-      for (int j = 0; j < kTile; ++j) {
-        float acc = 0.f;
-        const float* wr = buf.data() + j * K;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * wr[k];
-        y[m * N + t * kTile + j] = acc;
-      }
-    }
-  }
-}
+#if defined(INFERD_X86)
+#define INFERD_LEVEL 3
+INFERD_PUSH_V3
+namespace x86_v3 {
+#include "quant_linear_body.inc"
+}  // namespace x86_v3
+INFERD_POP
+#undef INFERD_LEVEL
 
-#if defined(__AVX512F__)
-// ---- AVX-512 path ------------------------------------------------------------------------------------------
-
-inline __m512 load_half16(const Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-// Weights k0 and k0 + 1 (k0 even) of the 16 rows of tile t, given the tile's scale (and min) vectors of k0's
-// block.
-template <Format F>
-inline void dequant_pair(const Packed& w, int64_t t, int64_t k0, __m512 scale, __m512 min, __m512& w0, __m512& w1) {
-  if constexpr (F == Format::kQ4) {
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    const __m128i packed =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs + t * w.qs_tile_bytes() + (k0 / 2) * kTile));
-    const __m128i lo = _mm_and_si128(packed, nibble);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-    w0 = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), min);
-    w1 = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), min);
-  } else {
-    const uint8_t* q = w.qs + t * w.K * kTile + k0 * kTile;
-    w0 = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))));
-    w1 = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(
-                                  _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + kTile)))));
-  }
-}
-
-// Tile t dequantized into columns [16t, 16t + 16) of out [K, N] (the transpose of W, row-major).
-template <Format F>
-void dequant_tile_t(const Packed& w, int64_t t, float* out, int64_t N) {
-  for (int64_t b = 0; b < w.K / kBlock; ++b) {
-    const __m512 scale = load_half16(w.scales + t * w.scale_tile_floats() + b * kTile);
-    const __m512 min = F == Format::kQ4 ? load_half16(w.mins + t * w.scale_tile_floats() + b * kTile) : scale;
-    for (int64_t p = 0; p < kBlock / 2; ++p) {
-      const int64_t k0 = b * kBlock + 2 * p;
-      __m512 w0, w1;
-      dequant_pair<F>(w, t, k0, scale, min, w0, w1);
-      _mm512_storeu_ps(out + k0 * N + t * kTile, w0);
-      _mm512_storeu_ps(out + (k0 + 1) * N + t * kTile, w1);
-    }
-  }
-}
-#else
-template <Format F>
-void dequant_tile_t(const Packed& w, int64_t t, float* out, int64_t N) {
-  std::vector<float> buf(kTile * w.K);
-  dequant_tile<F>(w, t, buf.data());
-  for (int j = 0; j < kTile; ++j)
-    for (int64_t k = 0; k < w.K; ++k) out[k * N + t * kTile + j] = buf[j * w.K + k];
-}
+#define INFERD_LEVEL 4
+INFERD_PUSH_V4
+namespace x86_v4 {
+#include "quant_linear_body.inc"
+}  // namespace x86_v4
+INFERD_POP
+#undef INFERD_LEVEL
 #endif
 
-#if defined(__AVX512F__)
-// TILES tiles x MT activation rows; SPLIT accumulators per output vector (even / odd k) when the chains would
-// otherwise be latency-bound (few rows). Every loop bound is a compile-time constant, so accumulators stay in
-// registers: TILES * MT * SPLIT <= 16.
-template <Format F, int TILES, int MT, int SPLIT>
-inline void kernel_avx512(const float* x, int64_t x_stride, const Packed& w, int64_t t, float* y, int64_t N) {
-  const int64_t K = w.K;
-  __m512 acc[SPLIT][TILES][MT];
-  for (int s = 0; s < SPLIT; ++s)
-    for (int i = 0; i < TILES; ++i)
-      for (int m = 0; m < MT; ++m) acc[s][i][m] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / kBlock; ++b) {
-    __m512 scale[TILES], min[TILES];
-    for (int i = 0; i < TILES; ++i) {
-      scale[i] = load_half16(w.scales + (t + i) * w.scale_tile_floats() + b * kTile);
-      min[i] = F == Format::kQ4 ? load_half16(w.mins + (t + i) * w.scale_tile_floats() + b * kTile) : scale[i];
-    }
-    for (int64_t p = 0; p < kBlock / 2; ++p) {  // two k per step: k0 = 32b + 2p, k0 + 1
-      const int64_t k0 = b * kBlock + 2 * p;
-      __m512 w0[TILES], w1[TILES];
-      for (int i = 0; i < TILES; ++i) dequant_pair<F>(w, t + i, k0, scale[i], min[i], w0[i], w1[i]);
-      for (int m = 0; m < MT; ++m) {
-        const __m512 x0 = _mm512_set1_ps(x[m * x_stride + k0]);
-        const __m512 x1 = _mm512_set1_ps(x[m * x_stride + k0 + 1]);
-        for (int i = 0; i < TILES; ++i) {
-          acc[0][i][m] = _mm512_fmadd_ps(x0, w0[i], acc[0][i][m]);
-          acc[SPLIT - 1][i][m] = _mm512_fmadd_ps(x1, w1[i], acc[SPLIT - 1][i][m]);
-        }
-      }
-    }
-  }
-  for (int i = 0; i < TILES; ++i)
-    for (int m = 0; m < MT; ++m) {
-      __m512 sum = acc[0][i][m];
-      if constexpr (SPLIT == 2) sum = _mm512_add_ps(sum, acc[1][i][m]);
-      _mm512_storeu_ps(y + m * N + (t + i) * kTile, sum);
-    }
+void linear_tiles(Format f, const float* x, int64_t M, const Packed& w, int64_t t0, int64_t t1, float* y, int64_t N) {
+  INFERD_LEVEL_CALL(linear_tiles, f, x, M, w, t0, t1, y, N)
 }
 
-// ---- many activation rows (prefill): dequantize a tile pair once, then a register-blocked GEMM --------------
-//
-// With many rows the fused kernel would dequantize every block once per group of rows. Here a pair of tiles
-// (32 output rows) is unpacked into wbuf [K, 32] (L2-resident), and MR activation rows at a time run against it:
-// 2 * MR accumulators, per k two weight loads and MR broadcasts for 2 * MR FMAs.
-
-template <int MR>
-inline void gemm_rows_avx512(const float* x, int64_t K, const float* wbuf, float* y, int64_t N, int64_t col) {
-  __m512 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 wa = _mm512_loadu_ps(wbuf + k * 32);
-    const __m512 wb = _mm512_loadu_ps(wbuf + k * 32 + 16);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
-      acc[r][0] = _mm512_fmadd_ps(xb, wa, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xb, wb, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(y + r * N + col, acc[r][0]);
-    _mm512_storeu_ps(y + r * N + col + 16, acc[r][1]);
-  }
+void dequant_tiles_t(Format f, const Packed& w, int64_t t0, int64_t t1, float* out, int64_t N) {
+  INFERD_LEVEL_CALL(dequant_tiles_t, f, w, t0, t1, out, N)
 }
 
-// Tile pairs starting at even t in [t0, t1) (t1 - t0 even), all M rows. Rows go in blocks of kRowBlock, whose
-// activations stay in L2 while every tile pair of [t0, t1) passes (each pair is unpacked again per row block:
-// cheap next to the 2 * 16 * K * kRowBlock FMAs it feeds).
-constexpr int64_t kRowBlock = 96;
-
-template <Format F>
-void tiles_blocked_avx512(const float* x, int64_t M, const Packed& w, int64_t t0, int64_t t1, float* y, int64_t N) {
-  const int64_t K = w.K;
-  std::vector<float> wbuf(K * 32);
-  for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-    const int64_t m1 = std::min(M, m0 + kRowBlock);
-    for (int64_t t = t0; t < t1; t += 2) {
-      for (int i = 0; i < 2; ++i) {  // unpack tiles t, t+1 into wbuf columns [16i, 16i + 16)
-        for (int64_t b = 0; b < K / kBlock; ++b) {
-          const __m512 scale = load_half16(w.scales + (t + i) * w.scale_tile_floats() + b * kTile);
-          const __m512 min =
-              F == Format::kQ4 ? load_half16(w.mins + (t + i) * w.scale_tile_floats() + b * kTile) : scale;
-          for (int64_t p = 0; p < kBlock / 2; ++p) {
-            const int64_t k0 = b * kBlock + 2 * p;
-            __m512 w0, w1;
-            dequant_pair<F>(w, t + i, k0, scale, min, w0, w1);
-            _mm512_storeu_ps(wbuf.data() + k0 * 32 + 16 * i, w0);
-            _mm512_storeu_ps(wbuf.data() + (k0 + 1) * 32 + 16 * i, w1);
-          }
-        }
-      }
-      const int64_t col = t * kTile;
-      int64_t m = m0;
-      for (; m + 12 <= m1; m += 12) gemm_rows_avx512<12>(x + m * K, K, wbuf.data(), y + m * N, N, col);
-      for (; m + 4 <= m1; m += 4) gemm_rows_avx512<4>(x + m * K, K, wbuf.data(), y + m * N, N, col);
-      for (; m < m1; ++m) gemm_rows_avx512<1>(x + m * K, K, wbuf.data(), y + m * N, N, col);
-    }
-  }
-}
-
-// Tiles [t0, t1) for every activation row: rows in groups of 16 / 8 / 4 / 2 / 1.
-template <Format F>
-void tiles_avx512(const float* x, int64_t M, const Packed& w, int64_t t0, int64_t t1, float* y, int64_t N) {
-  const int64_t K = w.K;
-  int64_t t = t0;
-  for (; t < t1; t += 2) {
-    const bool pair = t + 1 < t1;
-    int64_t m = 0;
-    for (; m + 16 <= M; m += 16) {
-      kernel_avx512<F, 1, 16, 1>(x + m * K, K, w, t, y + m * N, N);
-      if (pair) kernel_avx512<F, 1, 16, 1>(x + m * K, K, w, t + 1, y + m * N, N);
-    }
-    for (; m + 8 <= M; m += 8) {
-      kernel_avx512<F, 1, 8, 2>(x + m * K, K, w, t, y + m * N, N);
-      if (pair) kernel_avx512<F, 1, 8, 2>(x + m * K, K, w, t + 1, y + m * N, N);
-    }
-    for (; m + 4 <= M; m += 4) {
-      if (pair) kernel_avx512<F, 2, 4, 1>(x + m * K, K, w, t, y + m * N, N);
-      else kernel_avx512<F, 1, 4, 2>(x + m * K, K, w, t, y + m * N, N);
-    }
-    for (; m + 2 <= M; m += 2) {
-      if (pair) kernel_avx512<F, 2, 2, 2>(x + m * K, K, w, t, y + m * N, N);
-      else kernel_avx512<F, 1, 2, 2>(x + m * K, K, w, t, y + m * N, N);
-    }
-    for (; m < M; ++m) {
-      if (pair) kernel_avx512<F, 2, 1, 2>(x + m * K, K, w, t, y + m * N, N);
-      else kernel_avx512<F, 1, 1, 2>(x + m * K, K, w, t, y + m * N, N);
-    }
-  }
-}
-#endif
 
 template <Format F>
 Packed check_packed(const at::Tensor& qs, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
@@ -322,15 +132,7 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qs, const at::
   at::parallel_for(0, (num_tiles + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
     const int64_t t0 = 2 * p0;
     const int64_t t1 = std::min(num_tiles, 2 * p1);
-#if defined(__AVX512F__)
-    if (M >= kBlockedMinRows && (t1 - t0) % 2 == 0) {
-      tiles_blocked_avx512<F>(xp, M, w, t0, t1, yp, N);
-    } else {
-      tiles_avx512<F>(xp, M, w, t0, t1, yp, N);
-    }
-#else
-    tiles_generic<F>(xp, M, w, t0, t1, yp, N);
-#endif
+    linear_tiles(F, xp, M, w, t0, t1, yp, N);
   });
   return y.view(out_shape);
 }
@@ -346,7 +148,7 @@ at::Tensor dequantize_t(const at::Tensor& qs, const at::Tensor& scales, const c1
   at::Tensor out = at::empty({K, N}, scales.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   at::parallel_for(0, num_tiles, 8, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) dequant_tile_t<F>(w, t, op, N);
+    dequant_tiles_t(F, w, t0, t1, op, N);
   });
   return out;
 }
@@ -364,13 +166,8 @@ at::Tensor q8_dequantize_t(const at::Tensor& qs, const at::Tensor& scales) {
   return dequantize_t<Format::kQ8>(qs, scales, c10::nullopt);
 }
 
-bool has_avx512() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
+// Whether the kernel path in use has the AVX-512 float-activation kernels (an avx512 path on an AVX-512 CPU).
+bool has_avx512() { return inferd_cpu::kernel_level() >= 4; }
 
 }  // namespace
 

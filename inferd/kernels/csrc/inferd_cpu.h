@@ -7,6 +7,51 @@
 
 #include <cstdint>
 
+// ---- one library for every x86-64 CPU: per-level copies of the SIMD code, picked at run time ----------------
+//
+// The library is built for plain x86-64 (-march=x86-64, see inferd/kernels/__init__.py), so its baseline code runs
+// on any x86-64 CPU. The SIMD-dependent bodies (the *_body.inc files and int8_tiles.inc) are compiled again inside
+// `#pragma GCC target` regions, each copy in its own namespace, with INFERD_LEVEL telling the body which vector
+// code to use (GCC's C++ front end does not update __AVX2__ / __AVX512F__ under the pragma):
+//   INFERD_LEVEL 0  portable   the build's baseline (any x86-64, or the compiler's default on other CPUs)
+//   INFERD_LEVEL 3  x86-64-v3  AVX2 + FMA + F16C (the int8 kernels add an AVX-VNNI copy)
+//   INFERD_LEVEL 4  x86-64-v4  AVX-512 F/BW/VL (the int8 kernels add an AVX-512 VNNI copy)
+// Functions defined in a region get its target; templates from headers (std::, at::) instantiated there keep the
+// baseline target, so no shared (COMDAT) copy of a header function ever holds AVX-512 code that a baseline caller
+// could pick up. The regions need GCC; other compilers (and other CPUs) get the portable copy alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define INFERD_X86 1
+#define INFERD_PUSH_V3 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c\")")
+#define INFERD_PUSH_V4 _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx2,fma,f16c\")")
+#define INFERD_POP _Pragma("GCC pop_options")
+#endif
+
+namespace inferd_cpu {
+
+// The kernel paths, best last. One is in use for the whole process: the best the CPU runs, unless
+// INFERD_CPU_KERNEL (or its older name INFERD_INT8_KERNEL) or the cpu_kernel_path op names a lower one.
+enum Path : int { kPortable = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512 = 3, kAvx512Vnni = 4, kNumPaths = 5 };
+
+// The path in use (cheap: one atomic load once chosen).
+int kernel_path();
+
+// The code level of the path in use: 0 (portable), 3 (x86-64-v3: the avx2 paths), 4 (x86-64-v4: the avx512 paths).
+int kernel_level();
+
+}  // namespace inferd_cpu
+
+// `return NS::fn(args)` for the namespace of the level in use: portable, x86_v3 or x86_v4.
+#if defined(INFERD_X86)
+#define INFERD_LEVEL_CALL(fn, ...)                         \
+  switch (inferd_cpu::kernel_level()) {                    \
+    case 4: return x86_v4::fn(__VA_ARGS__);                \
+    case 3: return x86_v3::fn(__VA_ARGS__);                \
+    default: return portable::fn(__VA_ARGS__);             \
+  }
+#else
+#define INFERD_LEVEL_CALL(fn, ...) return portable::fn(__VA_ARGS__);
+#endif
+
 namespace inferd_cpu {
 
 // A block-quantized weight as packed for the int8-activation kernels (format 0: q4, 1: q8, 2: q6).
