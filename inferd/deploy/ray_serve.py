@@ -15,6 +15,10 @@ The application, for a model table of N models:
 - One hop (`is_one_hop`): one model, always a replica, no affinity routing to do: there is no ingress, Serve's
   proxy calls the model's replicas (`ModelIngressReplica`) directly. Half the Ray messages per streamed token;
   no retry on another replica and no SSE error event when a replica dies (the proxy's 500, a closed connection).
+- Streams: a replica passes a streamed answer's chunks to Ray through `CoalescingSend`: those produced within
+  DeploymentOptions.stream_interval_ms (50) of its last message go as one message (whole SSE events, in order; the
+  first after a quiet gap at once). Ray's per-message cost (pickling, a generator item report, the proxy's receive)
+  is paid per message, not per byte.
 - `InferdIngress` reads `model` from the JSON body (or the OIP path `/v2/models/{name}/...`), picks that model's
   deployment handle, and relays the answer. It answers /health, /v1/models and /metrics itself.
 - Scale to zero: with min_replicas 0 a model with no traffic for downscale_delay_s has no replica; the next
