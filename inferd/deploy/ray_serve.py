@@ -182,9 +182,14 @@ class CoalescingSend:
             await self._send(message)
 
     async def close(self) -> None:
+        """After the app returned or raised without its last body message: pass what is held. A send that fails
+        here (the client gone) is dropped, so that the app's own exception, if any, is the one that propagates."""
         self._cancel_timer()
         if self._held and not self._is_finished and self._error is None:
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception:  # noqa: BLE001 - nobody is left to receive it
+                logger.debug("could not pass a stream's last held chunks", exc_info=True)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
