@@ -176,21 +176,25 @@ def overhead(args: argparse.Namespace, base_url: str, server_options, spec, prom
     from inferd.deploy import ray_serve
     from inferd.deploy.config import DeployConfig, DeploymentOptions
 
-    one = DeploymentOptions(min_replicas=1, max_replicas=1, num_cpus=2, prefix_affinity=False)
-    config = DeployConfig((spec,), {spec.name: one})
     # name -> (one hop?, the model replica's environment); one hop: proxy -> replica, two: proxy -> ingress -> replica
     same_loop = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}  # inferd's app on the replica's own event loop
     layouts = {"one hop": (True, None), "two hops": (False, None), "one hop same loop": (True, same_loop),
                "two hops same loop": (False, same_loop)}
     layouts = {name: layout for name, layout in layouts.items() if name.replace(" ", "-") in args.layouts.split(",")}
+    # Every layout once per stream interval (DeploymentOptions.stream_interval_ms), named "<layout>, <ms> ms".
+    intervals_ms = [float(ms) for ms in args.stream_intervals_ms.split(",")]
+    layouts = {f"{name}, {ms:g} ms": (*layout, ms) for name, layout in layouts.items() for ms in intervals_ms}
     log_path = tempfile.NamedTemporaryFile(prefix="inferd-ray-overhead-", suffix=".log", delete=False).name
     process, direct_url = start_server(args, log_path)
     asyncio.run(run_server_async(direct_url, spec.name, prompt_ids, args.new_tokens))  # warm-up
     num_tokens = args.repeats * args.concurrency * args.new_tokens
     summary = []
     try:
-        for index, (layout, (is_one_hop, env_vars)) in enumerate(layouts.items()):
+        for index, (layout, (is_one_hop, env_vars, interval_ms)) in enumerate(layouts.items()):
             app = f"overhead-{index}"
+            one = DeploymentOptions(min_replicas=1, max_replicas=1, num_cpus=2, prefix_affinity=False,
+                                    stream_interval_ms=interval_ms)
+            config = DeployConfig((spec,), {spec.name: one})
             serve.run(ray_serve.build_application(config, server_options, one_hop=is_one_hop,
                                                   replica_env_vars=env_vars), name=app,
                       route_prefix=f"/ray{index}", blocking=False)
@@ -223,7 +227,9 @@ def overhead(args: argparse.Namespace, base_url: str, server_options, spec, prom
             ray_values = tps[f"ray serve, {layout}"]
             best = max(ray_values) / max(tps["direct"])
             median = statistics.median(ray_values) / statistics.median(tps["direct"])
-            summary.append(f"ray serve ({layout}) / direct: median {median:.3f}, best {best:.3f}   (goal >= 0.90: "
+            paired = statistics.median(r / d for r, d in zip(ray_values, tps["direct"]))  # runs side by side
+            summary.append(f"ray serve ({layout}) / direct: median {median:.3f}, best {best:.3f}, paired runs' median "
+                           f"{paired:.3f}   (goal >= 0.90: "
                            f"{'met' if median >= 0.90 else 'NOT met'})")
     finally:
         process.send_signal(signal.SIGTERM)
@@ -251,6 +257,9 @@ def main() -> int:
                         help="Ray Serve layouts the overhead part measures: one-hop (proxy -> model replica), "
                              "two-hops (proxy -> ingress -> model replica), one-hop-same-loop, two-hops-same-loop "
                              "(the replica runs inferd's app on Serve's own event loop instead of a thread of its own)")
+    parser.add_argument("--stream-intervals-ms", default=None, metavar="MS[,MS...]",
+                        help="DeploymentOptions.stream_interval_ms of the Ray replicas: each layout is measured once "
+                             "per value (default: inferd's default; 0 passes every chunk to Ray as it comes)")
     parser.add_argument("--metrics-interval", type=float, default=None, metavar="SECONDS",
                         help="autoscaling_config.metrics_interval_s of both cold-start apps (default: inferd's "
                              "DeploymentOptions default; 10 is Ray's own)")
@@ -283,10 +292,12 @@ def main() -> int:
     print(f"model {spec.name}; CPU flags: {cpu_flags_summary()}; {os.cpu_count()} CPUs")
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    if args.metrics_interval is None:
-        from inferd.deploy.config import DeploymentOptions
+    from inferd.deploy.config import DeploymentOptions
 
+    if args.metrics_interval is None:
         args.metrics_interval = DeploymentOptions().metrics_interval_s
+    if args.stream_intervals_ms is None:
+        args.stream_intervals_ms = str(DeploymentOptions().stream_interval_ms)
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start")
     from inferd.deploy.ray_serve import use_local_ray_env
 

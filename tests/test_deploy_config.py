@@ -38,6 +38,8 @@ def test_deployment_options_become_ray_autoscaling_config() -> None:
         ({"target_ongoing_requests": 0}, "d.target_ongoing_requests: must be > 0"),
         ({"prefix_affinity": "yes"}, "d.prefix_affinity: expected true or false"),
         ({"metrics_interval_s": 0}, "d.metrics_interval_s: must be > 0"),
+        ({"stream_interval_ms": -1}, "d.stream_interval_ms: must be >= 0"),
+        ({"stream_interval_ms": "fast"}, "d.stream_interval_ms: expected a number"),
         ({"look_back_period_s": 1, "metrics_interval_s": 2}, "d.look_back_period_s: must be > metrics_interval_s"),
     ],
 )

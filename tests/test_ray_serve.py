@@ -1,10 +1,13 @@
 """inferd on Ray Serve (inferd/deploy/ray_serve.py) on a local Ray cluster on 127.0.0.1 that this module starts and
 stops (one cluster for the module: starting Ray on two cores takes ~10 s).
 
-Three applications of the default model:
+The applications:
   - "scale" (route /): min_replicas 0, max_replicas 2, target 1 ongoing request, downscale after 3 s idle
   - "burst" (route /burst): the same options, for the burst test (its own first scale from zero)
   - "pair"  (route /pair): two replicas always, prefix-affinity routing
+  - "solo"  (route /solo): one replica always, which is the application's ingress (one hop); streams coalesced
+            over 200 ms
+  - "mixed" (route /mixed): the default model and an embedding model behind one ingress
 The reference for every answer is the same model's greedy output from the offline engine (`LLM.generate`, whose
 parity with transformers is tested elsewhere). Outcomes that count as "not lost": a complete answer (200, and for
 a stream: a finish_reason and [DONE]), a 5xx with a JSON error, or a stream that ends with an error event; a 200
@@ -78,7 +81,8 @@ def cluster(inferd_home: Path, embedding_model_dir: Path) -> Iterator[str]:
         serve.run(ray_serve.build_application(DeployConfig((spec,), {MODEL: scale}), server_options),
                   name="scale", route_prefix="/", blocking=False)
         # One model, one fixed replica, no affinity routing: the replica is the application's ingress (one hop).
-        solo = DeploymentOptions(min_replicas=1, max_replicas=1, prefix_affinity=False)
+        # Its streams' chunks are held up to 200 ms (the default is 50) so that coalesced messages are the rule.
+        solo = DeploymentOptions(min_replicas=1, max_replicas=1, prefix_affinity=False, stream_interval_ms=200)
         assert ray_serve.is_one_hop(DeployConfig((spec,), {MODEL: solo}))
         assert not ray_serve.is_one_hop(DeployConfig((spec,), {MODEL: scale}))  # min 0: /health must not wake it
         serve.run(ray_serve.build_application(DeployConfig((spec,), {MODEL: solo}), server_options),
@@ -320,3 +324,110 @@ def test_a_replica_killed_mid_request_loses_no_request(cluster: str, reference: 
             assert result["text"] == reference[(result["prompt"], 96)]
     _wait_for_replicas("pair", lambda n: n == 2, timeout_s=120)  # Serve replaces the dead replica
     assert _complete(base, PROMPTS[0], 8, stream=False)["text"] == reference[(PROMPTS[0], 8)]
+
+
+class _Recorder:
+    """An ASGI `send` that keeps what it was sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+
+    async def __call__(self, message: dict) -> None:
+        self.messages.append(message)
+
+
+def _body(body: bytes, more_body: bool = True) -> dict:
+    return {"type": "http.response.body", "body": body, "more_body": more_body}
+
+
+def test_coalescing_send_joins_held_chunks_whole_and_in_order() -> None:
+    import asyncio
+
+    from inferd.deploy.ray_serve import CoalescingSend
+
+    async def scenario() -> list[dict]:
+        sent = _Recorder()
+        send = CoalescingSend(sent, interval_s=3600.0)  # nothing passes by the timer in this test
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for index in range(5):
+            await send(_body(f"data: {index}\n\n".encode()))
+        assert len(sent.messages) == 2  # the start, and the first chunk at once; four held
+        await send(_body(b"data: [DONE]\n\n", more_body=False))
+        await send.close()
+        return sent.messages
+
+    messages = asyncio.run(scenario())
+    assert messages[0]["type"] == "http.response.start"
+    assert messages[1] == _body(b"data: 0\n\n")
+    assert messages[2] == _body(b"data: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\ndata: [DONE]\n\n", more_body=False)
+    assert len(messages) == 3
+
+
+def test_coalescing_send_passes_held_chunks_when_the_interval_ends() -> None:
+    import asyncio
+
+    from inferd.deploy.ray_serve import CoalescingSend
+
+    async def scenario() -> list[list[bytes]]:
+        sent = _Recorder()
+        send = CoalescingSend(sent, interval_s=0.05)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send(_body(b"a"))
+        await send(_body(b"b"))
+        await send(_body(b"c"))
+        seen = [[m.get("body") for m in sent.messages[1:]]]
+        await asyncio.sleep(0.2)  # the flush timer (due at 0.05 s) was scheduled before this sleep's: it ran first
+        seen.append([m.get("body") for m in sent.messages[1:]])
+        await send(_body(b"d"))  # 0.2 s after the last message: at once
+        seen.append([m.get("body") for m in sent.messages[1:]])
+        await send(_body(b"e"))  # held, then passed by close() (the app raised or returned without a last message)
+        await send.close()
+        await asyncio.sleep(0.1)  # no timer left to pass anything twice
+        seen.append([m.get("body") for m in sent.messages[1:]])
+        return seen
+
+    assert asyncio.run(scenario()) == [[b"a"], [b"a", b"bc"], [b"a", b"bc", b"d"], [b"a", b"bc", b"d", b"e"]]
+
+
+def _openai_stream(base_url: str, kind: str, prompt: str) -> dict:
+    """One greedy stream through the official openai client (which parses every SSE event): each chunk's text and
+    finish_reason in order, and the usage chunk's counts."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    common = {"model": MODEL, "max_tokens": 40, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}}
+    if kind == "chat":
+        stream = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+    else:
+        stream = client.completions.create(prompt=prompt, **common)
+    chunks, usage = [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens, chunk.usage.total_tokens)
+        for choice in chunk.choices:
+            text = choice.delta.content if kind == "chat" else choice.text
+            chunks.append((text, choice.finish_reason))
+    return {"chunks": chunks, "usage": usage}
+
+
+@pytest.mark.parametrize("app", ["solo", "mixed"])  # one hop (200 ms interval); proxy -> ingress -> replica (50 ms)
+def test_coalesced_streams_reach_clients_as_the_direct_server_sends_them(cluster: str, inferd_server, app: str
+                                                                        ) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _wait_for_replicas(app, lambda n: n == 1, timeout_s=180)
+    work = [(kind, prompt) for kind in ("chat", "completion") for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(work)) as pool:  # concurrent streams: a replica's chunks come close together
+        via_ray = list(pool.map(lambda w: _openai_stream(f"{cluster}/{app}", *w), work))
+        direct = list(pool.map(lambda w: _openai_stream(inferd_server.base_url, *w), work))
+    # Which tokens share an SSE event depends on timing (a step can bring several: speculative decoding turns on
+    # as the streams thin out), so the streams are compared as the client reads them: the text in order, the
+    # finish reason, the usage; every event parsed (the client raised otherwise) and only the last one finishes.
+    for (kind, prompt), ours, theirs in zip(work, via_ray, direct):
+        for result in (ours, theirs):
+            assert [reason for _, reason in result["chunks"][:-1]] == [None] * (len(result["chunks"]) - 1)
+        assert "".join(t or "" for t, _ in ours["chunks"]) == "".join(t or "" for t, _ in theirs["chunks"]), (
+            kind, prompt)
+        assert ours["chunks"][-1][1] == theirs["chunks"][-1][1] in ("length", "stop"), (kind, prompt)
+        assert ours["usage"] == theirs["usage"] and 0 < ours["usage"][1] <= 40, (kind, prompt)

@@ -17,6 +17,7 @@ plus the HTTP address of Ray Serve's proxy:
           look_back_period_s: 30       # window over which ongoing requests are averaged
           metrics_interval_s: 0.5      # how often handles and replicas report load (bounds a scale from zero's wait)
           num_cpus: 1                  # Ray CPUs per replica (its torch threads follow it)
+          stream_interval_ms: 50       # a stream's chunks within this long go to Ray as one message (0: each alone)
       - source: all-minilm-l6-v2
 
 `inferd serve --ray` builds the same from its --model flags and the --min-replicas ... flags (one set for all).
@@ -62,6 +63,11 @@ class DeploymentOptions:
     # prefix_imbalance_threshold, when the less loaded one wins (power of two choices).
     prefix_affinity: bool = True
     prefix_imbalance_threshold: float = 8.0
+    # A streamed answer's chunks (SSE events) that a replica produces within this many milliseconds of its last
+    # message to Ray go as one message, joined whole and in order (deploy/ray_serve.py CoalescingSend). Each Ray
+    # message costs the replica and Serve's proxy CPU; with many streams on few cores that cost is most of Ray's
+    # overhead. A chunk after a quiet gap (the first token) goes at once; 0 sends every chunk as it comes.
+    stream_interval_ms: float = 50.0
 
     def check(self, where: str) -> None:
         if self.min_replicas < 0:
@@ -75,7 +81,7 @@ class DeploymentOptions:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",
-                     "prefix_imbalance_threshold"):
+                     "prefix_imbalance_threshold", "stream_interval_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.look_back_period_s <= self.metrics_interval_s:
@@ -191,13 +197,16 @@ def add_ray_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--upscale-delay", type=float, default=d.upscale_delay_s, metavar="SECONDS")
     g.add_argument("--downscale-delay", type=float, default=d.downscale_delay_s, metavar="SECONDS")
     g.add_argument("--replica-cpus", type=float, default=d.num_cpus, help="Ray CPUs per replica")
+    g.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms, metavar="MS",
+                   help="a streamed answer's chunks within this long of the replica's last message to Ray go as one "
+                        "message (fewer Ray messages per token; 0: every chunk at once)")
 
 
 def deployment_options_from_cli(ns: argparse.Namespace) -> DeploymentOptions:
     options = DeploymentOptions(
         min_replicas=ns.min_replicas, max_replicas=ns.max_replicas, target_ongoing_requests=ns.target_ongoing_requests,
         upscale_delay_s=ns.upscale_delay, downscale_delay_s=ns.downscale_delay, num_cpus=ns.replica_cpus,
-        graceful_shutdown_timeout_s=ns.drain_timeout,
+        graceful_shutdown_timeout_s=ns.drain_timeout, stream_interval_ms=ns.stream_interval_ms,
     )
     options.check("--ray")
     return options

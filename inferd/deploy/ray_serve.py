@@ -15,6 +15,10 @@ The application, for a model table of N models:
 - One hop (`is_one_hop`): one model, always a replica, no affinity routing to do: there is no ingress, Serve's
   proxy calls the model's replicas (`ModelIngressReplica`) directly. Half the Ray messages per streamed token;
   no retry on another replica and no SSE error event when a replica dies (the proxy's 500, a closed connection).
+- Streams: a replica passes a streamed answer's chunks to Ray through `CoalescingSend`: those produced within
+  DeploymentOptions.stream_interval_ms (50) of its last message go as one message (whole SSE events, in order; the
+  first after a quiet gap at once). Ray's per-message cost (pickling, a generator item report, the proxy's receive)
+  is paid per message, not per byte.
 - `InferdIngress` reads `model` from the JSON body (or the OIP path `/v2/models/{name}/...`), picks that model's
   deployment handle, and relays the answer. It answers /health, /v1/models and /metrics itself.
 - Scale to zero: with min_replicas 0 a model with no traffic for downscale_delay_s has no replica; the next
@@ -132,7 +136,91 @@ def _prompt_text(body: Any, path: str) -> str:
 # ---------------------------------------------------------------------------------------------- the replica
 
 
-async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+class CoalescingSend:
+    """An ASGI `send` for a replica's answers that holds a streamed body's chunks for up to `interval_s` and passes
+    them on joined, as one message: each message costs Ray a generator item (the replica's pickling and report, the
+    proxy's receive and write), and with many streams on a few cores those per-chunk costs, not the bytes, were
+    Ray's overhead (benchmarks/RESULTS.md). Chunks are joined whole and in order (an SSE event is never split); a
+    chunk that comes `interval_s` or more after the last message passed goes at once (the first token is never
+    held), and a held chunk waits at most until `interval_s` after the last message. The response's start, its last
+    body message (which carries the held chunks before its own body) and anything else pass at once. interval_s
+    0: every message passes as it comes. `close()` (after the app returned or raised) passes what is still held."""
+
+    def __init__(self, send: Any, interval_s: float) -> None:
+        self._send = send
+        self._interval_s = interval_s
+        self._held: list[bytes] = []
+        self._last_sent_s = float("-inf")  # time.monotonic() of the last message passed on
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        self._lock = asyncio.Lock()  # one message passed at a time: a timer's flush and the app's send keep order
+        self._is_finished = False  # the last body message has passed: nothing more may follow it
+        self._error: BaseException | None = None  # a timer flush's failure (a client gone), raised at the next send
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if self._error is not None:
+            raise self._error
+        is_more_body = message["type"] == "http.response.body" and message.get("more_body", False)
+        if is_more_body and self._interval_s > 0:
+            self._held.append(message.get("body", b""))
+            wait_s = self._last_sent_s + self._interval_s - time.monotonic()
+            if wait_s <= 0:
+                await self._flush()
+            elif self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(wait_s, self._on_timer)
+            return
+        self._cancel_timer()
+        async with self._lock:
+            if self._held and message["type"] == "http.response.body":
+                message = {**message, "body": b"".join([*self._held, message.get("body", b"")])}
+                self._held = []
+            elif self._held:
+                await self._pass_held()
+            if message["type"] == "http.response.body":
+                self._is_finished = not message.get("more_body", False)
+                self._last_sent_s = time.monotonic()  # (the start does not count: the first chunk goes at once)
+            await self._send(message)
+
+    async def close(self) -> None:
+        """After the app returned or raised without its last body message: pass what is held. A send that fails
+        here (the client gone) is dropped, so that the app's own exception, if any, is the one that propagates."""
+        self._cancel_timer()
+        if self._held and not self._is_finished and self._error is None:
+            try:
+                await self._flush()
+            except Exception:  # noqa: BLE001 - nobody is left to receive it
+                logger.debug("could not pass a stream's last held chunks", exc_info=True)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        task = asyncio.ensure_future(self._flush_from_timer())
+        self._flush_tasks.add(task)
+        task.add_done_callback(self._flush_tasks.discard)
+
+    async def _flush_from_timer(self) -> None:
+        try:
+            await self._flush()
+        except Exception as exc:  # noqa: BLE001 - the app's next send raises it, as the app's own send would have
+            self._error = exc
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            if self._held and not self._is_finished:
+                await self._pass_held()
+
+    async def _pass_held(self) -> None:
+        body, self._held = b"".join(self._held), []
+        self._last_sent_s = time.monotonic()
+        await self._send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def call_asgi(app: Any, request: ForwardedRequest,
+                    stream_interval_s: float = 0.0) -> AsyncIterator[dict[str, Any]]:
     """Run one request through an ASGI app in this process, yielding its response messages: first
     {"status", "headers"}, then {"body"} chunks (whatever the app sent since the last one, joined). Closing the
     iterator early is a client disconnect (a stream's request is aborted)."""
@@ -158,9 +246,15 @@ async def call_asgi(app: Any, request: ForwardedRequest) -> AsyncIterator[dict[s
     async def send(message: dict[str, Any]) -> None:
         await queue.put(message)
 
+    coalesced = CoalescingSend(send, stream_interval_s) if stream_interval_s > 0 else None
+
     async def run() -> None:
         try:
-            await app(scope, receive, send)
+            try:
+                await app(scope, receive, coalesced or send)
+            finally:
+                if coalesced is not None:  # what the app sent before it returned or raised comes first
+                    await coalesced.close()
         except Exception as exc:  # noqa: BLE001 - reported to the ingress as a 500 below
             await queue.put(exc)
         finally:
@@ -209,11 +303,15 @@ def _process_age_s() -> float:
 class ModelReplica:
     """One replica of one model: inferd's app with that model loaded, in this Ray actor."""
 
-    async def __init__(self, spec: ModelSpec, options: ServerOptions, board: Any = None) -> None:
+    async def __init__(self, spec: ModelSpec, options: ServerOptions, board: Any = None,
+                       stream_interval_s: float = 0.0) -> None:
+        """stream_interval_s: how long a streamed answer's chunks may be held to go to Ray as one message
+        (CoalescingSend; DeploymentOptions.stream_interval_ms)."""
         started, process_age_s = time.perf_counter(), _process_age_s()  # age: Ray's worker start and replica setup
         from inferd.server.app import build_app
 
         self.spec = spec
+        self.stream_interval_s = stream_interval_s
         self._app = build_app(options, [spec])
         built = time.perf_counter()
         self._lifespan = self._app.router.lifespan_context(self._app)
@@ -236,7 +334,7 @@ class ModelReplica:
     async def handle(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
         started, is_first = time.perf_counter(), self._is_first_request
         self._is_first_request = False
-        async for message in call_asgi(self._app, request):
+        async for message in call_asgi(self._app, request, self.stream_interval_s):
             if "status" in message:  # which replica answered (prefix-affinity is visible to clients and tests)
                 message["headers"].append((REPLICA_HEADER.encode(), self.replica_id.encode()))
             elif is_first:
@@ -307,7 +405,14 @@ class _ReplicaFront:
                 message = {**message, "headers": [*message.get("headers", []), replica_header]}
             await send(message)
 
-        await replica._app(scope, receive, send_with_replica)
+        if replica.stream_interval_s <= 0 or scope["type"] != "http":
+            await replica._app(scope, receive, send_with_replica)
+            return
+        coalesced = CoalescingSend(send_with_replica, replica.stream_interval_s)
+        try:
+            await replica._app(scope, receive, coalesced)
+        finally:  # what the app sent before it returned or raised goes out first
+            await coalesced.close()
 
 
 @serve.ingress()
@@ -543,10 +648,11 @@ def build_application(config: DeployConfig, server_options: ServerOptions, one_h
         if len(config.specs) != 1:
             raise ValueError("one hop (the model's replicas as the ingress) needs exactly one model")
         (spec,) = config.specs
-        return _model_deployment(spec, config.deployments[spec.name], is_ingress=True,
-                                 env_vars=replica_env_vars).bind(spec, server_options, board)
+        options = config.deployments[spec.name]
+        return _model_deployment(spec, options, is_ingress=True, env_vars=replica_env_vars).bind(
+            spec, server_options, board, options.stream_interval_ms / 1000)
     handles = {spec.name: _model_deployment(spec, config.deployments[spec.name], env_vars=replica_env_vars).bind(
-        spec, server_options, board) for spec in config.specs}
+        spec, server_options, board, config.deployments[spec.name].stream_interval_ms / 1000) for spec in config.specs}
     table = [(spec.name, spec.kind.value) for spec in config.specs]
     return serve.deployment(InferdIngress).options(
         name="ingress", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0},
