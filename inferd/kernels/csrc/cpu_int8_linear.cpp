@@ -170,7 +170,7 @@ void portable_run_tiles(Format f, const A8Rows& x, int64_t M, const A8Packed& w,
 #if defined(INFERD_X86)
 // ---- AVX-512: VNNI and BW-only ---------------------------------------------------------------------------------
 #define INFERD_A8_AVX512_COMMON                                                                                    \
-  constexpr int kLanes = 16, kMaxRows = 4, kGroupTiles = 2;                                                        \
+  constexpr int kLanes = 16, kMaxRows = 4, kGroupTiles = 2, kRegFaccRows = 4;                                      \
   using VI = __m512i;                                                                                              \
   using VF = __m512;                                                                                               \
   inline VI load_i(const uint8_t* p) { return _mm512_loadu_si512(p); }                                             \
@@ -185,6 +185,7 @@ void portable_run_tiles(Format f, const A8Rows& x, int64_t M, const A8Packed& w,
   inline VF zero_f() { return _mm512_setzero_ps(); }                                                               \
   inline VF load_s(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); } \
   inline VF load_s(const float* p) { return _mm512_loadu_ps(p); }                                                  \
+  inline VF load_f(const float* p) { return _mm512_loadu_ps(p); }                                                  \
   inline VI set1_i(int32_t v) { return _mm512_set1_epi32(v); }                                                     \
   inline VI sub_i(VI a, VI b) { return _mm512_sub_epi32(a, b); }                                                   \
   inline VF set1_f(float v) { return _mm512_set1_ps(v); }                                                          \
@@ -204,6 +205,10 @@ struct Q8W {
 inline Q8W q8_prep(VI v) { return {_mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80)))}; }
 inline VI q8_dot(VI acc, Q8W w, VI x) { return dot4(acc, w.u, x); }
 constexpr float kQ8MinScale = -128.f;
+using Q4Acc = VI;
+inline Q4Acc q4_zero() { return zero_i(); }
+inline Q4Acc q4_dot(Q4Acc acc, VI lo, VI xlo, VI hi, VI xhi) { return dot4(dot4(acc, lo, xlo), hi, xhi); }
+inline VI q4_sum(Q4Acc acc) { return acc; }
 #include "int8_tiles.inc"
 }  // namespace avx512_vnni
 #pragma GCC pop_options
@@ -213,7 +218,9 @@ constexpr float kQ8MinScale = -128.f;
 namespace avx512_bw {
 INFERD_A8_AVX512_COMMON
 inline VI dot4(VI acc, VI u, VI s) {
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+  acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+  asm("" : "+v"(acc));  // pins the running sum, as q4_dot below
+  return acc;
 }
 struct Q8W {
   VI magnitude;
@@ -224,13 +231,28 @@ inline VI q8_dot(VI acc, Q8W w, VI x) {
   return dot4(acc, w.magnitude, _mm512_mask_sub_epi8(x, w.negative, _mm512_setzero_si512(), x));
 }
 constexpr float kQ8MinScale = 0.f;
+// q4 sums u . q in int16 pairs over the whole block: each vpmaddubsw pair is at most 2 * 15 * 127 = 3810 in
+// magnitude, a block adds 8 of them (30480 < 32767), so the sums are exact and one vpmaddwd per block turns them
+// into int32 (half the multiplies of dot4 twice per group).
+using Q4Acc = VI;
+inline Q4Acc q4_zero() { return zero_i(); }
+inline Q4Acc q4_dot(Q4Acc acc, VI lo, VI xlo, VI hi, VI xhi) {
+  acc = _mm512_add_epi16(acc, _mm512_add_epi16(_mm512_maddubs_epi16(lo, xlo), _mm512_maddubs_epi16(hi, xhi)));
+  // An empty asm pins the running sum: GCC would otherwise reassociate a block's adds (exact in any order) into
+  // one tree that computes every product first and spills them.
+  asm("" : "+v"(acc));
+  return acc;
+}
+inline VI q4_sum(Q4Acc acc) { return _mm512_madd_epi16(acc, _mm512_set1_epi16(1)); }
 #include "int8_tiles.inc"
 }  // namespace avx512_bw
 #pragma GCC pop_options
 
 // ---- AVX2: with AVX-VNNI and without --------------------------------------------------------------------------
 #define INFERD_A8_AVX2_COMMON                                                                                      \
-  constexpr int kLanes = 8, kMaxRows = 2, kGroupTiles = 1;                                                         \
+  /* 16 registers: float accumulators in registers for 2 rows (4 int32 + 4 float accumulators with one tile's */   \
+  /* two halves); 4 rows keep theirs in y (8 int32 accumulators, the unpacked weights, the activations) */         \
+  constexpr int kLanes = 8, kMaxRows = 4, kGroupTiles = 1, kRegFaccRows = 2;                                       \
   using VI = __m256i;                                                                                              \
   using VF = __m256;                                                                                               \
   inline VI load_i(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }           \
@@ -245,6 +267,7 @@ constexpr float kQ8MinScale = 0.f;
   inline VF zero_f() { return _mm256_setzero_ps(); }                                                               \
   inline VF load_s(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); } \
   inline VF load_s(const float* p) { return _mm256_loadu_ps(p); }                                                  \
+  inline VF load_f(const float* p) { return _mm256_loadu_ps(p); }                                                  \
   inline VI set1_i(int32_t v) { return _mm256_set1_epi32(v); }                                                     \
   inline VI sub_i(VI a, VI b) { return _mm256_sub_epi32(a, b); }                                                   \
   inline VF set1_f(float v) { return _mm256_set1_ps(v); }                                                          \
@@ -264,6 +287,10 @@ struct Q8W {
 inline Q8W q8_prep(VI v) { return {_mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)))}; }
 inline VI q8_dot(VI acc, Q8W w, VI x) { return dot4(acc, w.u, x); }
 constexpr float kQ8MinScale = -128.f;
+using Q4Acc = VI;
+inline Q4Acc q4_zero() { return zero_i(); }
+inline Q4Acc q4_dot(Q4Acc acc, VI lo, VI xlo, VI hi, VI xhi) { return dot4(dot4(acc, lo, xlo), hi, xhi); }
+inline VI q4_sum(Q4Acc acc) { return acc; }
 #include "int8_tiles.inc"
 }  // namespace avx2_vnni
 #pragma GCC pop_options
@@ -273,7 +300,9 @@ constexpr float kQ8MinScale = -128.f;
 namespace avx2 {
 INFERD_A8_AVX2_COMMON
 inline VI dot4(VI acc, VI u, VI s) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  asm("" : "+x"(acc));  // pins the running sum, as q4_dot below
+  return acc;
 }
 struct Q8W {
   VI magnitude;
@@ -282,6 +311,17 @@ struct Q8W {
 inline Q8W q8_prep(VI v) { return {_mm256_abs_epi8(v), v}; }
 inline VI q8_dot(VI acc, Q8W w, VI x) { return dot4(acc, w.magnitude, _mm256_sign_epi8(x, w.sign)); }
 constexpr float kQ8MinScale = 0.f;
+// q4 in int16 pairs over the whole block, as avx512_bw (at most 8 * 2 * 15 * 127 = 30480 in magnitude: exact).
+using Q4Acc = VI;
+inline Q4Acc q4_zero() { return zero_i(); }
+inline Q4Acc q4_dot(Q4Acc acc, VI lo, VI xlo, VI hi, VI xhi) {
+  acc = _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi)));
+  // An empty asm pins the running sum: GCC would otherwise reassociate a block's adds (exact in any order) into
+  // one tree that computes every product first and spills them.
+  asm("" : "+x"(acc));
+  return acc;
+}
+inline VI q4_sum(Q4Acc acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
 #include "int8_tiles.inc"
 }  // namespace avx2
 #pragma GCC pop_options
