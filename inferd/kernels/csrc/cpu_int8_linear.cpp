@@ -170,7 +170,7 @@ void portable_run_tiles(Format f, const A8Rows& x, int64_t M, const A8Packed& w,
 #if defined(INFERD_X86)
 // ---- AVX-512: VNNI and BW-only ---------------------------------------------------------------------------------
 #define INFERD_A8_AVX512_COMMON                                                                                    \
-  constexpr int kLanes = 16, kMaxRows = 4, kGroupTiles = 2, kRegFaccRows = 4;                                      \
+  constexpr int kLanes = 16, kMaxRows = 4, kGroupTiles = 2;                                                        \
   using VI = __m512i;                                                                                              \
   using VF = __m512;                                                                                               \
   inline VI load_i(const uint8_t* p) { return _mm512_loadu_si512(p); }                                             \
@@ -185,7 +185,6 @@ void portable_run_tiles(Format f, const A8Rows& x, int64_t M, const A8Packed& w,
   inline VF zero_f() { return _mm512_setzero_ps(); }                                                               \
   inline VF load_s(const Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); } \
   inline VF load_s(const float* p) { return _mm512_loadu_ps(p); }                                                  \
-  inline VF load_f(const float* p) { return _mm512_loadu_ps(p); }                                                  \
   inline VI set1_i(int32_t v) { return _mm512_set1_epi32(v); }                                                     \
   inline VI sub_i(VI a, VI b) { return _mm512_sub_epi32(a, b); }                                                   \
   inline VF set1_f(float v) { return _mm512_set1_ps(v); }                                                          \
@@ -250,9 +249,9 @@ inline VI q4_sum(Q4Acc acc) { return _mm512_madd_epi16(acc, _mm512_set1_epi16(1)
 
 // ---- AVX2: with AVX-VNNI and without --------------------------------------------------------------------------
 #define INFERD_A8_AVX2_COMMON                                                                                      \
-  /* 16 registers: float accumulators in registers for 2 rows (4 int32 + 4 float accumulators with one tile's */   \
-  /* two halves); 4 rows keep theirs in y (8 int32 accumulators, the unpacked weights, the activations) */         \
-  constexpr int kLanes = 8, kMaxRows = 4, kGroupTiles = 1, kRegFaccRows = 2;                                       \
+  /* 2 rows: 4 int32 + 4 float accumulators (one tile's two halves). 4 rows with the float accumulators in y */    \
+  /* (touched once per 32 k) spill nothing but measured slower than 2 here (benchmarks/quant_kernels.py) */        \
+  constexpr int kLanes = 8, kMaxRows = 2, kGroupTiles = 1;                                                         \
   using VI = __m256i;                                                                                              \
   using VF = __m256;                                                                                               \
   inline VI load_i(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }           \
@@ -267,7 +266,6 @@ inline VI q4_sum(Q4Acc acc) { return _mm512_madd_epi16(acc, _mm512_set1_epi16(1)
   inline VF zero_f() { return _mm256_setzero_ps(); }                                                               \
   inline VF load_s(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); } \
   inline VF load_s(const float* p) { return _mm256_loadu_ps(p); }                                                  \
-  inline VF load_f(const float* p) { return _mm256_loadu_ps(p); }                                                  \
   inline VI set1_i(int32_t v) { return _mm256_set1_epi32(v); }                                                     \
   inline VI sub_i(VI a, VI b) { return _mm256_sub_epi32(a, b); }                                                   \
   inline VF set1_f(float v) { return _mm256_set1_ps(v); }                                                          \
