@@ -14,6 +14,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's inferd, as compare.sh runs
+from inferd.kernels import cpu_flags_summary  # noqa: E402  the flags the kernels choose their path from
+
 FILE_RE = re.compile(r"^(?P<server>.+)\.r(?P<repeat>\d+)\.json$")
 
 
@@ -69,7 +72,7 @@ def build_table(run_dir: Path) -> str:
         f"## {first_config.get('date', '?')[:10]} serving comparison",
         "",
         f"- machine: {platform.node()}, {cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, "
-        f"{memory_gib()}, {platform.platform()}",
+        f"{memory_gib()}, {platform.platform()}; CPU flags that pick kernel paths: {cpu_flags_summary()}",
         f"- workload: random prompts of {args.get('input_len')} tokens, {args.get('output_len')} output tokens "
         f"(ignore_eos), {args.get('num_prompts')} requests per point, all sent at once, capped by concurrency; "
         "weights from the same Q4_1 GGUF: its own Q4_1/Q8_0 blocks for `inferd` and `llamacpp-q4`, dequantized "
