@@ -28,29 +28,8 @@
 
 namespace {
 
-#define INFERD_LEVEL 0
-namespace portable {
-#include "decode_ops_body.inc"
-}  // namespace portable
-#undef INFERD_LEVEL
-
-#if defined(INFERD_X86)
-#define INFERD_LEVEL 3
-INFERD_PUSH_V3
-namespace x86_v3 {
-#include "decode_ops_body.inc"
-}  // namespace x86_v3
-INFERD_POP
-#undef INFERD_LEVEL
-
-#define INFERD_LEVEL 4
-INFERD_PUSH_V4
-namespace x86_v4 {
-#include "decode_ops_body.inc"
-}  // namespace x86_v4
-INFERD_POP
-#undef INFERD_LEVEL
-#endif
+#define INFERD_LEVEL_BODY "decode_ops_body.inc"
+#include "per_level.inc"
 
 }  // namespace
 

@@ -79,29 +79,8 @@ struct A8Rows {
 };
 
 // quantize_rows, once per code level: its rounding (nearbyint) is a libm call per value without SSE4.1.
-#define INFERD_LEVEL 0
-namespace portable {
-#include "a8_quantize_body.inc"
-}  // namespace portable
-#undef INFERD_LEVEL
-
-#if defined(INFERD_X86)
-#define INFERD_LEVEL 3
-INFERD_PUSH_V3
-namespace x86_v3 {
-#include "a8_quantize_body.inc"
-}  // namespace x86_v3
-INFERD_POP
-#undef INFERD_LEVEL
-
-#define INFERD_LEVEL 4
-INFERD_PUSH_V4
-namespace x86_v4 {
-#include "a8_quantize_body.inc"
-}  // namespace x86_v4
-INFERD_POP
-#undef INFERD_LEVEL
-#endif
+#define INFERD_LEVEL_BODY "a8_quantize_body.inc"
+#include "per_level.inc"
 
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* dsum, int32_t* isum16) {
   INFERD_LEVEL_CALL(quantize_rows, x, M, K, q, d, dsum, isum16)

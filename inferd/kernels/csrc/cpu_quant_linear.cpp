@@ -58,29 +58,8 @@ struct Packed {
 };
 
 
-#define INFERD_LEVEL 0
-namespace portable {
-#include "quant_linear_body.inc"
-}  // namespace portable
-#undef INFERD_LEVEL
-
-#if defined(INFERD_X86)
-#define INFERD_LEVEL 3
-INFERD_PUSH_V3
-namespace x86_v3 {
-#include "quant_linear_body.inc"
-}  // namespace x86_v3
-INFERD_POP
-#undef INFERD_LEVEL
-
-#define INFERD_LEVEL 4
-INFERD_PUSH_V4
-namespace x86_v4 {
-#include "quant_linear_body.inc"
-}  // namespace x86_v4
-INFERD_POP
-#undef INFERD_LEVEL
-#endif
+#define INFERD_LEVEL_BODY "quant_linear_body.inc"
+#include "per_level.inc"
 
 void linear_tiles(Format f, const float* x, int64_t M, const Packed& w, int64_t t0, int64_t t1, float* y, int64_t N) {
   INFERD_LEVEL_CALL(linear_tiles, f, x, M, w, t0, t1, y, N)

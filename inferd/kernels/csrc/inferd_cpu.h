@@ -12,7 +12,8 @@
 // The library is built for plain x86-64 (-march=x86-64, see inferd/kernels/__init__.py), so its baseline code runs
 // on any x86-64 CPU. The SIMD-dependent bodies (the *_body.inc files and int8_tiles.inc) are compiled again inside
 // `#pragma GCC target` regions, each copy in its own namespace, with INFERD_LEVEL telling the body which vector
-// code to use (GCC's C++ front end does not update __AVX2__ / __AVX512F__ under the pragma):
+// code to use (GCC's C++ front end does not update __AVX2__ / __AVX512F__ under the pragma); per_level.inc
+// writes the three copies of a body file:
 //   INFERD_LEVEL 0  portable   the build's baseline (any x86-64, or the compiler's default on other CPUs)
 //   INFERD_LEVEL 3  x86-64-v3  AVX2 + FMA + F16C (the int8 kernels add an AVX-VNNI copy)
 //   INFERD_LEVEL 4  x86-64-v4  AVX-512 F/BW/VL (the int8 kernels add an AVX-512 VNNI copy)
