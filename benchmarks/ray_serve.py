@@ -183,7 +183,8 @@ def overhead(args: argparse.Namespace, base_url: str, server_options, spec, prom
     layouts = {name: layout for name, layout in layouts.items() if name.replace(" ", "-") in args.layouts.split(",")}
     # Every layout once per stream interval (DeploymentOptions.stream_interval_ms), named "<layout>, <ms> ms".
     intervals_ms = [float(ms) for ms in args.stream_intervals_ms.split(",")]
-    layouts = {f"{name}, {ms:g} ms": (*layout, ms) for name, layout in layouts.items() for ms in intervals_ms}
+    budget = f", budget {args.stream_messages_per_s:g}/s" if args.stream_messages_per_s > 0 else ""
+    layouts = {f"{name}, {ms:g} ms{budget}": (*layout, ms) for name, layout in layouts.items() for ms in intervals_ms}
     log_path = tempfile.NamedTemporaryFile(prefix="inferd-ray-overhead-", suffix=".log", delete=False).name
     process, direct_url = start_server(args, log_path)
     asyncio.run(run_server_async(direct_url, spec.name, prompt_ids, args.new_tokens))  # warm-up
@@ -193,7 +194,7 @@ def overhead(args: argparse.Namespace, base_url: str, server_options, spec, prom
         for index, (layout, (is_one_hop, env_vars, interval_ms)) in enumerate(layouts.items()):
             app = f"overhead-{index}"
             one = DeploymentOptions(min_replicas=1, max_replicas=1, num_cpus=2, prefix_affinity=False,
-                                    stream_interval_ms=interval_ms)
+                                    stream_interval_ms=interval_ms, stream_messages_per_s=args.stream_messages_per_s)
             config = DeployConfig((spec,), {spec.name: one})
             serve.run(ray_serve.build_application(config, server_options, one_hop=is_one_hop,
                                                   replica_env_vars=env_vars), name=app,
@@ -260,6 +261,9 @@ def main() -> int:
     parser.add_argument("--stream-intervals-ms", default=None, metavar="MS[,MS...]",
                         help="DeploymentOptions.stream_interval_ms of the Ray replicas: each layout is measured once "
                              "per value (default: inferd's default; 0 passes every chunk to Ray as it comes)")
+    parser.add_argument("--stream-messages-per-s", type=float, default=None, metavar="N",
+                        help="DeploymentOptions.stream_messages_per_s of the Ray replicas (default: inferd's; 0: a "
+                             "fixed interval per stream, as before the budget)")
     parser.add_argument("--metrics-interval", type=float, default=None, metavar="SECONDS",
                         help="autoscaling_config.metrics_interval_s of both cold-start apps (default: inferd's "
                              "DeploymentOptions default; 10 is Ray's own)")
@@ -298,6 +302,8 @@ def main() -> int:
         args.metrics_interval = DeploymentOptions().metrics_interval_s
     if args.stream_intervals_ms is None:
         args.stream_intervals_ms = str(DeploymentOptions().stream_interval_ms)
+    if args.stream_messages_per_s is None:
+        args.stream_messages_per_s = DeploymentOptions().stream_messages_per_s
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start")
     from inferd.deploy.ray_serve import use_local_ray_env
 

@@ -389,6 +389,45 @@ def test_coalescing_send_passes_held_chunks_when_the_interval_ends() -> None:
     assert asyncio.run(scenario()) == [[b"a"], [b"a", b"bc"], [b"a", b"bc", b"d"], [b"a", b"bc", b"d", b"e"]]
 
 
+def test_stream_budget_widens_every_open_streams_interval_and_frees_it_at_close() -> None:
+    """With a replica-wide budget of 10 messages/s, two open streams get 0.2 s each (a floor of 0.05 s alone): a
+    chunk 0.1 s after a stream's last message is held while the other stream is open, and passes at once after
+    that stream closed; non-streamed answers never count as streams."""
+    import asyncio
+
+    from inferd.deploy.ray_serve import CoalescingSend, StreamBudget
+
+    async def scenario() -> list:
+        budget = StreamBudget(messages_per_s=10.0)
+        first_sent, second_sent, whole_sent = _Recorder(), _Recorder(), _Recorder()
+        first = CoalescingSend(first_sent, interval_s=0.05, budget=budget)
+        second = CoalescingSend(second_sent, interval_s=0.05, budget=budget)
+        whole = CoalescingSend(whole_sent, interval_s=0.05, budget=budget)
+        seen = []
+        await whole({"type": "http.response.start", "status": 200, "headers": []})
+        await whole(_body(b"{}", more_body=False))  # a whole answer in one message: not a stream
+        await whole.close()
+        seen.append(budget.num_open_streams)  # 0
+        for send in (first, second):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send(_body(b"a"))  # the first chunk goes at once
+        seen.append((budget.num_open_streams, budget.interval_s(0.05)))  # (2, 0.2)
+        await asyncio.sleep(0.1)
+        await first(_body(b"b"))  # 0.1 s after its last message, under 0.2: held
+        seen.append([m.get("body") for m in first_sent.messages[1:]])
+        await second(_body(b"z", more_body=False))
+        await second.close()
+        seen.append((budget.num_open_streams, budget.interval_s(0.05)))  # (1, 0.1): the floor 0.05 is below
+        await asyncio.sleep(0.15)  # the held b's timer (due 0.2 s after a) has passed it by now
+        seen.append([m.get("body") for m in first_sent.messages[1:]])
+        await first(_body(b"c", more_body=False))
+        await first.close()
+        seen.append(budget.num_open_streams)
+        return seen
+
+    assert asyncio.run(scenario()) == [0, (2, 0.2), [b"a"], (1, 0.1), [b"a", b"b"], 0]
+
+
 def _openai_stream(base_url: str, kind: str, prompt: str) -> dict:
     """One greedy stream through the official openai client (which parses every SSE event): each chunk's text and
     finish_reason in order, and the usage chunk's counts."""

@@ -18,6 +18,7 @@ plus the HTTP address of Ray Serve's proxy:
           metrics_interval_s: 0.5      # how often handles and replicas report load (bounds a scale from zero's wait)
           num_cpus: 1                  # Ray CPUs per replica (its torch threads follow it)
           stream_interval_ms: 50       # a stream's chunks within this long go to Ray as one message (0: each alone)
+          stream_messages_per_s: 80    # the replica's message budget shared by its streams (0: the interval alone)
       - source: all-minilm-l6-v2
 
 `inferd serve --ray` builds the same from its --model flags and the --min-replicas ... flags (one set for all).
@@ -68,6 +69,10 @@ class DeploymentOptions:
     # message costs the replica and Serve's proxy CPU; with many streams on few cores that cost is most of Ray's
     # overhead. A chunk after a quiet gap (the first token) goes at once; 0 sends every chunk as it comes.
     stream_interval_ms: float = 50.0
+    # The replica's budget of streamed messages to Ray per second, shared by its open streams: each stream's interval
+    # is the larger of stream_interval_ms and open streams / stream_messages_per_s (16 streams: 200 ms; one: 50 ms).
+    # 0: no budget, stream_interval_ms alone.
+    stream_messages_per_s: float = 80.0
 
     def check(self, where: str) -> None:
         if self.min_replicas < 0:
@@ -81,7 +86,7 @@ class DeploymentOptions:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("upscale_delay_s", "downscale_delay_s", "graceful_shutdown_timeout_s",
-                     "prefix_imbalance_threshold", "stream_interval_ms"):
+                     "prefix_imbalance_threshold", "stream_interval_ms", "stream_messages_per_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.look_back_period_s <= self.metrics_interval_s:
@@ -200,6 +205,9 @@ def add_ray_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stream-interval-ms", type=float, default=d.stream_interval_ms, metavar="MS",
                    help="a streamed answer's chunks within this long of the replica's last message to Ray go as one "
                         "message (fewer Ray messages per token; 0: every chunk at once)")
+    g.add_argument("--stream-messages-per-s", type=float, default=d.stream_messages_per_s, metavar="N",
+                   help="a replica's budget of streamed messages to Ray per second, shared by its open streams (each "
+                        "stream's interval: the larger of --stream-interval-ms and streams / N; 0: no budget)")
 
 
 def deployment_options_from_cli(ns: argparse.Namespace) -> DeploymentOptions:
@@ -207,6 +215,7 @@ def deployment_options_from_cli(ns: argparse.Namespace) -> DeploymentOptions:
         min_replicas=ns.min_replicas, max_replicas=ns.max_replicas, target_ongoing_requests=ns.target_ongoing_requests,
         upscale_delay_s=ns.upscale_delay, downscale_delay_s=ns.downscale_delay, num_cpus=ns.replica_cpus,
         graceful_shutdown_timeout_s=ns.drain_timeout, stream_interval_ms=ns.stream_interval_ms,
+        stream_messages_per_s=ns.stream_messages_per_s,
     )
     options.check("--ray")
     return options

@@ -17,8 +17,9 @@ The application, for a model table of N models:
   no retry on another replica and no SSE error event when a replica dies (the proxy's 500, a closed connection).
 - Streams: a replica passes a streamed answer's chunks to Ray through `CoalescingSend`: those produced within
   DeploymentOptions.stream_interval_ms (50) of its last message go as one message (whole SSE events, in order; the
-  first after a quiet gap at once). Ray's per-message cost (pickling, a generator item report, the proxy's receive)
-  is paid per message, not per byte.
+  first after a quiet gap at once), and the replica's `StreamBudget` (DeploymentOptions.stream_messages_per_s, 80)
+  widens every open stream's interval to open streams / budget when that is longer (16 streams: 200 ms). Ray's
+  per-message cost (pickling, a generator item report, the proxy's receive) is paid per message, not per byte.
 - `InferdIngress` reads `model` from the JSON body (or the OIP path `/v2/models/{name}/...`), picks that model's
   deployment handle, and relays the answer. It answers /health, /v1/models and /metrics itself.
 - Scale to zero: with min_replicas 0 a model with no traffic for downscale_delay_s has no replica; the next
@@ -136,6 +137,22 @@ def _prompt_text(body: Any, path: str) -> str:
 # ---------------------------------------------------------------------------------------------- the replica
 
 
+class StreamBudget:
+    """A replica's budget of streamed messages to Ray per second, shared by its open streams: each stream's
+    interval (CoalescingSend) is the larger of its floor (DeploymentOptions.stream_interval_ms) and open streams /
+    messages_per_s. A fixed interval leaves the message rate growing with concurrency (16 streams at 50 ms: 320
+    messages/s, each costing the replica and Serve's proxy CPU the engine then lacks: benchmarks/RESULTS.md); with
+    the budget a lone stream keeps its floor and 16 streams at 80 messages/s get 200 ms each. One per replica, used
+    from its event loop only."""
+
+    def __init__(self, messages_per_s: float) -> None:
+        self.messages_per_s = messages_per_s
+        self.num_open_streams = 0
+
+    def interval_s(self, floor_s: float) -> float:
+        return max(floor_s, self.num_open_streams / self.messages_per_s)
+
+
 class CoalescingSend:
     """An ASGI `send` for a replica's answers that holds a streamed body's chunks for up to `interval_s` and passes
     them on joined, as one message: each message costs Ray a generator item (the replica's pickling and report, the
@@ -144,11 +161,15 @@ class CoalescingSend:
     chunk that comes `interval_s` or more after the last message passed goes at once (the first token is never
     held), and a held chunk waits at most until `interval_s` after the last message. The response's start, its last
     body message (which carries the held chunks before its own body) and anything else pass at once. interval_s
-    0: every message passes as it comes. `close()` (after the app returned or raised) passes what is still held."""
+    0: every message passes as it comes. `close()` (after the app returned or raised) passes what is still held.
+    budget: the replica's StreamBudget, which then sets the interval (interval_s its floor); the response counts as
+    an open stream from its first held-back chunk (a body with more to come) until close()."""
 
-    def __init__(self, send: Any, interval_s: float) -> None:
+    def __init__(self, send: Any, interval_s: float, budget: StreamBudget | None = None) -> None:
         self._send = send
         self._interval_s = interval_s
+        self._budget = budget
+        self._is_counted = False  # this response is one of the budget's open streams
         self._held: list[bytes] = []
         self._last_sent_s = float("-inf")  # time.monotonic() of the last message passed on
         self._timer: asyncio.TimerHandle | None = None
@@ -161,9 +182,13 @@ class CoalescingSend:
         if self._error is not None:
             raise self._error
         is_more_body = message["type"] == "http.response.body" and message.get("more_body", False)
-        if is_more_body and self._interval_s > 0:
+        if is_more_body and self._budget is not None and not self._is_counted:
+            self._is_counted = True
+            self._budget.num_open_streams += 1
+        interval_s = self._interval_s if self._budget is None else self._budget.interval_s(self._interval_s)
+        if is_more_body and interval_s > 0:
             self._held.append(message.get("body", b""))
-            wait_s = self._last_sent_s + self._interval_s - time.monotonic()
+            wait_s = self._last_sent_s + interval_s - time.monotonic()
             if wait_s <= 0:
                 await self._flush()
             elif self._timer is None:
@@ -184,6 +209,9 @@ class CoalescingSend:
     async def close(self) -> None:
         """After the app returned or raised without its last body message: pass what is held. A send that fails
         here (the client gone) is dropped, so that the app's own exception, if any, is the one that propagates."""
+        if self._is_counted:
+            self._is_counted = False
+            self._budget.num_open_streams -= 1
         self._cancel_timer()
         if self._held and not self._is_finished and self._error is None:
             try:
@@ -219,8 +247,8 @@ class CoalescingSend:
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def call_asgi(app: Any, request: ForwardedRequest,
-                    stream_interval_s: float = 0.0) -> AsyncIterator[dict[str, Any]]:
+async def call_asgi(app: Any, request: ForwardedRequest, stream_interval_s: float = 0.0,
+                    stream_budget: StreamBudget | None = None) -> AsyncIterator[dict[str, Any]]:
     """Run one request through an ASGI app in this process, yielding its response messages: first
     {"status", "headers"}, then {"body"} chunks (whatever the app sent since the last one, joined). Closing the
     iterator early is a client disconnect (a stream's request is aborted)."""
@@ -246,7 +274,8 @@ async def call_asgi(app: Any, request: ForwardedRequest,
     async def send(message: dict[str, Any]) -> None:
         await queue.put(message)
 
-    coalesced = CoalescingSend(send, stream_interval_s) if stream_interval_s > 0 else None
+    is_coalesced = stream_interval_s > 0 or stream_budget is not None
+    coalesced = CoalescingSend(send, stream_interval_s, stream_budget) if is_coalesced else None
 
     async def run() -> None:
         try:
@@ -304,14 +333,16 @@ class ModelReplica:
     """One replica of one model: inferd's app with that model loaded, in this Ray actor."""
 
     async def __init__(self, spec: ModelSpec, options: ServerOptions, board: Any = None,
-                       stream_interval_s: float = 0.0) -> None:
+                       stream_interval_s: float = 0.0, stream_messages_per_s: float = 0.0) -> None:
         """stream_interval_s: how long a streamed answer's chunks may be held to go to Ray as one message
-        (CoalescingSend; DeploymentOptions.stream_interval_ms)."""
+        (CoalescingSend; DeploymentOptions.stream_interval_ms), at least; stream_messages_per_s: the replica's budget
+        of streamed messages per second (StreamBudget; 0: none, the interval alone)."""
         started, process_age_s = time.perf_counter(), _process_age_s()  # age: Ray's worker start and replica setup
         from inferd.server.app import build_app
 
         self.spec = spec
         self.stream_interval_s = stream_interval_s
+        self.stream_budget = StreamBudget(stream_messages_per_s) if stream_messages_per_s > 0 else None
         self._app = build_app(options, [spec])
         built = time.perf_counter()
         self._lifespan = self._app.router.lifespan_context(self._app)
@@ -334,7 +365,7 @@ class ModelReplica:
     async def handle(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
         started, is_first = time.perf_counter(), self._is_first_request
         self._is_first_request = False
-        async for message in call_asgi(self._app, request, self.stream_interval_s):
+        async for message in call_asgi(self._app, request, self.stream_interval_s, self.stream_budget):
             if "status" in message:  # which replica answered (prefix-affinity is visible to clients and tests)
                 message["headers"].append((REPLICA_HEADER.encode(), self.replica_id.encode()))
             elif is_first:
@@ -405,10 +436,10 @@ class _ReplicaFront:
                 message = {**message, "headers": [*message.get("headers", []), replica_header]}
             await send(message)
 
-        if replica.stream_interval_s <= 0 or scope["type"] != "http":
+        if (replica.stream_interval_s <= 0 and replica.stream_budget is None) or scope["type"] != "http":
             await replica._app(scope, receive, send_with_replica)
             return
-        coalesced = CoalescingSend(send_with_replica, replica.stream_interval_s)
+        coalesced = CoalescingSend(send_with_replica, replica.stream_interval_s, replica.stream_budget)
         try:
             await replica._app(scope, receive, coalesced)
         finally:  # what the app sent before it returned or raised goes out first
@@ -650,9 +681,10 @@ def build_application(config: DeployConfig, server_options: ServerOptions, one_h
         (spec,) = config.specs
         options = config.deployments[spec.name]
         return _model_deployment(spec, options, is_ingress=True, env_vars=replica_env_vars).bind(
-            spec, server_options, board, options.stream_interval_ms / 1000)
+            spec, server_options, board, options.stream_interval_ms / 1000, options.stream_messages_per_s)
     handles = {spec.name: _model_deployment(spec, config.deployments[spec.name], env_vars=replica_env_vars).bind(
-        spec, server_options, board, config.deployments[spec.name].stream_interval_ms / 1000) for spec in config.specs}
+        spec, server_options, board, config.deployments[spec.name].stream_interval_ms / 1000,
+        config.deployments[spec.name].stream_messages_per_s) for spec in config.specs}
     table = [(spec.name, spec.kind.value) for spec in config.specs]
     return serve.deployment(InferdIngress).options(
         name="ingress", num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0},
