@@ -40,6 +40,7 @@ def test_deployment_options_become_ray_autoscaling_config() -> None:
         ({"metrics_interval_s": 0}, "d.metrics_interval_s: must be > 0"),
         ({"stream_interval_ms": -1}, "d.stream_interval_ms: must be >= 0"),
         ({"stream_interval_ms": "fast"}, "d.stream_interval_ms: expected a number"),
+        ({"stream_messages_per_s": -5}, "d.stream_messages_per_s: must be >= 0"),
         ({"look_back_period_s": 1, "metrics_interval_s": 2}, "d.look_back_period_s: must be > metrics_interval_s"),
     ],
 )
