@@ -1,7 +1,7 @@
 """The block-quantized matmul kernels against float32 torch matmuls, over the row counts an engine step has.
 
     .venv/bin/python benchmarks/quant_kernels.py [--rows 1,4,16,64,128,256] [--repeats 5]
-        [--a8-paths avx512-vnni,avx2-vnni,avx2] [--threads N] [--weights smollm2|gemma3-kquants]
+        [--a8-paths avx512-vnni,avx2-vnni,avx2] [--threads N] [--weights smollm2|gemma3-kquants|gemma3-q5kquants]
 
 Weights: the linear layers of SmolLM2-135M (30 layers of qkv 960x576, o 576x576, gate_up 3072x576,
 down 576x1536) plus the tied output projection 49152x576, random values, so a pass streams the whole model's
@@ -17,7 +17,7 @@ neighbours, not the kernel).
 --weights gemma3-kquants: the K-quant layers of gemma-3-270m's Q4_K_M file instead (18 attention outputs 640x1024
 Q4_K, 9 MLP downs 640x2048 Q4_K and 9 Q6_K; random super-blocks), where the peer is float32 F.linear on the
 dequantized weights, which is what inferd ran for K-quant tensors before (there are no float-activation K-quant
-kernels).
+kernels). --weights gemma3-q5kquants: the same shapes as a Q5_K_M file holds them (Q5_K where Q4_K_M has Q4_K).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def build() -> list[tuple[torch.Tensor, QuantLinear, QuantLinear]]:
 
 
 KQUANT_LAYERS = [("Q4_K", 640, 1024)] * 18 + [("Q4_K", 640, 2048)] * 9 + [("Q6_K", 640, 2048)] * 9
+Q5_KQUANT_LAYERS = [("Q5_K" if t == "Q4_K" else t, n, k) for t, n, k in KQUANT_LAYERS]
 
 
 def random_k_quant(type_name: str, n: int, k: int, rng) -> "np.ndarray":
@@ -65,17 +66,17 @@ def random_k_quant(type_name: str, n: int, k: int, rng) -> "np.ndarray":
 
     num = n * k // QK_K
     raw = rng.integers(0, 256, size=(num, GGUF_SUPER_BLOCK_BYTES[type_name]), dtype=np.uint8)
-    offset, count = (0, 2) if type_name == "Q4_K" else (208, 1)
+    offset, count = (0, 2) if type_name in ("Q4_K", "Q5_K") else (208, 1)
     raw[:, offset : offset + 2 * count] = (rng.uniform(0.5, 1.5, (num, count)) * 1e-3).astype(np.float16).view(np.uint8)
     return raw
 
 
-def build_k_quants() -> list[tuple[torch.Tensor, None, QuantLinear]]:
+def build_k_quants(shapes: list[tuple[str, int, int]]) -> list[tuple[torch.Tensor, None, QuantLinear]]:
     import numpy as np
 
     rng = np.random.default_rng(0)
     layers = []
-    for type_name, n, k in KQUANT_LAYERS:
+    for type_name, n, k in shapes:
         bq = from_gguf(type_name, random_k_quant(type_name, n, k, rng), (n, k))
         layer = QuantLinear(k, n, bq.kind, bias=False, int8_activations=True)
         layer.load_rows(0, bq)
@@ -90,7 +91,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--a8-paths", default="", help="comma-separated int8 kernel paths (default: all but portable)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--weights", default="smollm2", choices=["smollm2", "gemma3-kquants"])
+    ap.add_argument("--weights", default="smollm2", choices=["smollm2", "gemma3-kquants", "gemma3-q5kquants"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,8 +100,9 @@ def main() -> int:
     float_path = torch.ops.inferd.cpu_kernel_path("")  # INFERD_CPU_KERNEL's, else the best
     paths = args.a8_paths.split(",") if args.a8_paths else [p for p in torch.ops.inferd.cpu_kernel_paths()
                                                             if p != "portable"]
-    k_quants = args.weights == "gemma3-kquants"
-    layers = build_k_quants() if k_quants else build()
+    k_quants = args.weights != "smollm2"
+    k_shapes = Q5_KQUANT_LAYERS if args.weights == "gemma3-q5kquants" else KQUANT_LAYERS
+    layers = build_k_quants(k_shapes) if k_quants else build()
     quant_bytes = sum(layer.weight_bytes() for _, _, layer in layers)
     float_bytes = sum(w.numel() * 4 for w, _, _ in layers)
     float_kernels = "AVX-512" if has_avx512_kernels() else "portable"

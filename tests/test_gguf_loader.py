@@ -227,8 +227,10 @@ def random_k_quant_rows(num_rows: int, num_cols: int, qtype: QType, seed: int) -
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(num_rows, num_cols // block_size, type_size), dtype=np.uint8)
-    if qtype == QType.Q4_K:  # block = d (f16), dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
-        blocks[..., 0:4] = np.array([1e-4, 1e-4], dtype=np.float16).view(np.uint8)
+    if qtype in (QType.Q4_K, QType.Q5_K):  # d (f16), dmin (f16), 12 bytes of 6-bit scales/mins, [32 bytes of
+        blocks[..., 0:4] = np.array([1e-4, 1e-4], dtype=np.float16).view(np.uint8)  # fifth bits,] 128 of nibbles
+    elif qtype == QType.Q5_1:  # block of 32 = d (f16), m (f16), 4 bytes of fifth bits, 16 bytes of nibbles
+        blocks[..., 0:4] = np.array([4e-3, -6e-2], dtype=np.float16).view(np.uint8)
     elif qtype == QType.Q6_K:  # block = 128 bytes low bits, 64 bytes high bits, 16 int8 scales, d (f16)
         blocks[..., 208:210] = np.array([2e-5], dtype=np.float16).view(np.uint8)
     else:
@@ -260,6 +262,41 @@ def test_k_quant_tensors_match_transformers(tmp_path):
     ours = PagedDriver(model, arch_config, num_blocks=4, block_size=8).step([("s", ids)])
     with torch.no_grad():
         assert (ours - reference(torch.tensor([ids])).logits[0]).abs().max().item() <= 1e-4
+
+
+def test_q5_tensors_stay_in_their_blocks_under_int8_activations(tmp_path):
+    """Q5_K (gate / up) and Q5_1 (down) tensors under gguf-int8act: kept as q5 blocks (not dequantized to
+    float32), the file's exact weights (transformers' dequantization), and logits within the int8 activation
+    rounding's reach of transformers' on the same file."""
+    from inferd.quant import QuantLinear
+
+    config = LlamaConfig(**{**_TINY, "hidden_size": 256, "intermediate_size": 256}, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomize_(original, seed=0)
+    raw = {}
+    for layer in range(config.num_hidden_layers):
+        for i, (proj, qtype) in enumerate([("gate_proj", QType.Q5_K), ("up_proj", QType.Q5_K),
+                                           ("down_proj", QType.Q5_1)]):
+            raw[f"model.layers.{layer}.mlp.{proj}.weight"] = (random_k_quant_rows(256, 256, qtype, 10 * layer + i), qtype)
+    path = str(tmp_path / "tiny.gguf")
+    write_gguf(original, "llama", path, raw_tensors=raw)
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    ref_state = reference.state_dict()
+    model, arch_config = load_model(path, "cpu", "float32", quantization="gguf-int8act")
+    for layer in range(config.num_hidden_layers):
+        mlp = model.model.layers[layer].mlp
+        assert isinstance(mlp.gate_up_proj, QuantLinear) and isinstance(mlp.down_proj, QuantLinear)
+        assert (mlp.gate_up_proj.kind, mlp.down_proj.kind) == ("q5", "q5")
+        gate_up = torch.cat([ref_state[f"model.layers.{layer}.mlp.{p}.weight"] for p in ("gate_proj", "up_proj")])
+        assert torch.equal(mlp.gate_up_proj.dequantized_weight(), gate_up)
+        assert torch.equal(mlp.down_proj.dequantized_weight(), ref_state[f"model.layers.{layer}.mlp.down_proj.weight"])
+    ids = [random.Random(5).randrange(config.vocab_size) for _ in range(12)]
+    ours = PagedDriver(model, arch_config, num_blocks=4, block_size=8).step([("s", ids)])
+    with torch.no_grad():
+        ref_logits = reference(torch.tensor([ids])).logits[0]
+    # Measured: ~1-2% of the largest logit (the activations' int8 rounding); a wrong layout or scale is far off.
+    assert (ours - ref_logits).abs().max().item() <= 0.05 * ref_logits.abs().max().item()
 
 
 def test_read_gguf_metadata_decodes_values(tmp_path):

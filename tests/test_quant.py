@@ -122,7 +122,7 @@ def test_quant_linear_matches_a_float_matmul_on_the_same_weights(kernel_path, we
 
 # ---- int8-activation kernels ---------------------------------------------------------------------------------
 
-A8_QTYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q4_K, QType.Q6_K]
+A8_QTYPES = [QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 
 def emulate_a8_quantization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernels' activation quantization in float32 torch ops: per row and block of 32, d = max|x| / 127,
@@ -208,16 +208,17 @@ def random_gguf_bytes(qtype: QType, n: int, k: int, seed: int) -> np.ndarray:
     """Random blocks of a GGUF type (any bit pattern of the quants and 6-bit / 8-bit sub-scales) with finite
     float16 super-scales around 1e-2: K-quants, which gguf-py cannot quantize to."""
     rng = np.random.default_rng(seed)
-    super_bytes = {QType.Q4_K: 144, QType.Q6_K: 210}
+    super_bytes = {QType.Q4_K: 144, QType.Q5_K: 176, QType.Q6_K: 210}
     weights_per_block = 256 if qtype in super_bytes else 32
     num_blocks = n * k // weights_per_block
-    raw = rng.integers(0, 256, size=(num_blocks, super_bytes.get(qtype, 22 if qtype == QType.Q5_0 else 0)),
-                       dtype=np.uint8)
+    block_bytes = super_bytes.get(qtype) or {QType.Q5_0: 22, QType.Q5_1: 24}[qtype]
+    raw = rng.integers(0, 256, size=(num_blocks, block_bytes), dtype=np.uint8)
 
     def f16(count: int) -> np.ndarray:
         return (rng.uniform(0.5, 1.5, size=(num_blocks, count)) * 1e-2).astype(np.float16).view(np.uint8)
 
-    offset, count = {QType.Q4_K: (0, 2), QType.Q6_K: (208, 1), QType.Q5_0: (0, 1)}[qtype]
+    offset, count = {QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208, 1), QType.Q5_0: (0, 1),
+                     QType.Q5_1: (0, 2)}[qtype]
     raw[:, offset : offset + 2 * count] = f16(count)
     return raw
 
@@ -235,9 +236,10 @@ def blocks_and_reference(qtype: QType, n: int, k: int, seed: int) -> tuple[Block
 
 
 
-@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q4_K, QType.Q6_K])
+@pytest.mark.parametrize("qtype", [QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K])
 def test_more_gguf_block_types_are_exact(qtype):
-    """Q5_0 (as q8), Q4_K (as q4 with float32 scales and mins) and Q6_K (as q6) hold the file's exact weights:
+    """Q5_0 (as q8), Q4_K (as q4 with float32 scales and mins), Q6_K (as q6), Q5_1 and Q5_K (as q5: u in 0..31
+    with a scale and a min per 32) hold the file's exact weights:
     bit-equal to gguf-py's dequantizer; the int8-activation packing keeps them."""
     bq, reference = blocks_and_reference(qtype, 32, 512, seed=4)
     assert torch.equal(bq.dequantize(), reference)

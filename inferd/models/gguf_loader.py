@@ -263,7 +263,8 @@ def load_gguf_model(
     reader = GGUFReader(path)
     arch_config = _read_arch_config(reader)
     model = create_model(arch_config, device, dtype)
-    # The int8-activation kernels also take K-quants (Q4_K, Q6_K: float32 scales); the float-activation ones do not.
+    # The int8-activation kernels also take K-quants (Q4_K, Q5_K, Q6_K: float32 scales) and Q5_1; the float-activation
+    # ones do not.
     kind_of = GGUF_KIND_INT8_ACTIVATIONS if split_quantization(quantization)[1] else GGUF_KIND
     source_kinds = {
         hf_name_of(t.name, arch_config.arch): kind_of.get(t.tensor_type.name)

@@ -191,7 +191,7 @@ class LlamaForCausalLM(nn.Module):
         kernel: every projection an int8-activation QuantLinear, plain Llama layers (no q/k norm, SiLU MLP), one
         eps and one attention scale. Cached until the weights change (_apply, load_weights, load_state_dict)."""
         none = torch.empty(0)
-        formats = {"q4": 0, "q8": 1, "q6": 2}
+        formats = {"q4": 0, "q8": 1, "q6": 2, "q5": 3}
         tensors: list[torch.Tensor] = []
         ints: list[int] = []
         eps, scale = self.model.norm.eps, self.model.layers[0].self_attn.scale

@@ -3,8 +3,9 @@
 `BlockQuantized` is the canonical, row-major form every source maps to:
 - GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 tensors, bit-exact (`from_gguf`): the file's own weights, not a re-quantization
   (Q5_0 as "q8": its 5-bit values less 16 in an int8);
-- GGUF Q4_K as "q4" (its per-32 scale d * sc and min -dmin * m, exact in float32 but not in float16) and Q6_K as
-  "q6" (u in 0..63, w = scale * (u - 32), a float32 scale d * sc per 16): the int8-activation kernels only;
+- GGUF Q4_K as "q4" (its per-32 scale d * sc and min -dmin * m, exact in float32 but not in float16), Q6_K as
+  "q6" (u in 0..63, w = scale * (u - 32), a float32 scale d * sc per 16), Q5_1 and Q5_K as "q5" (u in 0..31,
+  w = scale * u + min per 32; Q5_K's scale and min as Q4_K's): the int8-activation kernels only;
 - float weights quantized at load (`quantize`, for `--quantization int8|int4`): int8 as Q8_0 (symmetric,
   scale = absmax / 127), int4 as Q4_1 (asymmetric, scale = (max - min) / 15, min kept).
 `pack` turns it into the tile-interleaved layout the float-activation CPU kernels read (csrc/cpu_quant_linear.cpp),
@@ -30,8 +31,9 @@ GGUF_KIND = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4", "Q5_0": "q8"}
 # K-quants: 256 weights per super-block; their scales are not float16 values, so only the int8-activation kernels
 # (float32 scales) take them.
 QK_K = 256
-GGUF_SUPER_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}
-GGUF_KIND_INT8_ACTIVATIONS = {**GGUF_KIND, "Q4_K": "q4", "Q6_K": "q6"}
+GGUF_SUPER_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210, "Q5_K": 176}
+GGUF_Q5_1_BLOCK_BYTES = 24  # f16 d, f16 m, 4 bytes of high bits, 16 bytes of nibbles
+GGUF_KIND_INT8_ACTIVATIONS = {**GGUF_KIND, "Q4_K": "q4", "Q6_K": "q6", "Q5_1": "q5", "Q5_K": "q5"}
 Q6_BLOCK_SIZE = 16  # q6: weights per scale
 Q6_OFFSET = 32  # q6: w = scale * (u - 32)
 
@@ -39,8 +41,8 @@ Q6_OFFSET = 32  # q6: w = scale * (u - 32)
 @dataclass
 class BlockQuantized:
     """kind "q4": q uint8 [N, K] in 0..15, w = scales * q + mins; kind "q8": q int8 [N, K], w = scales * q;
-    kind "q6": q uint8 [N, K] in 0..63, w = scales * (q - 32). scales, mins: float32 [N, K / 32] (q6: scales
-    [N, K / 16]; mins None for q8 and q6)."""
+    kind "q6": q uint8 [N, K] in 0..63, w = scales * (q - 32); kind "q5": q uint8 [N, K] in 0..31, w = scales * q
+    + mins. scales, mins: float32 [N, K / 32] (q6: scales [N, K / 16]; mins None for q8 and q6)."""
 
     kind: str
     q: torch.Tensor
@@ -98,10 +100,17 @@ def quantize(weight: torch.Tensor, kind: str) -> BlockQuantized:
 
 
 def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQuantized:
-    """The exact weights of a GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K tensor. raw: its bytes (uint8, any
-    shape), shape: [N, K]."""
+    """The exact weights of a GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K tensor. raw: its bytes
+    (uint8, any shape), shape: [N, K]."""
     if type_name in GGUF_SUPER_BLOCK_BYTES:
         return _from_gguf_k_quant(type_name, raw, shape)
+    if type_name == "Q5_1":  # f16 d, f16 m, 4 bytes of high bits (bit j: element j), 16 bytes of nibbles
+        n, k = shape
+        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // BLOCK_SIZE, GGUF_Q5_1_BLOCK_BYTES)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = _five_bit_values(blocks[..., 8:], blocks[..., 4:8]).reshape(n, k)
+        return BlockQuantized("q5", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m))
     if type_name not in GGUF_BLOCK_BYTES:
         raise ValueError(f"GGUF type {type_name} has no block-quantized form; supported: {', '.join(GGUF_BLOCK_BYTES)}")
     n, k = shape
@@ -111,11 +120,7 @@ def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQ
         q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
         return BlockQuantized("q8", torch.from_numpy(q), torch.from_numpy(d), None)
     if type_name == "Q5_0":  # f16 d, 4 bytes of high bits (bit j: element j), 16 bytes of nibbles; w = d * (q - 16)
-        high = blocks[..., 2:6].copy().view(np.uint32)[..., 0]  # little-endian: bit j of the 32 = element j
-        bits = ((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [N, K/32, 32]
-        nibbles = blocks[..., 6:]
-        low = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-        q = ((low | (bits << 4)).astype(np.int16) - 16).astype(np.int8).reshape(n, k)
+        q = (_five_bit_values(blocks[..., 6:], blocks[..., 2:6]).astype(np.int16) - 16).astype(np.int8).reshape(n, k)
         return BlockQuantized("q8", torch.from_numpy(q), torch.from_numpy(d), None)
     if type_name == "Q4_0":
         nibbles, mins = blocks[..., 2:], -8.0 * d  # d * (q - 8) == d * q + (-8 d), both exact in float32
@@ -125,24 +130,45 @@ def from_gguf(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQ
     return BlockQuantized("q4", torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.ascontiguousarray(mins)))
 
 
+def _five_bit_values(nibbles: np.ndarray, high_bytes: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 values u in 0..31, uint8 [..., 32]: nibbles [..., 16] (element j low, j + 16 high), high_bytes
+    [..., 4] (a little-endian uint32 whose bit j is element j's fifth bit)."""
+    high = high_bytes.copy().view(np.uint32)[..., 0]
+    bits = ((high[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1) | (bits << 4)
+
+
+def _k_quant_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 bytes of 6-bit (scale, min) x 8 -> two uint8 [S, 8]."""
+    packed = packed.reshape(-1, 3, 4)
+    lo, hi, extra = packed[:, 0], packed[:, 1], packed[:, 2]
+    sc = np.concatenate([lo & 0x3F, (extra & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([hi & 0x3F, (extra >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
 def _from_gguf_k_quant(type_name: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockQuantized:
     n, k = shape
     if k % QK_K:
         raise ValueError(f"{type_name} tensor [{n}, {k}]: K must be a multiple of {QK_K}")
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * (k // QK_K), GGUF_SUPER_BLOCK_BYTES[type_name])
-    if type_name == "Q4_K":  # f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) x 8, 128 bytes of nibbles
+    if type_name in ("Q4_K", "Q5_K"):
+        # f16 d, f16 dmin, 12 bytes of 6-bit (scale, min) x 8, [Q5_K: 32 bytes of fifth bits,] 128 bytes of nibbles
         d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [S, 1]
         dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        packed = blocks[:, 4:16].reshape(-1, 3, 4)
-        lo, hi, extra = packed[:, 0], packed[:, 1], packed[:, 2]
-        sc = np.concatenate([lo & 0x3F, (extra & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)  # [S, 8]
-        mn = np.concatenate([hi & 0x3F, (extra >> 4) | ((hi >> 2) & 0x30)], axis=-1)
-        nibbles = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        q = (nibbles & 0x0F).reshape(n, k)  # chunk c of 32 bytes: sub-block 2c in the low nibbles, 2c + 1 high
+        sc, mn = _k_quant_scales_mins(blocks[:, 4:16])  # [S, 8]
+        nibbles = blocks[:, -128:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        q = (nibbles & 0x0F).reshape(-1, 256)  # chunk c of 32 bytes: sub-block 2c in the low nibbles, 2c + 1 high
+        kind = "q4"
+        if type_name == "Q5_K":  # qh byte l: bit s is the fifth bit of element l of sub-block s
+            qh = blocks[:, 16:48]
+            bits = (qh[:, None, :] >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # [S, 8, 32]
+            q = q | (bits.reshape(-1, 256) << 4)
+            kind = "q5"
         scales = (d * sc.astype(np.float32)).reshape(n, k // BLOCK_SIZE)  # exact: 11-bit times 6-bit
         mins = -(dmin * mn.astype(np.float32)).reshape(n, k // BLOCK_SIZE)
-        return BlockQuantized("q4", torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scales),
-                              torch.from_numpy(mins))
+        return BlockQuantized(kind, torch.from_numpy(np.ascontiguousarray(q.reshape(n, k))),
+                              torch.from_numpy(scales), torch.from_numpy(mins))
     # Q6_K: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, f16 d
     low = blocks[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     low = (low & 0x0F).reshape(-1, 2, 128)
@@ -196,7 +222,8 @@ def pack(bq: BlockQuantized) -> dict[str, torch.Tensor]:
 def pack_a8(bq: BlockQuantized) -> dict[str, torch.Tensor]:
     """Layout of the int8-activation kernels: {"qs", "scales"[, "mins"]}; output rows in tiles of 16 with 4
     consecutive k of a row in one dword: q4 qs uint8 [N/16, K/8, 64] (low nibbles k 8g..8g+3, high nibbles
-    8g+4..8g+7), q8 qs int8 [N/16, K/4, 64]; scales and mins float16 [N/16, K/32, 16] as in `pack`."""
+    8g+4..8g+7), q8 qs int8 / q5 and q6 uint8 [N/16, K/4, 64]; scales and mins float16 (or float32) [N/16, K/32,
+    16] as in `pack` (q6 scales float32 [N/16, K/16, 16])."""
     n, k = bq.shape
     t = _num_tiles(n, k)
     tiles = _tiler(t)
@@ -214,9 +241,11 @@ def pack_a8(bq: BlockQuantized) -> dict[str, torch.Tensor]:
         nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [T, j, g, i]
         out["qs"] = nibbles.permute(0, 2, 1, 3).reshape(t, k // 8, 64).contiguous()
         out["mins"] = tiles(as_stored(bq.mins, "mins"))
-    else:
-        q = bq.q.to(torch.int8).view(t, TILE_ROWS, k // 4, 4)  # [T, j, g, i], k = 4g + i
+    else:  # q8 (int8), q5 (uint8 u, and mins)
+        q = bq.q.to(torch.int8 if bq.kind == "q8" else torch.uint8).view(t, TILE_ROWS, k // 4, 4)  # k = 4g + i
         out["qs"] = q.permute(0, 2, 1, 3).reshape(t, k // 4, 64).contiguous()
+        if bq.kind == "q5":
+            out["mins"] = tiles(as_stored(bq.mins, "mins"))
     return out
 
 
@@ -235,4 +264,5 @@ def unpack_a8(kind: str, packed: dict[str, torch.Tensor]) -> BlockQuantized:
         return BlockQuantized("q4", q.contiguous(), rows(packed["scales"]), rows(packed["mins"]))
     k = qs.shape[1] * 4
     q = qs.view(t, k // 4, TILE_ROWS, 4).permute(0, 2, 1, 3).reshape(t * TILE_ROWS, k)
-    return BlockQuantized(kind, q.contiguous(), rows(packed["scales"]), None)
+    mins = rows(packed["mins"]) if kind == "q5" else None
+    return BlockQuantized(kind, q.contiguous(), rows(packed["scales"]), mins)

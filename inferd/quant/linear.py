@@ -22,13 +22,13 @@ INT8_ACTIVATIONS_SUFFIX = "+a8"  # a plan's kind "q4+a8": q4 weights, int8 activ
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, kind: str, bias: bool,
                  int8_activations: bool = False) -> None:
-        """kind: "q4" | "q8", or with INT8_ACTIVATIONS_SUFFIX ("q4+a8", "q6+a8": q6, GGUF's Q6_K, has int8-activation
-        kernels only), as plan_quantization gives it, for int8_activations=True."""
+        """kind: "q4" | "q8", or with INT8_ACTIVATIONS_SUFFIX ("q4+a8", "q6+a8", "q5+a8": q6 (GGUF's Q6_K) and q5
+        (Q5_1, Q5_K) have int8-activation kernels only), as plan_quantization gives it, for int8_activations=True."""
         super().__init__()
         if kind.endswith(INT8_ACTIVATIONS_SUFFIX):
             kind, int8_activations = kind[: -len(INT8_ACTIVATIONS_SUFFIX)], True
-        if kind not in ("q4", "q8", "q6") or (kind == "q6" and not int8_activations):
-            raise ValueError(f"QuantLinear kind must be q4 or q8 (or q6 with int8 activations), got {kind!r}")
+        if kind not in ("q4", "q8", "q6", "q5") or (kind in ("q6", "q5") and not int8_activations):
+            raise ValueError(f"QuantLinear kind must be q4 or q8 (or q6, q5 with int8 activations), got {kind!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.kind = kind
@@ -54,9 +54,9 @@ class QuantLinear(nn.Module):
         if isinstance(weight, BlockQuantized) and weight.kind != self.kind:
             weight = weight.dequantize()
         if not isinstance(weight, BlockQuantized):
-            weight = quantize(weight, self.kind) if self.kind != "q6" else weight
+            weight = quantize(weight, self.kind) if self.kind not in ("q6", "q5") else weight
         if not isinstance(weight, BlockQuantized):
-            raise ValueError("a q6 layer takes GGUF Q6_K blocks only")
+            raise ValueError(f"a {self.kind} layer takes GGUF blocks only (q6: Q6_K; q5: Q5_1, Q5_K)")
         n, k = weight.shape
         if k != self.in_features or row_offset + n > self.out_features:
             raise ValueError(f"rows [{row_offset}, {row_offset + n}) x {k} do not fit a "
@@ -69,7 +69,7 @@ class QuantLinear(nn.Module):
                 self.kind,
                 torch.zeros(self.out_features, self.in_features, dtype=q_dtype),
                 torch.zeros(self.out_features, num_scales),
-                torch.zeros(self.out_features, num_blocks) if self.kind == "q4" else None,
+                torch.zeros(self.out_features, num_blocks) if self.kind in ("q4", "q5") else None,
             )
         s = self._staging
         s.q[row_offset : row_offset + n].copy_(weight.q)
@@ -89,10 +89,11 @@ class QuantLinear(nn.Module):
     def _refresh_kernel_args(self) -> None:
         # The kernel's tensor arguments as one plain attribute: buffers go through nn.Module.__getattr__, about a
         # microsecond each, ~500 times a decode step.
-        self._kernel_args = (self.qs, self.scales) if self.kind != "q4" else (self.qs, self.scales, self.mins)
+        self._kernel_args = (self.qs, self.scales) if self.mins is None else (self.qs, self.scales, self.mins)
         ops = torch.ops.inferd
         if self.int8_activations:
-            self._kernel = {"q8": ops.q8_a8_linear, "q4": ops.q4_a8_linear, "q6": ops.q6_a8_linear}[self.kind]
+            self._kernel = {"q8": ops.q8_a8_linear, "q4": ops.q4_a8_linear, "q6": ops.q6_a8_linear,
+                            "q5": ops.q5_a8_linear}[self.kind]
         else:
             self._kernel = ops.q8_linear if self.kind == "q8" else ops.q4_linear
 

@@ -27,7 +27,7 @@ namespace {
 // Per layer: input norm weight, post-attention norm weight, then qs, scales, mins, bias for each of the four
 // projections (qkv, o, gate_up, down); an absent mins / bias is an empty tensor.
 constexpr int64_t kTensorsPerLayer = 2 + 4 * 4;
-// Per layer: the block format of each projection (0: q4, 1: q8, 2: q6), then the sliding window (0: none).
+// Per layer: the block format of each projection (0: q4, 1: q8, 2: q6, 3: q5), then the sliding window (0: none).
 constexpr int64_t kIntsPerLayer = 5;
 
 void check_f32(const at::Tensor& t, const char* name) {

@@ -7,6 +7,7 @@
 //   q4 (w = s * u + min, u in 0..15):   s * d * sum(u * q)  + min * dsum
 //   q8 (w = s * v, v in -127..127):     s * d * sum(v * q)
 //   q6 (w = s * (u - 32), u in 0..63, a scale per 16 k):  per half block s * d * (sum(u * q) - 32 * sum(q))
+//   q5 (w = s * u + min, u in 0..31; Q5_1, Q5_K):  s * d * sum(u * q)  + min * dsum
 // Q4_K's scale and min per 32 (d * sc, -dmin * m: 6-bit integers times a float16) are exact in float32, not in
 // float16, so q4 takes float32 scales and mins too (6 bits per weight instead of the file's 4.5); q6 always has
 // float32 scales (d * sc, an 8-bit integer times a float16).
@@ -19,6 +20,7 @@
 //   q4: qs uint8 [N/16, K/8, 64]: byte [t, g, 4j + i] = u[16t+j, 8g+i] | u[16t+j, 8g+4+i] << 4   (i in 0..3)
 //   q8: qs int8  [N/16, K/4, 64]: byte [t, g, 4j + i] = v[16t+j, 4g+i]
 //   q6: qs uint8 [N/16, K/4, 64]: as q8, holding u
+//   q5: qs uint8 [N/16, K/4, 64]: as q8, holding u (a byte per weight: the file's 5.5 / 6 bits become 8)
 //   scales, mins: float16 (or float32) [N/16, K/32, 16], as the float kernels; q6 scales float32 [N/16, K/16, 16].
 //
 // Code paths, chosen at run time (one build carries all the x86 ones through per-region target pragmas):
@@ -50,7 +52,7 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-enum class Format { kQ4, kQ8, kQ6 };
+enum class Format { kQ4, kQ8, kQ6, kQ5 };  // the A8Weight::format numbers 0..3
 using Half = c10::Half;
 using inferd_cpu::kAvx2;
 using inferd_cpu::kAvx2Vnni;
@@ -62,7 +64,7 @@ using inferd_cpu::kPortable;
 struct A8Packed {
   const uint8_t* qs;
   const void* scales;  // Half, or float where f32_scales
-  const void* mins;    // q4 only
+  const void* mins;    // q4 and q5 only
   int64_t K;
   Format format;
   bool f32_scales;
@@ -124,6 +126,9 @@ void portable_tiles(const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, i
                 const uint8_t byte = qt[(b * 4 + g) * 64 + 4 * j + i];
                 dot += (byte & 0x0F) * xb[8 * g + i] + (byte >> 4) * xb[8 * g + 4 + i];
               }
+          } else if constexpr (F == Format::kQ5) {
+            for (int g = 0; g < 8; ++g)
+              for (int i = 0; i < 4; ++i) dot += qt[(b * 8 + g) * 64 + 4 * j + i] * xb[4 * g + i];
           } else {
             for (int g = 0; g < 8; ++g)
               for (int i = 0; i < 4; ++i)
@@ -131,7 +136,7 @@ void portable_tiles(const A8Rows& x, int64_t M, const A8Packed& w, int64_t t0, i
           }
           const int64_t si = t * w.scale_tile_count() + b * 16 + j;
           acc = std::fma(static_cast<float>(dot), scale_at(w, si) * x.d[xi], acc);
-          if constexpr (F == Format::kQ4) acc = std::fma(min_at(w, si), x.dsum[xi], acc);
+          if constexpr (F == Format::kQ4 || F == Format::kQ5) acc = std::fma(min_at(w, si), x.dsum[xi], acc);
         }
         y[m * N + t * 16 + j] = acc;
       }
@@ -143,6 +148,7 @@ void portable_run_tiles(Format f, const A8Rows& x, int64_t M, const A8Packed& w,
                         int64_t N) {
   if (f == Format::kQ4) portable_tiles<Format::kQ4>(x, M, w, t0, t1, y, N);
   else if (f == Format::kQ6) portable_tiles<Format::kQ6>(x, M, w, t0, t1, y, N);
+  else if (f == Format::kQ5) portable_tiles<Format::kQ5>(x, M, w, t0, t1, y, N);
   else portable_tiles<Format::kQ8>(x, M, w, t0, t1, y, N);
 }
 
@@ -374,20 +380,20 @@ A8Packed check_a8_packed(Format f, const at::Tensor& qs, const at::Tensor& scale
   TORCH_CHECK(qs.device().is_cpu() && scales.device().is_cpu(), "inferd int8 linear: CPU tensors only");
   TORCH_CHECK(K % kBlock == 0, "inferd int8 linear: input features must be a multiple of 32, got ", K);
   const int64_t num_tiles = qs.size(0);
-  const bool is_q4 = f == Format::kQ4;
+  const bool is_q4 = f == Format::kQ4, has_mins = is_q4 || f == Format::kQ5;
   TORCH_CHECK(qs.is_contiguous() && qs.dim() == 3 && qs.size(2) == 64 && qs.size(1) == (is_q4 ? K / 8 : K / 4) &&
                   qs.scalar_type() == (f == Format::kQ8 ? at::kChar : at::kByte),
               is_q4 ? "q4 a8: qs must be contiguous uint8 [N/16, K/8, 64]"
-                    : "q8 / q6 a8: qs must be contiguous int8 (q8) / uint8 (q6) [N/16, K/4, 64]");
+                    : "q8 / q6 / q5 a8: qs must be contiguous int8 (q8) / uint8 (q6, q5) [N/16, K/4, 64]");
   const bool f32 = scales.scalar_type() == at::kFloat;
   const int64_t num_scales = f == Format::kQ6 ? K / 16 : K / kBlock;
   TORCH_CHECK((scales.scalar_type() == at::kHalf || (f32 && f != Format::kQ8)) && (f != Format::kQ6 || f32) &&
                   scales.is_contiguous() && scales.sizes() == at::IntArrayRef({num_tiles, num_scales, 16}),
-              "scales must be contiguous [N/16, K/32, 16] float16 (q4 also float32) or, for q6, float32 [N/16, K/16, 16]");
+              "scales must be contiguous [N/16, K/32, 16] float16 (q4, q5 also float32) or, for q6, float32 [N/16, K/16, 16]");
   A8Packed w{static_cast<const uint8_t*>(qs.data_ptr()), scales.data_ptr(), nullptr, K, f, f32};
-  if (is_q4) {
+  if (has_mins) {
     TORCH_CHECK(mins.has_value() && mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type() &&
-                    mins->is_contiguous(), "q4 a8: mins must be contiguous [N/16, K/32, 16], of the scales' dtype");
+                    mins->is_contiguous(), "q4 / q5 a8: mins must be contiguous [N/16, K/32, 16], of the scales' dtype");
     w.mins = mins->data_ptr();
   }
   return w;
@@ -445,6 +451,9 @@ at::Tensor q8_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Ten
 at::Tensor q6_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales) {
   return a8_linear(Format::kQ6, x, qs, scales, c10::nullopt);
 }
+at::Tensor q5_a8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales, const at::Tensor& mins) {
+  return a8_linear(Format::kQ5, x, qs, scales, mins);
+}
 
 // x float32 [M, K] -> (q int8 [M, K], d float32 [M, K/32], dsum float32 [M, K/32]): the kernels' own activation
 // quantization, for tests.
@@ -488,7 +497,7 @@ int kernel_level() {
 }
 
 void a8_check(A8Weight& w) {
-  TORCH_CHECK(w.format >= 0 && w.format <= 2, "inferd int8 linear: format must be 0 (q4), 1 (q8) or 2 (q6)");
+  TORCH_CHECK(w.format >= 0 && w.format <= 3, "inferd int8 linear: format must be 0 (q4), 1 (q8), 2 (q6) or 3 (q5)");
   const Format f = static_cast<Format>(w.format);
   const c10::optional<at::Tensor> mins = w.mins ? c10::optional<at::Tensor>(*w.mins) : c10::nullopt;
   check_a8_packed(f, *w.qs, *w.scales, mins, w.in_features);
@@ -509,6 +518,7 @@ TORCH_LIBRARY_FRAGMENT(inferd, m) {
   m.def("q4_a8_linear(Tensor x, Tensor qs, Tensor scales, Tensor mins) -> Tensor");
   m.def("q8_a8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
   m.def("q6_a8_linear(Tensor x, Tensor qs, Tensor scales) -> Tensor");
+  m.def("q5_a8_linear(Tensor x, Tensor qs, Tensor scales, Tensor mins) -> Tensor");
   m.def("a8_quantize_rows(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("cpu_kernel_path(str name) -> str", &cpu_kernel_path);
   m.def("cpu_kernel_paths() -> str[]", &cpu_kernel_paths);
@@ -518,5 +528,6 @@ TORCH_LIBRARY_IMPL(inferd, CPU, m) {
   m.impl("q4_a8_linear", &q4_a8_linear);
   m.impl("q8_a8_linear", &q8_a8_linear);
   m.impl("q6_a8_linear", &q6_a8_linear);
+  m.impl("q5_a8_linear", &q5_a8_linear);
   m.impl("a8_quantize_rows", &a8_quantize_rows);
 }

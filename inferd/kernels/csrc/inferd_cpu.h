@@ -55,7 +55,7 @@ int kernel_level();
 
 namespace inferd_cpu {
 
-// A block-quantized weight as packed for the int8-activation kernels (format 0: q4, 1: q8, 2: q6).
+// A block-quantized weight as packed for the int8-activation kernels (format 0: q4, 1: q8, 2: q6, 3: q5).
 struct A8Weight {
   int64_t format;
   const at::Tensor* qs;
